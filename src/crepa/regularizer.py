@@ -1,0 +1,211 @@
+"""The drop-in API: :class:`CrepaConfig` and :class:`CrepaRegularizer` for any training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from crepa.align import AlignmentSchedule, build_projector, cross_frame_alignment, resample_grid
+from crepa.models import BlockCapture, detect_family
+
+
+class CrepaConfig(BaseModel):
+    """Settings of the alignment term. Invalid values raise ``ValueError`` naming the field.
+
+    mode: "crepa" (cross-frame, the default), "repa" (REPA*, frame-wise: distance 0) or
+    "backbone" (teacher = block ``teacher_block_index`` of the same forward, detached).
+    block_index None means the family's default block.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mode: Literal["crepa", "repa", "backbone"] = "crepa"
+    block_index: int | None = Field(default=None, ge=0)
+    teacher_block_index: int | None = Field(default=None, ge=0)
+    weight: float = Field(default=0.5, ge=0)
+    distance: int = Field(default=1, ge=0)
+    tau: float = Field(default=1.0, gt=0)
+    cumulative: bool = False
+    normalize_by_frames: bool = True
+    normalize_weights: bool = False
+    projector: Literal["mlp", "linear"] = "mlp"
+    projector_hidden_dim: int = Field(default=2048, ge=1)
+    # Schedule of the coefficient (see crepa.align.AlignmentSchedule).
+    warmup_steps: int = Field(default=0, ge=0)
+    decay: Literal["constant", "linear", "cosine", "polynomial"] = "constant"
+    decay_steps: int = Field(default=0, ge=0)
+    end_weight: float = Field(default=0.0, ge=0)
+    decay_power: float = Field(default=1.0, gt=0)
+    cutoff_step: int | None = Field(default=None, ge=0)
+    ema_threshold: float | None = None
+    ema_decay: float = Field(default=0.99, ge=0, lt=1)
+    cutoff_mode: Literal["permanent", "recoverable"] = "permanent"
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> CrepaConfig:
+        if self.mode == "repa":
+            if "distance" in self.model_fields_set and self.distance != 0:
+                raise ValueError(
+                    f"distance: mode 'repa' (REPA*) aligns each frame with itself only, so distance "
+                    f"must be 0 (got {self.distance}); use mode 'crepa' for cross-frame alignment"
+                )
+            object.__setattr__(self, "distance", 0)
+        if self.mode == "backbone":
+            if self.teacher_block_index is None:
+                raise ValueError("teacher_block_index: mode 'backbone' needs the index of the teacher block")
+            if self.block_index is not None and self.teacher_block_index <= self.block_index:
+                raise ValueError(
+                    f"teacher_block_index: must be deeper than block_index={self.block_index} "
+                    f"(got {self.teacher_block_index})"
+                )
+        elif self.teacher_block_index is not None:
+            raise ValueError(
+                f"teacher_block_index: only used with mode 'backbone' (mode is {self.mode!r}); "
+                "remove it or set mode = 'backbone'"
+            )
+        return self
+
+    def schedule(self) -> AlignmentSchedule:
+        """A fresh :class:`AlignmentSchedule` for these settings."""
+        return AlignmentSchedule(
+            weight=self.weight,
+            warmup_steps=self.warmup_steps,
+            decay=self.decay,
+            decay_steps=self.decay_steps,
+            end_weight=self.end_weight,
+            power=self.decay_power,
+            cutoff_step=self.cutoff_step,
+            ema_threshold=self.ema_threshold,
+            ema_decay=self.ema_decay,
+            cutoff_mode=self.cutoff_mode,
+        )
+
+
+@dataclass(frozen=True)
+class CrepaOutput:
+    """loss: weighted alignment loss to add to the diffusion loss. metrics: detached 0-d tensors."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+def match_teacher_frames(teacher: torch.Tensor, frames: int) -> torch.Tensor:
+    """Average groups of consecutive teacher frames when the student patches time (e.g. CogVideoX 1.5).
+
+    teacher: (B, F_t, h, w, D) with F_t a multiple of ``frames`` -> (B, frames, h, w, D).
+    """
+    teacher_frames = teacher.shape[1]
+    if teacher_frames == frames:
+        return teacher
+    if teacher_frames % frames != 0:
+        raise ValueError(
+            f"teacher grid has {teacher_frames} latent frames but the block has {frames}; "
+            "compute teacher features for the same clip and latent frame count as the latents"
+        )
+    return teacher.unflatten(1, (frames, teacher_frames // frames)).mean(dim=2)
+
+
+class CrepaRegularizer(nn.Module):
+    """Hooks one block of ``transformer`` and turns its output into the CREPA (or REPA*) loss.
+
+    After each ``transformer(...)`` forward, call :meth:`loss` with the teacher grid
+    (B, F', h, w, D) of the clean clip (None in backbone mode). ``parameters()`` are the projector's.
+    """
+
+    def __init__(self, transformer: nn.Module, config: CrepaConfig, teacher_dim: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.family = detect_family(transformer)
+        depth = len(self.family.blocks(transformer))
+        self.block_index = (
+            config.block_index
+            if config.block_index is not None
+            else min(self.family.default_block_index, depth - 1)
+        )
+        student_dim = self.family.hidden_size(transformer)
+        if config.mode == "backbone":
+            assert config.teacher_block_index is not None  # checked by CrepaConfig
+            if config.teacher_block_index <= self.block_index:
+                raise ValueError(
+                    f"teacher_block_index: must be deeper than block_index={self.block_index} "
+                    f"(got {config.teacher_block_index})"
+                )
+            teacher_dim = student_dim
+        elif teacher_dim is None:
+            raise ValueError("teacher_dim: give the teacher's feature width (e.g. 1536 for DINOv2-g)")
+        self.teacher_dim = teacher_dim
+        self.projector = build_projector(config.projector, student_dim, teacher_dim, config.projector_hidden_dim)
+        self.schedule = config.schedule()
+        self.capture = BlockCapture(transformer, self.block_index, self.family)
+        self.teacher_capture = (
+            BlockCapture(transformer, config.teacher_block_index, self.family, detach=True)
+            if config.mode == "backbone" and config.teacher_block_index is not None
+            else None
+        )
+
+    def loss(self, teacher_grid: torch.Tensor | None = None, *, step: int) -> CrepaOutput:
+        """Weighted alignment loss for the last forward.
+
+        teacher_grid: (B, F', h, w, D) teacher features of the clean clip per latent frame, any
+        (h, w) (resampled in 2-D to the block's grid); None in backbone mode.
+        """
+        student_tokens = self.capture.pop()  # (B, F', H', W', C)
+        teacher_tokens = self.teacher_capture.pop() if self.teacher_capture is not None else None
+        weight = self.schedule.weight_at(step)
+        device = student_tokens.device
+        if weight == 0.0 and not self.schedule.needs_score:
+            zero = torch.zeros((), device=device)
+            metrics = {"crepa/loss": zero, "crepa/weight": zero, "crepa/active": zero}
+            return CrepaOutput(loss=zero, metrics=metrics)
+
+        _, frames, height, width, _ = student_tokens.shape
+        if teacher_tokens is None:
+            if teacher_grid is None:
+                raise ValueError("teacher_grid: required unless mode = 'backbone'")
+            if teacher_grid.ndim != 5 or teacher_grid.shape[-1] != self.teacher_dim:
+                raise ValueError(
+                    f"teacher_grid: expected shape (B, F', h, w, {self.teacher_dim}), "
+                    f"got {tuple(teacher_grid.shape)}"
+                )
+            teacher_tokens = resample_grid(match_teacher_frames(teacher_grid.to(device), frames), (height, width))
+
+        with torch.set_grad_enabled(weight != 0.0 and torch.is_grad_enabled()):
+            param = next(self.projector.parameters())
+            student = self.projector(student_tokens.to(param.dtype)).flatten(2, 3)  # (B, F', N, D)
+            result = cross_frame_alignment(
+                student,
+                teacher_tokens.flatten(2, 3),
+                distance=self.config.distance,
+                tau=self.config.tau,
+                cumulative=self.config.cumulative,
+                normalize_by_frames=self.config.normalize_by_frames,
+                normalize_weights=self.config.normalize_weights,
+            )
+        self.schedule.update(result.score)
+        weight_t = torch.tensor(weight, device=device)
+        loss = result.loss * weight if weight != 0.0 else torch.zeros((), device=device)
+        metrics = {
+            "crepa/loss": result.loss.detach(),
+            "crepa/sim_self": result.sim_self,
+            "crepa/score": result.score,
+            "crepa/weight": weight_t,
+            "crepa/active": torch.tensor(float(weight != 0.0), device=device),
+        }
+        return CrepaOutput(loss=loss, metrics=metrics)
+
+    def get_extra_state(self) -> dict:
+        """Saved with ``state_dict()`` next to the projector: the schedule's EMA and cutoff state."""
+        return {"schedule": self.schedule.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+
+    def remove(self) -> None:
+        """Remove the hooks from the transformer."""
+        self.capture.remove()
+        if self.teacher_capture is not None:
+            self.teacher_capture.remove()
