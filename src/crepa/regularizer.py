@@ -138,7 +138,9 @@ class CrepaRegularizer(nn.Module):
         elif teacher_dim is None:
             raise ValueError("teacher_dim: give the teacher's feature width (e.g. 1536 for DINOv2-g)")
         self.teacher_dim = teacher_dim
-        self.projector = build_projector(config.projector, student_dim, teacher_dim, config.projector_hidden_dim)
+        self.projector = build_projector(
+            config.projector, student_dim, teacher_dim, config.projector_hidden_dim
+        )
         self.schedule = config.schedule()
         self.capture = BlockCapture(transformer, self.block_index, self.family)
         self.teacher_capture = (
@@ -171,7 +173,9 @@ class CrepaRegularizer(nn.Module):
                     f"teacher_grid: expected shape (B, F', h, w, {self.teacher_dim}), "
                     f"got {tuple(teacher_grid.shape)}"
                 )
-            teacher_tokens = resample_grid(match_teacher_frames(teacher_grid.to(device), frames), (height, width))
+            teacher_tokens = resample_grid(
+                match_teacher_frames(teacher_grid.to(device), frames), (height, width)
+            )
 
         with torch.set_grad_enabled(weight != 0.0 and torch.is_grad_enabled()):
             param = next(self.projector.parameters())

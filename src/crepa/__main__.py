@@ -1,0 +1,3 @@
+from crepa.cli import app
+
+app()
