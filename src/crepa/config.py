@@ -1,0 +1,239 @@
+"""The run file: one TOML document describes a crepa run (precompute, train, validation, output).
+
+Validated with pydantic before any weight is loaded. Errors are collected into one
+:class:`ConfigError` whose message names each bad key by its full path (``crepa.tau``), what was
+expected and what was given, and suggests the closest valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from crepa.regularizer import CrepaConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    """Which pretrained video model to fine-tune."""
+
+    pretrained: str = Field(description="hub id or local directory of a diffusers pipeline")
+    family: str | None = Field(
+        default=None, description="registry name; detected from the transformer when omitted"
+    )
+    revision: str | None = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = True
+
+
+class DataSection(_Section):
+    """The user's clips and how frames are sampled from them."""
+
+    source: Path = Field(description="folder of videos + .txt captions, or a .csv / .jsonl file")
+    resolutions: list[tuple[int, int]] = Field(default_factory=lambda: [(480, 720)], min_length=1)
+    num_frames: list[int] = Field(default_factory=lambda: [49], min_length=1)
+    fps: float | None = Field(default=None, gt=0, description="resample clips to this frame rate")
+    stride: int = Field(default=1, ge=1)
+    start: float = Field(default=0.0, ge=0, description="seconds skipped at the start of each clip")
+    video_column: str = "video"
+    caption_column: str = "caption"
+
+
+class CacheSection(_Section):
+    """Where precomputed latents, text embeddings and teacher grids live."""
+
+    dir: Path = Path("cache")
+    teacher_source: Literal["cache", "pixels", "vae"] = "cache"
+
+
+class TeacherSection(_Section):
+    """The frozen image encoder whose patch features are the alignment targets."""
+
+    name: str = "facebook/dinov2-giant"
+    kind: Literal["auto", "dinov2", "timm", "clip", "siglip"] = "auto"
+    reduce: Literal["mean", "first", "last", "center"] = "mean"
+    max_pixels: int = Field(default=630 * 420, ge=14 * 14)
+    chunk_size: int = Field(default=16, ge=1)
+
+
+class AlignmentSection(CrepaConfig):
+    """CrepaConfig plus ``enabled``: false trains with the diffusion loss only (the baseline)."""
+
+    enabled: bool = True
+    lr: float | None = Field(default=None, gt=0, description="projector learning rate; optim.lr when omitted")
+
+
+class LoraSection(_Section):
+    enabled: bool = True  # false: full fine-tuning of the transformer
+    rank: int = Field(default=64, ge=1)
+    alpha: float = Field(default=64.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    targets: str | list[str] | None = Field(default=None, description="peft target_modules; family default")
+
+
+class OptimSection(_Section):
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(default=1.0, gt=0)
+    shift: float = Field(default=1.0, gt=0, description="flow-matching timestep shift")
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    max_nonfinite_steps: int = Field(default=10, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+
+
+class LoggingSection(_Section):
+    every: int = Field(default=10, ge=1)
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "crepa"
+
+
+class ValidationSection(_Section):
+    every: int = Field(default=0, ge=0, description="steps between validations; 0 turns validation off")
+    prompts: list[str] = Field(default_factory=list)
+    num_frames: int = Field(default=49, ge=1)
+    height: int = Field(default=480, ge=8)
+    width: int = Field(default=720, ge=8)
+    inference_steps: int = Field(default=30, ge=1)
+    guidance_scale: float = Field(default=6.0, ge=0)
+    fps: float = Field(default=8.0, gt=0)
+    seed: int = 0
+
+
+class OutputSection(_Section):
+    dir: Path = Path("runs/crepa")
+
+
+class RepVideoSection(_Section):
+    enabled: bool = False
+    window: int = Field(default=6, ge=1)
+    gate_init: float = 0.0
+    include_text: bool = False
+    lr: float | None = Field(default=None, gt=0)
+
+
+class RunConfig(_Section):
+    """A whole run file. Relative paths are resolved against the file's directory."""
+
+    model: ModelSection
+    data: DataSection
+    cache: CacheSection = Field(default_factory=CacheSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    crepa: AlignmentSection = Field(default_factory=AlignmentSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    repvideo: RepVideoSection = Field(default_factory=RepVideoSection)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        if self.crepa.enabled and self.crepa.mode == "backbone" and self.cache.teacher_source != "cache":
+            raise ValueError(
+                "cache.teacher_source: backbone mode needs no external teacher; leave it 'cache'"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A run file that cannot be used; the message is meant for the user as is."""
+
+
+def _valid_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """Field names valid at ``path`` (the parent of an unknown key)."""
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", {})
+        if part not in fields:
+            return []
+        current = fields[part].annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    location = tuple(error["loc"])
+    dotted = ".".join(str(part) for part in location) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(RunConfig, location[:-1])
+        close = difflib.get_close_matches(str(location[-1]), valid, n=1)
+        hint = f"did you mean '{'.'.join([*map(str, location[:-1]), close[0]])}'?" if close else ""
+        return f"{dotted}: unknown key. {hint} Valid keys here: {', '.join(valid)}".replace(".  ", ". ")
+    if error["type"] == "missing":
+        return f"{dotted}: required key is missing"
+    given = error.get("input")
+    message = error["msg"]
+    message = message[0].lower() + message[1:] if message else message
+    if error["type"] in ("value_error", "assertion_error"):
+        return f"{dotted}: {message.removeprefix('value error, ')}"
+    return f"{dotted}: expected {message.removeprefix('input should be ')}, got {given!r}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.max_steps=2000"`` -> (["train", "max_steps"], 2000); values are parsed as TOML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.max_steps=2000")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as cosine is taken as a string
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override (``--set a.b=value``) and validate a run file; raise :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: run file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    for override in overrides:
+        keys, value = parse_override(override)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {override}: {key} is not a section")
+        node[keys[-1]] = value
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as error:
+        lines = [_format_error(e) for e in error.errors()]
+        raise ConfigError(f"{path}: invalid run file\n  " + "\n  ".join(lines)) from None
+    base = path.parent
+    config.data.source = (base / config.data.source).resolve()
+    config.cache.dir = (base / config.cache.dir).resolve()
+    config.output.dir = (base / config.output.dir).resolve()
+    return config
