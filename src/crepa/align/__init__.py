@@ -1,7 +1,7 @@
 """Pure tensor math of representation alignment: no files, no models."""
 
 from crepa.align.grids import latent_frame_features, resample_grid, tokens_to_grid, valid_frame_counts_near
-from crepa.align.loss import AlignmentResult, cross_frame_alignment, neighbour_offsets, weighted_neighbour_sum
+from crepa.align.loss import AlignmentResult, cross_frame_alignment, neighbour_offsets
 from crepa.align.projector import build_projector
 from crepa.align.schedule import AlignmentSchedule
 
@@ -15,5 +15,4 @@ __all__ = [
     "resample_grid",
     "tokens_to_grid",
     "valid_frame_counts_near",
-    "weighted_neighbour_sum",
 ]
