@@ -1,0 +1,1 @@
+"""Training recipe components: objectives, conditioning, LoRA, checkpoints, the loop."""

@@ -1,0 +1,66 @@
+"""LoRA through peft on a diffusers video transformer, saved in the diffusers LoRA format.
+
+The saved file is what ``pipeline.load_lora_weights(path)`` of the family's pipeline reads (and what
+ComfyUI-style loaders convert from): ``pytorch_lora_weights.safetensors`` with ``transformer.``-prefixed
+peft keys, written by the pipeline class's own ``save_lora_weights``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import diffusers
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from torch import nn
+
+from crepa.config import LoraSection
+from crepa.models.registry import ModelFamily
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(transformer: nn.Module, family: ModelFamily, settings: LoraSection) -> list[nn.Parameter]:
+    """Freeze ``transformer`` and add LoRA adapters to the family's attention projections.
+
+    Returns the trainable LoRA parameters. Transformers without diffusers' ``add_adapter`` (Allegro)
+    get peft's ``inject_adapter_in_model``. ``settings.targets`` overrides the family's regex.
+    """
+    targets = settings.targets if settings.targets is not None else family.lora_target_regex
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+    )
+    transformer.requires_grad_(False)
+    try:
+        if hasattr(transformer, "add_adapter"):
+            transformer.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, transformer)
+    except ValueError as error:
+        raise ValueError(
+            f"lora.targets: {targets!r} matches no module of {type(transformer).__name__} ({error})"
+        ) from None
+    params = [param for name, param in transformer.named_parameters() if "lora_" in name]
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``transformer`` with peft's key names (adapter name stripped)."""
+    return get_peft_model_state_dict(transformer)
+
+
+def save_lora(transformer: nn.Module, family: ModelFamily, directory: str | Path) -> Path:
+    """Write the LoRA in the diffusers format of the family's pipeline; returns the file path."""
+    directory = Path(directory)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    state = {
+        name: tensor.detach().to("cpu").contiguous() for name, tensor in lora_state_dict(transformer).items()
+    }
+    pipeline_class.save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True)
+    return directory / LORA_FILE
