@@ -56,6 +56,7 @@ class CacheSection(_Section):
 
     dir: Path = Path("cache")
     teacher_source: Literal["cache", "pixels", "vae"] = "cache"
+    shard_mb: float = Field(default=256.0, gt=0, description="size at which a shard file is written")
 
 
 class TeacherSection(_Section):
