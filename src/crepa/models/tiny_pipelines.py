@@ -1,0 +1,301 @@
+"""Tiny, randomly initialised but complete diffusers pipelines, saved to a directory.
+
+Each holds a transformer, a VAE of the family's class with the family's real compression ratios,
+text encoder(s), a word-level tokenizer built locally (nothing comes from a hub) and the scheduler,
+written with ``pipeline.save_pretrained`` so that loading goes through the real ``from_pretrained``
+code. Sizes follow diffusers' own pipeline tests; every model builds and runs in milliseconds on a
+CPU. The tests, the benchmarks and the demo use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    LlamaConfig,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from crepa.models.registry import get_family
+
+# Words the tiny tokenizer knows; any other word becomes <unk>. Lower-cased, split on whitespace
+# and punctuation.
+_WORDS = """
+a an the of and or with in on at to from by for over under near behind through into while
+is are was were be being has have it its this that these those there here one two three
+man woman person people child dog cat bird horse fish car bus train boat plane ball tree
+flower grass field forest river lake sea ocean beach mountain hill road street city house room
+window door table chair sky cloud sun moon star rain snow fire water light shadow wind smoke
+red green blue yellow white black orange purple pink brown gray bright dark small large big
+tall long short slow fast quiet loud warm cold old young new happy calm moving still
+walks runs jumps flies swims drives rolls spins turns falls rises sits stands looks smiles
+dances plays waves flows shines glows moves rotates slides bounces crosses climbs
+camera shot view close wide aerial pan zoom tracking scene video clip frame motion detail
+left right up down forward backward around across along slowly quickly gently smoothly
+square circle line stripe dot pattern texture background foreground centre center top bottom
+describe detailing following aspects main content objects actions spatial relationships
+"""
+_SPECIAL = ("<pad>", "</s>", "<unk>", "<s>")
+
+
+def build_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (ids: 0 pad, 1 eos, 2 unk, 3 bos, then words) that appends </s>."""
+    vocab = {token: index for index, token in enumerate([*_SPECIAL, *dict.fromkeys(_WORDS.split())])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        model_max_length=max_length,
+    )
+
+
+VOCAB_SIZE = 256  # >= len(_SPECIAL) + number of distinct words
+PAD_ID, EOS_ID = 0, 1
+
+
+def _t5_config(config_class: type[T5Config] | type[UMT5Config]) -> T5Config | UMT5Config:
+    return config_class(
+        vocab_size=VOCAB_SIZE,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+
+
+def _cogvideox() -> dict[str, Any]:
+    torch.manual_seed(0)
+    transformer = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=2,
+        sample_height=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+    )
+    vae = diffusers.AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    scheduler = diffusers.CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+    )
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        text_encoder=T5EncoderModel(_t5_config(T5Config)),
+        tokenizer=build_tokenizer(226),
+    )
+
+
+def _wan() -> dict[str, Any]:
+    torch.manual_seed(0)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    # z_dim 16 keeps the default per-channel latents_mean / latents_std of the real Wan VAE.
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    return dict(
+        transformer=transformer,
+        transformer_2=None,
+        vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=UMT5EncoderModel(_t5_config(UMT5Config)),
+        tokenizer=build_tokenizer(512),
+    )
+
+
+def _hunyuanvideo() -> dict[str, Any]:
+    torch.manual_seed(0)
+    transformer = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    )
+    vae = diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    llama = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=16,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,  # the pipeline reads the hidden states 2 layers before the last
+        pad_token_id=PAD_ID,
+        bos_token_id=3,
+        eos_token_id=EOS_ID,
+        hidden_act="gelu",
+    )
+    clip = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=8,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        pad_token_id=PAD_ID,
+        bos_token_id=3,
+        eos_token_id=EOS_ID,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder=LlamaModel(llama),
+        tokenizer=build_tokenizer(256),
+        text_encoder_2=CLIPTextModel(clip),
+        tokenizer_2=build_tokenizer(77),
+    )
+
+
+def _ltx_video() -> dict[str, Any]:
+    torch.manual_seed(0)
+    transformer = diffusers.LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=32,
+    )
+    # patch 4 and three spatio-temporal downsamplings: the real 32x spatial, 8x temporal compression.
+    vae = diffusers.AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=4,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
+    # Non-trivial latent statistics, as in the released checkpoints (the defaults are 0 and 1).
+    vae.latents_mean.copy_(torch.linspace(-0.5, 0.5, 8))
+    vae.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        text_encoder=T5EncoderModel(_t5_config(T5Config)),
+        tokenizer=build_tokenizer(128),
+    )
+
+
+TINY_PIPELINES: dict[str, Callable[[], dict[str, Any]]] = {
+    "cogvideox": _cogvideox,
+    "wan": _wan,
+    "hunyuanvideo": _hunyuanvideo,
+    "ltx_video": _ltx_video,
+}
+
+
+def save_tiny_pipeline(family: str, directory: str | Path) -> Path:
+    """Build the tiny pipeline of ``family`` (weights fixed by seed 0) and save it to ``directory``."""
+    if family not in TINY_PIPELINES:
+        raise ValueError(f"no tiny pipeline for {family!r}; available: {', '.join(TINY_PIPELINES)}")
+    components = TINY_PIPELINES[family]()
+    for component in components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    pipeline_class = getattr(diffusers, get_family(family).pipeline_class)
+    pipeline = pipeline_class(**components)
+    directory = Path(directory)
+    pipeline.save_pretrained(directory)
+    return directory
