@@ -1,0 +1,517 @@
+"""The training recipe: `crepa train` as a readable script built from small components.
+
+    config -> checks (no weights yet) -> transformer (+ LoRA) -> CREPA regularizer -> cached data
+    -> optimiser / LR schedule -> accelerate -> loop: noise, forward, diffusion + alignment loss,
+    backward, clip, step -> logs, checkpoints, validation -> LoRA + projector + summary
+
+Exact resume: noise and timesteps come from a generator seeded by (seed, step, rank), the batch
+order is a function of (seed, position), and checkpoints hold optimiser, LR scheduler, alignment
+schedule and the global RNG states (LoRA dropout), so on CPU a resumed run repeats an
+uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from crepa.cache.atomic import atomic_write_json
+from crepa.cache.dataset import CachedDataset
+from crepa.config import ConfigError, RunConfig
+from crepa.models import ModelFamily, get_family
+from crepa.models.conditioning import prediction_to_latents, transformer_inputs
+from crepa.models.pipelines import pipeline_family
+from crepa.regularizer import CrepaRegularizer
+from crepa.train import checkpoint as ckpt
+from crepa.train.batches import BucketedBatchOrder
+from crepa.train.lora import add_lora, save_lora
+from crepa.train.objectives import (
+    NoisedBatch,
+    ddpm,
+    flow_matching,
+    flow_matching_reversed,
+    sample_noise_level,
+)
+
+TRAINABLE_OBJECTIVES = ("flow_matching", "flow_matching_reversed", "v_prediction", "epsilon")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when training cannot go on; the message says what to try."""
+
+
+@dataclass
+class TrainingSummary:
+    """What ``training_summary.json`` holds."""
+
+    steps: int
+    skipped_nonfinite: int
+    seconds: float
+    peak_memory_mb: float
+    final_metrics: dict[str, float]
+    interrupted: bool
+    output_dir: str
+    checkpoint: str | None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- checks before any weight loads
+def resolve_family(config: RunConfig) -> ModelFamily:
+    if config.model.family:
+        return get_family(config.model.family)
+    return pipeline_family(config.model.pretrained, config.model.revision)
+
+
+def check_run(config: RunConfig, family: ModelFamily, dataset: CachedDataset) -> None:
+    """Impossible combinations, found from configs and the cache manifest only."""
+    if family.objective not in TRAINABLE_OBJECTIVES:
+        raise ConfigError(
+            f"model.family: training {family.name} needs the {family.objective!r} objective, which crepa "
+            f"does not implement yet (trainable objectives: {', '.join(TRAINABLE_OBJECTIVES)})"
+        )
+    if dataset.manifest.family != family.name:
+        raise ConfigError(
+            f"cache.dir: {dataset.cache_dir} was precomputed for family {dataset.manifest.family!r}, "
+            f"not {family.name!r}; run `crepa precompute` with this run file or point cache.dir elsewhere"
+        )
+    transformer_class = getattr(diffusers, family.class_names[0])
+    transformer_config = transformer_class.load_config(
+        config.model.pretrained, subfolder="transformer", revision=config.model.revision
+    )
+    with torch.device("meta"):
+        skeleton = transformer_class.from_config(transformer_config)
+    depth = len(family.blocks(skeleton))
+    align = config.crepa
+    if align.enabled:
+        for key, index in (
+            ("block_index", align.block_index),
+            ("teacher_block_index", align.teacher_block_index),
+        ):
+            if index is not None and index >= depth:
+                raise ConfigError(
+                    f"crepa.{key}: {index} is beyond {family.class_names[0]}'s {depth} blocks (valid: 0..{depth - 1})"
+                )
+        if (
+            align.mode != "backbone"
+            and config.cache.teacher_source == "cache"
+            and dataset.teacher_dim is None
+        ):
+            raise ConfigError(
+                f"cache.teacher_source: {dataset.cache_dir} holds no teacher grids; precompute with a teacher "
+                "or set cache.teacher_source to 'pixels' or 'vae'"
+            )
+
+
+# ---------------------------------------------------------------- model
+def model_dtype(config: RunConfig, accelerator: Accelerator) -> torch.dtype:
+    choice = config.model.dtype
+    if choice == "auto":
+        return torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype) -> nn.Module:
+    transformer_class = getattr(diffusers, family.class_names[0])
+    transformer = transformer_class.from_pretrained(
+        config.model.pretrained, subfolder="transformer", revision=config.model.revision, torch_dtype=dtype
+    )
+    if config.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
+
+
+def noise_batch(
+    config: RunConfig, family: ModelFamily, latents: torch.Tensor, generator: torch.Generator, alphas_cumprod
+) -> NoisedBatch:
+    """The family's objective applied to clean latents (B, C, F, H, W)."""
+    if family.objective in ("v_prediction", "epsilon"):
+        return ddpm(latents, alphas_cumprod, generator, family.objective)
+    train = config.train
+    levels = sample_noise_level(
+        latents.shape[0], generator, train.timestep_sampling, train.logit_mean, train.logit_std, train.shift
+    )
+    objective = flow_matching if family.objective == "flow_matching" else flow_matching_reversed
+    return objective(latents, levels, generator, family.timestep_scale)
+
+
+def scheduler_alphas(config: RunConfig, family: ModelFamily) -> torch.Tensor | None:
+    """alpha-bar table of the pipeline's own scheduler, for DDPM objectives (CogVideoX: zero terminal SNR)."""
+    if family.objective not in ("v_prediction", "epsilon"):
+        return None
+    index = diffusers.DiffusionPipeline.load_config(config.model.pretrained, revision=config.model.revision)
+    scheduler_class = getattr(diffusers, index["scheduler"][1])
+    scheduler = scheduler_class.from_pretrained(
+        config.model.pretrained, subfolder="scheduler", revision=config.model.revision
+    )
+    return scheduler.alphas_cumprod.clone()
+
+
+# ---------------------------------------------------------------- data
+def batches(
+    dataset: CachedDataset, order: BucketedBatchOrder, start: int, device
+) -> Iterator[dict[str, Any]]:
+    """Collated batches from batch position ``start``: tensors stacked and moved to ``device``."""
+    for indices in order.iterate(start):
+        items = [dataset[i] for i in indices]
+        yield {
+            key: torch.stack([item[key] for item in items]).to(device)
+            for key in items[0]
+            if isinstance(items[0][key], torch.Tensor)
+        }
+
+
+# ---------------------------------------------------------------- the loop
+def train(config: RunConfig, resume: str | None = None, progress: bool = True) -> TrainingSummary:
+    """Fine-tune ``config.model`` on the precomputed cache; returns (and writes) the summary."""
+    started = time.perf_counter()
+    family = resolve_family(config)
+    dataset = CachedDataset(
+        config.cache.dir, teacher=config.crepa.enabled and config.crepa.mode != "backbone"
+    )
+    check_run(config, family, dataset)
+
+    output = config.output.dir
+    checkpoints = output / "checkpoints"
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation,
+        log_with=_trackers(config),
+        project_dir=str(output),
+    )
+    set_seed(config.train.seed)
+    dtype = model_dtype(config, accelerator)
+    transformer = load_transformer(config, family, dtype)
+    if config.lora.enabled:
+        trainable = add_lora(transformer, family, config.lora)
+    else:
+        trainable = [param for param in transformer.parameters()]
+        transformer.requires_grad_(True)
+    transformer.train()
+
+    align = config.crepa
+    regularizer = None
+    param_groups: list[dict[str, Any]] = [{"params": trainable, "lr": config.optim.lr}]
+    if align.enabled:
+        teacher_dim = dataset.teacher_dim if align.mode != "backbone" else None
+        regularizer = CrepaRegularizer(transformer, align, teacher_dim=teacher_dim).to(accelerator.device)
+        param_groups.append({"params": list(regularizer.parameters()), "lr": align.lr or config.optim.lr})
+    optim = config.optim
+    optimizer = torch.optim.AdamW(
+        param_groups, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    lr_scheduler = get_scheduler(
+        optim.lr_scheduler,
+        optimizer,
+        num_warmup_steps=optim.warmup_steps,
+        num_training_steps=config.train.max_steps,
+    )
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    modules = _saved_modules(accelerator.unwrap_model(transformer), regularizer)
+    alphas_cumprod = scheduler_alphas(config, family)
+    order = BucketedBatchOrder(
+        dataset.buckets,
+        config.train.batch_size,
+        config.train.seed,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+
+    start_step, position, skipped = 0, 0, 0
+    resume_from = ckpt.resolve_resume(checkpoints, resume)
+    if resume_from is not None:
+        tensors, state, rng = ckpt.read_checkpoint(resume_from, accelerator.process_index)
+        ckpt.load_trainable_state(modules, tensors)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if regularizer is not None and state.get("alignment_schedule") is not None:
+            regularizer.schedule.load_state_dict(state["alignment_schedule"])
+        start_step, position, skipped = state["step"], state["position"], state["skipped_nonfinite"]
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        accelerator.print(f"resumed from {resume_from} at step {start_step}")
+    metrics_log = output / "metrics.jsonl"
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_log, start_step)
+        accelerator.init_trackers("crepa", config=_flat_hparams(config))
+
+    stop = _StopFlag()
+    data = batches(dataset, order, position, accelerator.device)
+    bar = tqdm(
+        total=config.train.max_steps,
+        initial=start_step,
+        disable=not (progress and accelerator.is_main_process),
+        desc="train",
+        unit="step",
+    )
+    last: dict[str, float] = {}
+    nonfinite_streak = 0
+    step = start_step
+    interrupted = False
+    while step < config.train.max_steps:
+        step_metrics: dict[str, torch.Tensor] = {}
+        for _ in range(config.train.gradient_accumulation):
+            batch = next(data)
+            position += 1
+            with accelerator.accumulate(transformer):
+                generator = torch.Generator().manual_seed(
+                    (config.train.seed * 1_000_003 + step) * 4099 + accelerator.process_index
+                )
+                latents = batch["latents"].to(dtype)
+                noised = noise_batch(config, family, latents, generator, alphas_cumprod)
+                text = {key: batch[key] for key in ("prompt_embeds", "pooled_prompt_embeds") if key in batch}
+                text = {key: value.to(dtype) for key, value in text.items()}
+                if "prompt_attention_mask" in batch:
+                    text["prompt_attention_mask"] = batch["prompt_attention_mask"]
+                inputs = transformer_inputs(
+                    accelerator.unwrap_model(transformer),
+                    family,
+                    noised.noisy,
+                    noised.timesteps,
+                    text,
+                    frame_rate=config.data.fps or 25.0,
+                )
+                with accelerator.autocast():
+                    prediction = transformer(**inputs)[0]
+                prediction = prediction_to_latents(
+                    accelerator.unwrap_model(transformer), family, prediction, noised.target.shape
+                )
+                diffusion_loss = F.mse_loss(prediction.float(), noised.target.float())
+                loss = diffusion_loss
+                step_metrics["loss/diffusion"] = diffusion_loss.detach()
+                if regularizer is not None:
+                    teacher = batch.get("teacher")
+                    out = regularizer.loss(None if teacher is None else teacher.float(), step=step)
+                    loss = loss + out.loss
+                    step_metrics |= out.metrics
+                step_metrics["loss/total"] = loss.detach()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if regularizer is not None and accelerator.num_processes > 1:
+                        _average_gradients(regularizer.parameters())  # the projector is outside DDP
+                    grad_norm = accelerator.clip_grad_norm_(
+                        [p for group in param_groups for p in group["params"]], optim.max_grad_norm
+                    )
+                    # The one host sync per optimiser step (as torch's GradScaler does): skipping a
+                    # non-finite update must be decided on the host.
+                    finite = bool(torch.isfinite(grad_norm))
+                    if finite:
+                        optimizer.step()
+                        nonfinite_streak = 0
+                    else:
+                        skipped += 1
+                        nonfinite_streak += 1
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step_metrics["train/grad_norm"] = grad_norm.detach()
+        if nonfinite_streak >= config.train.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"{nonfinite_streak} optimiser steps in a row had a non-finite loss or gradient (step {step}). "
+                "Try a lower optim.lr, train.mixed_precision = 'bf16' instead of 'fp16', model.dtype = 'bf16' "
+                "or 'fp32', or a smaller crepa.weight."
+            )
+        step += 1
+        bar.update(1)
+        if step % config.logging.every == 0 or step == config.train.max_steps:
+            last = {key: float(value) for key, value in step_metrics.items()}  # host sync at the log interval
+            last["train/lr"] = lr_scheduler.get_last_lr()[0]
+            last["train/skipped_nonfinite"] = skipped
+            accelerator.log(last, step=step)
+            if accelerator.is_main_process:
+                _append_metrics(metrics_log, step, last)
+            bar.set_postfix(
+                loss=f"{last['loss/total']:.4f}", score=f"{last.get('crepa/score', float('nan')):.3f}"
+            )
+        due = step % config.train.checkpoint_every == 0 or step == config.train.max_steps
+        if due or stop.requested:
+            _save_checkpoint(
+                accelerator,
+                checkpoints,
+                step,
+                position,
+                skipped,
+                modules,
+                optimizer,
+                lr_scheduler,
+                regularizer,
+                config,
+            )
+        if (
+            config.validation.every
+            and config.validation.prompts
+            and (step % config.validation.every == 0 or step == config.train.max_steps)
+            and accelerator.is_main_process
+        ):
+            from crepa.train.validation import run_validation
+
+            run_validation(config, family, accelerator.unwrap_model(transformer), output / "validation", step)
+        if stop.requested:
+            interrupted = True
+            break
+    bar.close()
+    stop.restore()
+
+    summary = _finish(
+        config,
+        family,
+        accelerator,
+        transformer,
+        regularizer,
+        step,
+        skipped,
+        started,
+        last,
+        interrupted,
+        checkpoints,
+    )
+    accelerator.end_training()
+    return summary
+
+
+# ---------------------------------------------------------------- pieces of the loop
+def _average_gradients(params) -> None:
+    world = torch.distributed.get_world_size()
+    for param in params:
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad)
+            param.grad.div_(world)
+
+
+def _saved_modules(transformer: nn.Module, regularizer: CrepaRegularizer | None) -> dict[str, nn.Module]:
+    modules: dict[str, nn.Module] = {"transformer": transformer}
+    if regularizer is not None:
+        modules["projector"] = regularizer.projector
+    return modules
+
+
+def _save_checkpoint(
+    accelerator, root, step, position, skipped, modules, optimizer, lr_scheduler, regularizer, config
+) -> None:
+    staged = ckpt.staging_dir(root, step)
+    accelerator.wait_for_everyone()
+    main = accelerator.is_main_process
+    state = None
+    if main:
+        state = {
+            "step": step,
+            "position": position,
+            "skipped_nonfinite": skipped,
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "alignment_schedule": None if regularizer is None else regularizer.schedule.state_dict(),
+        }
+    ckpt.write_checkpoint_files(
+        staged, ckpt.trainable_state(modules) if main else None, state, accelerator.process_index
+    )
+    accelerator.wait_for_everyone()
+    if main:
+        ckpt.publish_checkpoint(root, step, config.train.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def _finish(
+    config, family, accelerator, transformer, regularizer, step, skipped, started, last, interrupted, root
+):
+    output = config.output.dir
+    latest = ckpt.checkpoint_dirs(root)
+    summary = TrainingSummary(
+        steps=step,
+        skipped_nonfinite=skipped,
+        seconds=time.perf_counter() - started,
+        peak_memory_mb=_peak_memory_mb(),
+        final_metrics=last,
+        interrupted=interrupted,
+        output_dir=str(output),
+        checkpoint=str(latest[-1]) if latest else None,
+        config=json.loads(config.model_dump_json()),
+    )
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(transformer)
+        if config.lora.enabled:
+            save_lora(unwrapped, family, output)
+        else:
+            unwrapped.save_pretrained(output / "transformer")
+        if regularizer is not None:
+            save_file(
+                {
+                    name: p.detach().cpu().contiguous()
+                    for name, p in regularizer.projector.state_dict().items()
+                },
+                str(output / "projector.safetensors"),
+            )
+        atomic_write_json(output / "training_summary.json", asdict(summary))
+    return summary
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _trackers(config: RunConfig) -> list[str]:
+    trackers = []
+    if config.logging.tensorboard:
+        trackers.append("tensorboard")
+    if config.logging.wandb:
+        trackers.append("wandb")
+    return trackers
+
+
+def _flat_hparams(config: RunConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in json.loads(config.model_dump_json()).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _append_metrics(path: Path, step: int, metrics: dict[str, float]) -> None:
+    with open(path, "a") as handle:
+        handle.write(
+            json.dumps({"step": step, **{k: (None if math.isnan(v) else v) for k, v in metrics.items()}})
+            + "\n"
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged steps after ``step`` (a killed run logged steps its last checkpoint does not hold)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM ask for a checkpoint at the end of the current step, then a clean stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
