@@ -110,6 +110,11 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue
+                if packet.is_corrupt:
+                    stated = f" of {stream.frames}" if stream.frames else ""
+                    raise VideoDecodeError(
+                        path, f"truncated or damaged file: frame {len(times) + 1}{stated} is incomplete"
+                    )
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 if stamp is None:
                     raise VideoDecodeError(path, "packets carry no timestamps")
