@@ -170,6 +170,46 @@ class ConfigError(ValueError):
     """A run file that cannot be used; the message is meant for the user as is."""
 
 
+def check_against_family(
+    config: RunConfig,
+    temporal_ratio: int,
+    spatial_multiple: int,
+    causal_vae: bool = True,
+    depth: int | None = None,
+) -> None:
+    """Shape checks that need the model family but no weights: frame counts 1 + r*m (r*m for
+    non-causal VAEs), resolutions divisible by VAE stride x patch size, block indices inside ``depth``."""
+    problems = []
+    for count in config.data.num_frames:
+        valid = (count - 1) % temporal_ratio == 0 if causal_vae else count % temporal_ratio == 0
+        if not valid:
+            m = max(1, (count - 1) // temporal_ratio) if causal_vae else max(1, count // temporal_ratio)
+            near = (
+                [1 + temporal_ratio * m, 1 + temporal_ratio * (m + 1)] if causal_vae else [temporal_ratio * m]
+            )
+            form = f"1 + {temporal_ratio}*m" if causal_vae else f"a multiple of {temporal_ratio}"
+            problems.append(
+                f"data.num_frames: {count} frames cannot be encoded, this model needs {form} "
+                f"(e.g. {' or '.join(map(str, near))})"
+            )
+    for height, width in config.data.resolutions:
+        if height % spatial_multiple or width % spatial_multiple:
+            problems.append(
+                f"data.resolutions: {height}x{width} must be divisible by {spatial_multiple} "
+                f"(VAE stride x patch size), e.g. {height // spatial_multiple * spatial_multiple}x"
+                f"{width // spatial_multiple * spatial_multiple}"
+            )
+    if depth is not None and config.crepa.enabled:
+        for key in ("block_index", "teacher_block_index"):
+            index = getattr(config.crepa, key)
+            if index is not None and index >= depth:
+                problems.append(
+                    f"crepa.{key}: {index} is beyond the model's {depth} blocks (valid: 0..{depth - 1})"
+                )
+    if problems:
+        raise ConfigError("invalid run file\n  " + "\n  ".join(problems))
+
+
 def _valid_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
     """Field names valid at ``path`` (the parent of an unknown key)."""
     current: Any = model

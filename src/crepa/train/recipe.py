@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from crepa.cache.atomic import atomic_write_json
 from crepa.cache.dataset import CachedDataset
-from crepa.config import ConfigError, RunConfig
+from crepa.config import ConfigError, RunConfig, check_against_family
 from crepa.models import ModelFamily, get_family
 from crepa.models.conditioning import prediction_to_latents, transformer_inputs
 from crepa.models.pipelines import pipeline_family
@@ -96,26 +96,22 @@ def check_run(config: RunConfig, family: ModelFamily, dataset: CachedDataset) ->
     )
     with torch.device("meta"):
         skeleton = transformer_class.from_config(transformer_config)
-    depth = len(family.blocks(skeleton))
+    _, patch_h, _ = family.patch_sizes(skeleton)
+    check_against_family(
+        config,
+        family.temporal_ratio,
+        family.spatial_ratio * patch_h,
+        family.causal_vae,
+        len(family.blocks(skeleton)),
+    )
     align = config.crepa
-    if align.enabled:
-        for key, index in (
-            ("block_index", align.block_index),
-            ("teacher_block_index", align.teacher_block_index),
-        ):
-            if index is not None and index >= depth:
-                raise ConfigError(
-                    f"crepa.{key}: {index} is beyond {family.class_names[0]}'s {depth} blocks (valid: 0..{depth - 1})"
-                )
-        if (
-            align.mode != "backbone"
-            and config.cache.teacher_source == "cache"
-            and dataset.teacher_dim is None
-        ):
-            raise ConfigError(
-                f"cache.teacher_source: {dataset.cache_dir} holds no teacher grids; precompute with a teacher "
-                "or set cache.teacher_source to 'pixels' or 'vae'"
-            )
+    if align.enabled and (
+        align.mode != "backbone" and config.cache.teacher_source == "cache" and dataset.teacher_dim is None
+    ):
+        raise ConfigError(
+            f"cache.teacher_source: {dataset.cache_dir} holds no teacher grids; precompute with a teacher "
+            "or set cache.teacher_source to 'pixels' or 'vae'"
+        )
 
 
 # ---------------------------------------------------------------- model
