@@ -7,7 +7,6 @@ can lie), :func:`decode_frames` decodes chosen frames by index and checks their 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -36,9 +35,11 @@ class VideoDecodeError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VideoProbe:
     """What the container's packets say about a video's first stream, without decoding it all.
+
+    Compared by identity (it holds an array).
 
     timestamps: (N,) float64 presentation times in seconds of every readable frame, ascending.
     stated_frames / stated_fps: the container's own claims (0 when absent); they may be wrong.
@@ -141,12 +142,11 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
         )
 
 
-def _iter_pyav_frames(path: Path) -> Iterator[av.VideoFrame]:
-    """Decoded frames of the first video stream, in presentation order."""
-    with _open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        yield from container.decode(stream)
+def _decoded(container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
+    """Decoded frames of the container's first video stream, in presentation order."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container.decode(stream)
 
 
 @functools.cache
@@ -196,8 +196,8 @@ def _decode_pyav(path: Path, indices: Sequence[int]) -> tuple[np.ndarray, np.nda
     kept: dict[int, tuple[np.ndarray, float]] = {}
     decoded = 0
     try:
-        with contextlib.closing(_iter_pyav_frames(path)) as frames:
-            for position, frame in enumerate(frames):
+        with _open(path) as container:
+            for position, frame in enumerate(_decoded(container)):
                 decoded = position + 1
                 if position in wanted:
                     time = frame.time if frame.time is not None else float("nan")
@@ -250,7 +250,7 @@ def read_video_frames(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     with _open(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else 0.0
-    frames = [frame.to_ndarray(format="rgb24") for frame in _iter_pyav_frames(path)]
+        frames = [frame.to_ndarray(format="rgb24") for frame in _decoded(container)]
     if not frames:
         raise VideoDecodeError(path, "no video frames could be decoded")
     return np.stack(frames), fps
