@@ -36,8 +36,10 @@ from crepa.cache.dataset import CachedDataset
 from crepa.config import ConfigError, RunConfig, check_against_family
 from crepa.models import ModelFamily, get_family
 from crepa.models.conditioning import prediction_to_latents, transformer_inputs
-from crepa.models.pipelines import pipeline_family
+from crepa.models.pipelines import load_components, pipeline_family
 from crepa.regularizer import CrepaRegularizer
+from crepa.teacher_targets import teacher_targets
+from crepa.teachers import load_teacher
 from crepa.train import checkpoint as ckpt
 from crepa.train.batches import BucketedBatchOrder
 from crepa.train.lora import add_lora, save_lora
@@ -158,6 +160,20 @@ def scheduler_alphas(config: RunConfig, family: ModelFamily) -> torch.Tensor | N
     return scheduler.alphas_cumprod.clone()
 
 
+def load_online_teacher(config: RunConfig, family: ModelFamily, device: torch.device):
+    """(teacher, VAE or None) for the online teacher modes "pixels" and "vae"."""
+    teacher = load_teacher(
+        config.teacher.name, config.teacher.kind, device=device, chunk_size=config.teacher.chunk_size
+    )
+    vae = None
+    if config.cache.teacher_source == "vae":
+        components = load_components(
+            config.model.pretrained, family.name, config.model.revision, device=device, text_encoders=False
+        )
+        vae = components.vae
+    return teacher, vae
+
+
 # ---------------------------------------------------------------- data
 def batches(
     dataset: CachedDataset, order: BucketedBatchOrder, start: int, device
@@ -177,8 +193,12 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     """Fine-tune ``config.model`` on the precomputed cache; returns (and writes) the summary."""
     started = time.perf_counter()
     family = resolve_family(config)
+    source = config.cache.teacher_source
+    external_teacher = config.crepa.enabled and config.crepa.mode != "backbone"
     dataset = CachedDataset(
-        config.cache.dir, teacher=config.crepa.enabled and config.crepa.mode != "backbone"
+        config.cache.dir,
+        teacher=external_teacher and source == "cache",
+        frames=external_teacher and source == "pixels",
     )
     check_run(config, family, dataset)
 
@@ -200,12 +220,19 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         transformer.requires_grad_(True)
     transformer.train()
 
+    online_teacher, online_vae = None, None
+    if external_teacher and source != "cache":
+        online_teacher, online_vae = load_online_teacher(config, family, accelerator.device)
+    teacher_dim = online_teacher.dim if online_teacher is not None else dataset.teacher_dim
+    _, patch_h, patch_w = family.patch_sizes(transformer)
+
     align = config.crepa
     regularizer = None
     param_groups: list[dict[str, Any]] = [{"params": trainable, "lr": config.optim.lr}]
     if align.enabled:
-        teacher_dim = dataset.teacher_dim if align.mode != "backbone" else None
-        regularizer = CrepaRegularizer(transformer, align, teacher_dim=teacher_dim).to(accelerator.device)
+        regularizer = CrepaRegularizer(
+            transformer, align, teacher_dim=teacher_dim if external_teacher else None
+        ).to(accelerator.device)
         param_groups.append({"params": list(regularizer.parameters()), "lr": align.lr or config.optim.lr})
     optim = config.optim
     optimizer = torch.optim.AdamW(
@@ -270,6 +297,20 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
                     (config.train.seed * 1_000_003 + step) * 4099 + accelerator.process_index
                 )
                 latents = batch["latents"].to(dtype)
+                teacher_grid = None
+                if external_teacher:  # before the forward, so no activations wait on the teacher
+                    _, _, frames, height, width = latents.shape
+                    teacher_grid = teacher_targets(
+                        source,
+                        batch,
+                        (frames, height // patch_h, width // patch_w),
+                        family.temporal_ratio,
+                        teacher=online_teacher,
+                        vae=online_vae,
+                        reduce=config.teacher.reduce,
+                        max_pixels=config.teacher.max_pixels,
+                        chunk_size=config.teacher.chunk_size,
+                    ).float()
                 noised = noise_batch(config, family, latents, generator, alphas_cumprod)
                 text = {key: batch[key] for key in ("prompt_embeds", "pooled_prompt_embeds") if key in batch}
                 text = {key: value.to(dtype) for key, value in text.items()}
@@ -292,8 +333,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
                 loss = diffusion_loss
                 step_metrics["loss/diffusion"] = diffusion_loss.detach()
                 if regularizer is not None:
-                    teacher = batch.get("teacher")
-                    out = regularizer.loss(None if teacher is None else teacher.float(), step=step)
+                    out = regularizer.loss(teacher_grid, step=step)
                     loss = loss + out.loss
                     step_metrics |= out.metrics
                 step_metrics["loss/total"] = loss.detach()
