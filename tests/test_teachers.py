@@ -140,6 +140,16 @@ def test_timm_dinov2_with_registers(tmp_path: Path) -> None:
     torch.testing.assert_close(teacher(frames), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_timm_missing_gives_install_hint() -> None:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'crepa\[timm\]'"):
+            load_teacher("timm/vit_small_patch14_dinov2.lvd142m")
+    else:
+        pytest.skip("timm is installed")
+
+
 def test_teacher_input_size() -> None:
     assert teacher_input_size((30, 45), 14) == (420, 630)  # CogVideoX 480x720: 60x90 latents, patch 2
     assert teacher_input_size((30, 45), 14, max_pixels=420 * 630) == (420, 630)

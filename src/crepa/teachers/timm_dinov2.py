@@ -46,12 +46,11 @@ def load_timm_teacher(
     ``weights_file``: load the weights from this local file instead of downloading them.
     """
     timm = _import_timm()
-    if name.startswith("timm/"):
-        model_name = f"hf-hub:{name}"
-    elif name.startswith("timm:"):
-        model_name = name.removeprefix("timm:")
-    else:
+    if not name.startswith(TIMM_PREFIXES):
         raise ValueError(f"timm teacher names start with 'timm/' or 'timm:', got {name!r}")
+    model_name = name[len("timm/") :]
+    if name.startswith("timm/") and weights_file is None:
+        model_name = f"hf-hub:{name}"  # timm reads a local weights file only for its own model names
     overlay = {"file": str(weights_file)} if weights_file is not None else None
     model = timm.create_model(
         model_name, pretrained=True, num_classes=0, dynamic_img_size=True, pretrained_cfg_overlay=overlay
