@@ -75,27 +75,31 @@ class TrainingSummary:
 
 # ---------------------------------------------------------------- checks before any weight loads
 def resolve_family(config: RunConfig) -> ModelFamily:
-    if config.model.family:
-        return get_family(config.model.family)
-    return pipeline_family(config.model.pretrained, config.model.revision)
+    """The registry entry named by model.family, else the one of the pipeline's transformer class."""
+    try:
+        if config.model.family:
+            return get_family(config.model.family)
+        return pipeline_family(config.model.pretrained, config.model.revision)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model: {error}") from None
 
 
-def check_run(config: RunConfig, family: ModelFamily, dataset: CachedDataset) -> None:
-    """Impossible combinations, found from configs and the cache manifest only."""
+def check_model(config: RunConfig, family: ModelFamily) -> None:
+    """Impossible combinations found from the configs alone (objective, frame counts, sizes, block indices)."""
     if family.objective not in TRAINABLE_OBJECTIVES:
         raise ConfigError(
             f"model.family: training {family.name} needs the {family.objective!r} objective, which crepa "
             f"does not implement yet (trainable objectives: {', '.join(TRAINABLE_OBJECTIVES)})"
         )
-    if dataset.manifest.family != family.name:
-        raise ConfigError(
-            f"cache.dir: {dataset.cache_dir} was precomputed for family {dataset.manifest.family!r}, "
-            f"not {family.name!r}; run `crepa precompute` with this run file or point cache.dir elsewhere"
-        )
     transformer_class = getattr(diffusers, family.class_names[0])
-    transformer_config = transformer_class.load_config(
-        config.model.pretrained, subfolder="transformer", revision=config.model.revision
-    )
+    try:
+        transformer_config = transformer_class.load_config(
+            config.model.pretrained, subfolder="transformer", revision=config.model.revision
+        )
+    except OSError as error:
+        raise ConfigError(
+            f"model.pretrained: cannot read the transformer config of {config.model.pretrained!r} ({error})"
+        ) from None
     with torch.device("meta"):
         skeleton = transformer_class.from_config(transformer_config)
     _, patch_h, _ = family.patch_sizes(skeleton)
@@ -106,14 +110,25 @@ def check_run(config: RunConfig, family: ModelFamily, dataset: CachedDataset) ->
         family.causal_vae,
         len(family.blocks(skeleton)),
     )
-    align = config.crepa
-    if align.enabled and (
-        align.mode != "backbone" and config.cache.teacher_source == "cache" and dataset.teacher_dim is None
-    ):
-        raise ConfigError(
-            f"cache.teacher_source: {dataset.cache_dir} holds no teacher grids; precompute with a teacher "
-            "or set cache.teacher_source to 'pixels' or 'vae'"
+
+
+def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool) -> CachedDataset:
+    """The cache, checked against the run: same family, teacher grids present when they are read."""
+    source = config.cache.teacher_source
+    try:
+        dataset = CachedDataset(
+            config.cache.dir,
+            teacher=external_teacher and source == "cache",
+            frames=external_teacher and source == "pixels",
         )
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"cache.dir: {error}") from None
+    if dataset.manifest.family != family.name:
+        raise ConfigError(
+            f"cache.dir: {dataset.cache_dir} was precomputed for family {dataset.manifest.family!r}, "
+            f"not {family.name!r}; run `crepa precompute` with this run file or point cache.dir elsewhere"
+        )
+    return dataset
 
 
 # ---------------------------------------------------------------- model
@@ -193,14 +208,10 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     """Fine-tune ``config.model`` on the precomputed cache; returns (and writes) the summary."""
     started = time.perf_counter()
     family = resolve_family(config)
+    check_model(config, family)
     source = config.cache.teacher_source
     external_teacher = config.crepa.enabled and config.crepa.mode != "backbone"
-    dataset = CachedDataset(
-        config.cache.dir,
-        teacher=external_teacher and source == "cache",
-        frames=external_teacher and source == "pixels",
-    )
-    check_run(config, family, dataset)
+    dataset = open_dataset(config, family, external_teacher)
 
     output = config.output.dir
     checkpoints = output / "checkpoints"
