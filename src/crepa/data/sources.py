@@ -11,7 +11,6 @@ from pathlib import Path
 from crepa.data.report import DataReport
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif", ".mpg", ".mpeg"})
-TABLE_SUFFIXES = frozenset({".csv", ".jsonl"})
 
 
 @dataclass(frozen=True)
