@@ -1,7 +1,8 @@
 """Supported video transformer families, as data: one :class:`ModelFamily` entry per family.
 
 Nothing else in crepa branches on the model class; code asks the registry for the block list,
-the latent grid of a forward call, the VAE compression, the default block and the objective.
+the latent grid of a forward call, the latent layout, the VAE compression, the default block and
+the objective. Facts are those of diffusers 0.42 (transformers, pipelines, default schedulers).
 """
 
 from __future__ import annotations
@@ -11,21 +12,39 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 Layout = Literal["BCFHW", "BFCHW", "packed"]
-Objective = Literal["flow_matching", "v_prediction"]
+Objective = Literal["flow_matching", "flow_matching_reversed", "v_prediction", "epsilon", "edm"]
+"""Training objectives, with s the noise level in [0, 1] and x_s = (1 - s) x0 + s noise for flow matching.
+
+- "flow_matching": timestep = timestep_scale * s, target = noise - x0.
+- "flow_matching_reversed" (Mochi; its scheduler has invert_sigmas): timestep = timestep_scale * (1 - s),
+  target = x0 - noise.
+- "v_prediction" / "epsilon": DDPM schedules with integer timesteps 0..999, target v or noise.
+- "edm" (Cosmos 1.0, EDMEulerScheduler): EDM preconditioning (c_in, c_noise = log(sigma) / 4, c_skip, c_out).
+"""
 
 
 @dataclass(frozen=True)
 class ModelFamily:
     """What crepa needs to know about one family of diffusers video transformers.
 
-    layout: how the transformer's ``hidden_states`` input is laid out: "BCFHW", "BFCHW", or
-    "packed" (B, F*H*W, C) with ``num_frames`` / ``height`` / ``width`` passed alongside.
+    class_names: transformer classes of the family. Families sharing a class are told apart by
+    ``config_match``: (key, value) pairs of the transformer config that must all hold (empty = any
+    config); the most specific matching entry wins.
     block_lists: attribute names of the block ``nn.ModuleList``s, in execution order; one global
     block index runs through them.
-    lora_target_regex: peft ``target_modules`` regex anchored to the block lists (attention projections).
+    layout: how the forward's ``hidden_states`` carries the latents (B, C, F, H, W): "BCFHW",
+    "BFCHW", or "packed" (B, F*H*W, C*p_t*p*p) with ``num_frames`` / ``height`` / ``width`` (latent
+    sizes) passed alongside.
+    temporal_ratio, spatial_ratio, latent_channels: the VAE's compression and latent width.
+    causal_vae: True when 1 + r*m pixel frames give 1 + m latent frames (latent 0 = pixel frame 0);
+    False when T frames give T / r latent frames (latent f = pixel frames r*f .. r*f + r - 1).
+    objective, timestep_scale: the training objective (see :data:`Objective`).
+    lora_target_regex: peft ``target_modules`` regex (full match) selecting the attention
+    projections inside the block lists.
     """
 
     name: str
@@ -40,6 +59,16 @@ class ModelFamily:
     pipeline_class: str
     vae_class: str
     lora_target_regex: str
+    causal_vae: bool = True
+    timestep_scale: float = 1000.0
+    config_match: tuple[tuple[str, Any], ...] = ()
+
+    def matches(self, transformer: nn.Module) -> bool:
+        """Whether ``transformer`` (class and config) belongs to this family."""
+        config = transformer.config
+        return type(transformer).__name__ in self.class_names and all(
+            _config_value(config, key) == value for key, value in self.config_match
+        )
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
         """All transformer blocks in execution order (global block index = position in this list)."""
@@ -51,7 +80,7 @@ class ModelFamily:
         return int(config.num_attention_heads * config.attention_head_dim)
 
     def patch_sizes(self, transformer: nn.Module) -> tuple[int, int, int]:
-        """(t, h, w) patch size of the transformer's patch embedding."""
+        """(t, h, w) patch size: latent frames, rows and columns per token."""
         config = transformer.config
         patch = config.patch_size
         if isinstance(patch, (tuple, list)):
@@ -61,26 +90,63 @@ class ModelFamily:
 
     def latent_grid(self, transformer: nn.Module, call: Mapping[str, Any]) -> tuple[int, int, int]:
         """(F', H', W') token grid of a forward call, from its bound arguments ``call``."""
-        patch_t, patch_h, patch_w = self.patch_sizes(transformer)
         hidden = call["hidden_states"]
         if self.layout == "packed":
-            frames, height, width = (int(call[k]) for k in ("num_frames", "height", "width"))
+            missing = [key for key in ("num_frames", "height", "width") if call.get(key) is None]
+            if missing:
+                raise ValueError(
+                    f"{type(transformer).__name__} was called without {', '.join(missing)}: crepa reads "
+                    "the token grid from num_frames / height / width (latent sizes); pass them with the "
+                    "packed hidden_states (they may go along with video_coords)"
+                )
+            sizes = tuple(int(call[key]) for key in ("num_frames", "height", "width"))
         elif self.layout == "BFCHW":
-            frames, height, width = hidden.shape[1], hidden.shape[3], hidden.shape[4]
+            sizes = (hidden.shape[1], hidden.shape[3], hidden.shape[4])
         else:
-            frames, height, width = hidden.shape[2], hidden.shape[3], hidden.shape[4]
-        return frames // patch_t, height // patch_h, width // patch_w
+            sizes = (hidden.shape[2], hidden.shape[3], hidden.shape[4])
+        patches = self.patch_sizes(transformer)
+        for axis, size, patch in zip(("latent frames", "height", "width"), sizes, patches, strict=True):
+            if size % patch:
+                raise ValueError(
+                    f"{type(transformer).__name__} patches {patch} along {axis}, but the latents have "
+                    f"{size}: use a multiple of {patch} (pad or crop the latents)"
+                )
+        frames, height, width = (size // patch for size, patch in zip(sizes, patches, strict=True))
+        return frames, height, width
+
+    def latent_kwargs(self, transformer: nn.Module, latents: torch.Tensor) -> dict[str, Any]:
+        """The forward kwargs carrying ``latents`` (B, C, F, H, W) in this family's layout.
+
+        Prediction targets go through the same function, since outputs share the input layout.
+        """
+        if self.layout == "BCFHW":
+            return {"hidden_states": latents}
+        if self.layout == "BFCHW":
+            return {"hidden_states": latents.transpose(1, 2)}
+        batch, channels, frames, height, width = latents.shape
+        patch_t, patch_h, patch_w = self.patch_sizes(transformer)
+        tokens = latents.reshape(
+            batch, channels, frames // patch_t, patch_t, height // patch_h, patch_h, width // patch_w, patch_w
+        )
+        tokens = tokens.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+        return {"hidden_states": tokens, "num_frames": frames, "height": height, "width": width}
+
+
+def _config_value(config: Any, key: str) -> Any:
+    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
 
 
 def _anchored(*lists: str) -> str:
-    targets = r"(to_q|to_k|to_v|to_out\.0)"
-    return rf"^({'|'.join(lists)})\.\d+\.attn\d*\.{targets}$"
+    """Attention projections (to_q, to_k, to_v, to_out.0) of the blocks in ``lists``, nothing else."""
+    return rf"^({'|'.join(lists)})\.\d+\.attn\d?\.(to_q|to_k|to_v|to_out\.0)$"
 
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
         ModelFamily(
+            # 1.0 (2B: 1920-d x 30, 5B: 3072-d x 42, patch (1, 2, 2)) and 1.5 (patch_size_t=2,
+            # so an even number of latent frames; the pipeline pads at the front).
             name="cogvideox",
             class_names=("CogVideoXTransformer3DModel",),
             block_lists=("transformer_blocks",),
@@ -95,6 +161,8 @@ FAMILIES: dict[str, ModelFamily] = {
             lora_target_regex=_anchored("transformer_blocks"),
         ),
         ModelFamily(
+            # 20 dual-stream blocks then 40 single-stream blocks (no to_out: their attention
+            # output goes through proj_out with the MLP), 3072-d.
             name="hunyuanvideo",
             class_names=("HunyuanVideoTransformer3DModel",),
             block_lists=("transformer_blocks", "single_transformer_blocks"),
@@ -109,6 +177,7 @@ FAMILIES: dict[str, ModelFamily] = {
             lora_target_regex=_anchored("transformer_blocks", "single_transformer_blocks"),
         ),
         ModelFamily(
+            # Wan 2.1 and Wan 2.2 A14B (both experts): the 16-channel 4x8 VAE.
             name="wan",
             class_names=("WanTransformer3DModel",),
             block_lists=("blocks",),
@@ -121,6 +190,22 @@ FAMILIES: dict[str, ModelFamily] = {
             pipeline_class="WanPipeline",
             vae_class="AutoencoderKLWan",
             lora_target_regex=_anchored("blocks"),
+        ),
+        ModelFamily(
+            # Wan 2.2 TI2V-5B: same transformer class, its own 48-channel 4x16 VAE.
+            name="wan2_2_ti2v",
+            class_names=("WanTransformer3DModel",),
+            block_lists=("blocks",),
+            layout="BCFHW",
+            temporal_ratio=4,
+            spatial_ratio=16,
+            latent_channels=48,
+            default_block_index=8,
+            objective="flow_matching",
+            pipeline_class="WanPipeline",
+            vae_class="AutoencoderKLWan",
+            lora_target_regex=_anchored("blocks"),
+            config_match=(("out_channels", 48),),
         ),
         ModelFamily(
             name="skyreels_v2",
@@ -159,12 +244,14 @@ FAMILIES: dict[str, ModelFamily] = {
             spatial_ratio=8,
             latent_channels=12,
             default_block_index=8,
-            objective="flow_matching",
+            objective="flow_matching_reversed",
             pipeline_class="MochiPipeline",
             vae_class="AutoencoderKLMochi",
             lora_target_regex=_anchored("transformer_blocks"),
         ),
         ModelFamily(
+            # Cosmos 1.0 Diffusion (learnable extra positional embedding): EDM, the 8x8x8 Cosmos VAE.
+            # Real checkpoints concatenate a padding mask, which diffusers resizes with torchvision.
             name="cosmos",
             class_names=("CosmosTransformer3DModel",),
             block_lists=("transformer_blocks",),
@@ -173,12 +260,33 @@ FAMILIES: dict[str, ModelFamily] = {
             spatial_ratio=8,
             latent_channels=16,
             default_block_index=8,
-            objective="flow_matching",
+            objective="edm",
             pipeline_class="CosmosTextToWorldPipeline",
             vae_class="AutoencoderKLCosmos",
             lora_target_regex=_anchored("transformer_blocks"),
+            config_match=(("extra_pos_embed_type", "learnable"),),
         ),
         ModelFamily(
+            # Cosmos Predict 2 / 2.5 (no extra positional embedding): rectified flow with the timestep
+            # in [0, 1] (the pipeline passes s as (B, 1, F, 1, 1)), the Wan VAE.
+            name="cosmos_predict2",
+            class_names=("CosmosTransformer3DModel",),
+            block_lists=("transformer_blocks",),
+            layout="BCFHW",
+            temporal_ratio=4,
+            spatial_ratio=8,
+            latent_channels=16,
+            default_block_index=8,
+            objective="flow_matching",
+            timestep_scale=1.0,
+            pipeline_class="Cosmos2VideoToWorldPipeline",
+            vae_class="AutoencoderKLWan",
+            lora_target_regex=_anchored("transformer_blocks"),
+            config_match=(("extra_pos_embed_type", None),),
+        ),
+        ModelFamily(
+            # Non-causal VAE (88 frames -> 22 latent frames); trained with DDPM epsilon prediction.
+            # The transformer has no PeftAdapterMixin: inject LoRA with peft.inject_adapter_in_model.
             name="allegro",
             class_names=("AllegroTransformer3DModel",),
             block_lists=("transformer_blocks",),
@@ -186,8 +294,9 @@ FAMILIES: dict[str, ModelFamily] = {
             temporal_ratio=4,
             spatial_ratio=8,
             latent_channels=4,
+            causal_vae=False,
             default_block_index=8,
-            objective="v_prediction",
+            objective="epsilon",
             pipeline_class="AllegroPipeline",
             vae_class="AutoencoderKLAllegro",
             lora_target_regex=_anchored("transformer_blocks"),
@@ -197,16 +306,22 @@ FAMILIES: dict[str, ModelFamily] = {
 
 
 def detect_family(transformer: nn.Module) -> ModelFamily:
-    """The registry entry for ``transformer``'s class (peft wrappers are looked through)."""
+    """The registry entry of ``transformer`` (peft wrappers are looked through)."""
     base = transformer
     while hasattr(base, "get_base_model") and base is not base.get_base_model():
         base = base.get_base_model()
     class_name = type(base).__name__
-    for family in FAMILIES.values():
-        if class_name in family.class_names:
-            return family
-    supported = ", ".join(name for family in FAMILIES.values() for name in family.class_names)
-    raise ValueError(f"crepa does not support {class_name}; supported transformer classes: {supported}")
+    same_class = [family for family in FAMILIES.values() if class_name in family.class_names]
+    if not same_class:
+        supported = ", ".join(sorted({name for family in FAMILIES.values() for name in family.class_names}))
+        raise ValueError(f"crepa does not support {class_name}; supported transformer classes: {supported}")
+    matching = [family for family in same_class if family.matches(base)]
+    if not matching:
+        expected = "; ".join(f"{family.name}: {dict(family.config_match)}" for family in same_class)
+        raise ValueError(
+            f"{class_name}'s config matches no crepa family ({expected}); add a ModelFamily entry for it"
+        )
+    return max(matching, key=lambda family: len(family.config_match))
 
 
 def get_family(name: str) -> ModelFamily:
