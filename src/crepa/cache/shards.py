@@ -207,3 +207,56 @@ class ShardWriter:
             self._count += 1
             self.written += write_shard(path, name, self._buffers[name])
             self._buffers[name], self._sizes[name] = {}, 0
+
+
+class ShardIndex:
+    """The parts present in a shards directory, from the shard headers.
+
+    :meth:`has` verifies a shard completely (every part against its checksum) the first time one
+    of its parts is asked for; a shard that fails is recorded in :attr:`damaged` (file name ->
+    reason) and none of its parts count as present.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.shards: dict[str, list[PartLocation]] = {}
+        self.damaged: dict[str, str] = {}
+        self._by_key: dict[str, list[PartLocation]] = {}
+        self._verified: set[str] = set()
+        for path in sorted(self.directory.glob(f"*{SHARD_SUFFIX}")):
+            try:
+                self.shards[path.name] = read_shard_index(path)
+            except DamagedShardError as error:
+                self.damaged[path.name] = str(error)
+                continue
+            for location in self.shards[path.name]:
+                self._by_key.setdefault(location.key, []).append(location)
+
+    def locate(self, key: str) -> PartLocation | None:
+        """Where ``key`` lives (first undamaged shard by name), without verifying it."""
+        return next((loc for loc in self._by_key.get(key, []) if loc.shard not in self.damaged), None)
+
+    def has(self, key: str) -> bool:
+        """Whether an undamaged, verified copy of part ``key`` exists."""
+        return any(
+            location.shard not in self.damaged and self._verify(location.shard)
+            for location in self._by_key.get(key, [])
+        )
+
+    def mark_damaged(self, shard: str, reason: str) -> None:
+        self.damaged.setdefault(shard, reason)
+
+    def _verify(self, shard: str) -> bool:
+        if shard in self._verified:
+            return True
+        reader = ShardReader(self.directory)
+        try:
+            for location in self.shards[shard]:
+                reader.read(location, verify=True)
+        except DamagedShardError as error:
+            self.damaged[shard] = str(error)
+            return False
+        finally:
+            reader.close()
+        self._verified.add(shard)
+        return True

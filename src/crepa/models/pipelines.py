@@ -183,30 +183,34 @@ def pipeline_family(source: str | Path, revision: str | None = None) -> ModelFam
     return max(matching, key=lambda family: len(family.config_match))
 
 
+def resolve_family(source: str | Path, family: str | None = None, revision: str | None = None) -> ModelFamily:
+    """The registry entry named ``family`` (``model.family``), else the one detected from ``source``."""
+    return get_family(family) if family else pipeline_family(source, revision)
+
+
 def load_components(
     source: str | Path,
     family: str | None = None,
     revision: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    *,
+    vae: bool = True,
     text_encoders: bool = True,
 ) -> PipelineComponents:
     """Load VAE, text encoder(s), tokenizer(s) and scheduler of the pipeline at ``source``.
 
-    ``text_encoders=False`` skips them (e.g. for VAE-only work). The transformer is never loaded;
-    its config is. Models are put in eval mode, frozen, on ``device`` in ``dtype``.
+    ``vae=False`` / ``text_encoders=False`` skip those components. The transformer is never
+    loaded; its config is. Models are put in eval mode, frozen, on ``device`` in ``dtype``.
     """
-    entry = get_family(family) if family else pipeline_family(source, revision)
+    entry = resolve_family(source, family, revision)
     pipeline_class = getattr(diffusers, entry.pipeline_class)
-    skipped: dict[str, None] = {"transformer": None}
-    if "transformer_2" in inspect.signature(pipeline_class.__init__).parameters:
-        skipped["transformer_2"] = None
+    parameters = inspect.signature(pipeline_class.__init__).parameters
+    skipped = {name: None for name in ("transformer", "transformer_2") if name in parameters}
+    if not vae:
+        skipped["vae"] = None
     if not text_encoders:
-        skipped |= {
-            name: None
-            for name in inspect.signature(pipeline_class.__init__).parameters
-            if name.startswith(("text_encoder", "tokenizer"))
-        }
+        skipped |= {name: None for name in parameters if name.startswith(("text_encoder", "tokenizer"))}
     pipeline = pipeline_class.from_pretrained(
         str(source), revision=revision, **{_DTYPE_KWARG: dtype}, **skipped
     )

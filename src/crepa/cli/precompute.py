@@ -1,0 +1,45 @@
+"""``crepa precompute CONFIG``: fill the cache with latents, text embeddings and teacher grids."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from crepa.cli import app
+from crepa.config import ConfigError, load_config
+
+
+@app.command()
+def precompute(
+    config: Path = typer.Argument(..., help="Run file (TOML); the same file `crepa train` reads."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a key, e.g. --set data.fps=16 (repeatable)."
+    ),
+    prune: bool = typer.Option(False, help="Delete shard files that no entry of this run uses."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Compute every clip's VAE latents, text embeddings and teacher grid once; a rerun resumes."""
+    from accelerate import PartialState
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from crepa.precompute import precompute as run_precompute
+
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console)])
+    logging.getLogger("crepa").setLevel(logging.INFO)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        run = load_config(config, overrides)
+        summary = run_precompute(run, prune=prune, progress=progress)
+    except ConfigError as error:
+        console.print(str(error), markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    if PartialState().is_main_process:
+        for line in summary.lines():
+            console.print(line, markup=False, highlight=False)

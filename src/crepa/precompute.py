@@ -1,0 +1,615 @@
+"""``crepa precompute``: VAE latents, text embeddings and teacher grids of every clip, computed once.
+
+For each usable sample of ``data.source`` (see :func:`crepa.data.scan_dataset`) three parts are
+stored in the cache (``cache.dir``), each under a key of everything it depends on
+(:mod:`crepa.cache.keys`): the normalised latents, the prompt embeddings from the family's own
+``encode_prompt`` and, when training aligns with an external teacher from the cache, the teacher
+grid per latent frame on the student's token grid. Parts already present and intact are reused,
+so a killed run resumes and a changed setting recomputes only what depends on it.
+
+Under ``accelerate launch`` rank r takes samples i % world == r and writes its own shards; when
+all ranks are done, rank 0 writes the one manifest. Ranks meet only at the start (a barrier) and
+through files at the end, so no collective times out during a long run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from crepa.cache.atomic import TEMP_PREFIX, atomic_write_json
+from crepa.cache.keys import (
+    FileHasher,
+    clip_facts,
+    digest,
+    latents_key,
+    source_fingerprint,
+    teacher_key,
+    text_key,
+)
+from crepa.cache.manifest import SHARDS_DIR, CacheEntry, Manifest
+from crepa.cache.shards import PART_KINDS, ShardIndex, ShardWriter, to_storage
+from crepa.config import ConfigError, RunConfig
+from crepa.data import DataReport, SamplingConfig, VideoSample, load_sample, scan_dataset
+from crepa.io.video import VideoDecodeError
+from crepa.models.pipelines import (
+    encode_latents,
+    encode_prompts,
+    load_components,
+    patch_sizes_from_config,
+    read_transformer_config,
+    resolve_family,
+    student_grid,
+    text_length,
+)
+from crepa.models.registry import ModelFamily
+from crepa.teachers import clip_teacher_grid, load_teacher
+
+logger = logging.getLogger("crepa.precompute")
+
+RANKS_DIR = "ranks"
+FILE_HASHES = "file_hashes.json"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SAMPLING_KEYS = {
+    "frame_buckets": "data.num_frames",
+    "resolution_buckets": "data.resolutions",
+    "target_fps": "data.fps",
+    "stride": "data.stride",
+    "start": "data.start",
+}
+STAGES = ("decode", "vae", "text", "teacher")
+
+
+@dataclass
+class PrecomputeSummary:
+    """What a precompute run did and what the cache holds.
+
+    computed / reused: parts per kind computed by this run / found intact; damaged: shards that
+    failed verification (file -> reason; their parts were recomputed and the files deleted);
+    part_bytes: tensor bytes per kind used by the entries; disk_bytes: size of the shard files the
+    manifest uses; stale_shards: shard files no entry uses (deleted with ``prune``).
+    """
+
+    cache_dir: Path
+    samples: int
+    computed: dict[str, int]
+    reused: dict[str, int]
+    damaged: dict[str, str]
+    part_bytes: dict[str, int]
+    disk_bytes: int
+    stale_shards: list[str]
+    stale_bytes: int
+    pruned: bool
+    report: DataReport
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def bytes_per_sample(self) -> dict[str, float]:
+        return {kind: size / max(self.samples, 1) for kind, size in self.part_bytes.items()}
+
+    def lines(self) -> list[str]:
+        """The summary as text lines (sizes, work done, damaged and stale shards, data report)."""
+        mib = 2**20
+        per_sample = self.bytes_per_sample()
+        sizes = ", ".join(
+            f"{kind} {per_sample[kind] / mib:.3g} MiB" for kind in PART_KINDS if kind in per_sample
+        )
+        lines = [
+            f"cache {self.cache_dir}: {self.samples} samples, {self.disk_bytes / mib:.4g} MiB on disk "
+            f"({sum(per_sample.values()) / mib:.3g} MiB per sample: {sizes or 'nothing'})",
+            "parts computed: " + _counts(self.computed) + "; reused: " + _counts(self.reused),
+            "time: "
+            + ", ".join(f"{stage} {self.stage_seconds.get(stage, 0.0):.1f}s" for stage in STAGES)
+            + f"; total {self.seconds:.1f}s",
+        ]
+        lines += [
+            f"damaged shard recomputed and deleted: {shard}: {reason}"
+            for shard, reason in self.damaged.items()
+        ]
+        if self.stale_shards:
+            verb = "deleted" if self.pruned else "kept (crepa precompute --prune deletes them)"
+            lines.append(
+                f"{len(self.stale_shards)} shard(s), {self.stale_bytes / mib:.4g} MiB, hold no part of this "
+                f"run: {verb}"
+            )
+        lines += ["data: " + self.report.summary()]
+        return lines
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{kind} {counts.get(kind, 0)}" for kind in PART_KINDS)
+
+
+@dataclass
+class _Plan:
+    """One sample of this rank: its keys and the parts still to compute."""
+
+    index: int
+    sample: VideoSample
+    grid: tuple[int, int, int]
+    parts: dict[str, str]
+    missing: list[str]
+
+
+def sampling_config(config: RunConfig, family: ModelFamily) -> SamplingConfig:
+    """The data section as :class:`SamplingConfig` for ``family``; errors name the run-file key."""
+    data = config.data
+    try:
+        return SamplingConfig(
+            target_fps=data.fps,
+            frame_buckets=tuple(data.num_frames),
+            resolution_buckets=tuple(tuple(size) for size in data.resolutions),
+            temporal_ratio=family.temporal_ratio,
+            stride=data.stride,
+            start=data.start,
+        )
+    except ValidationError as error:
+        messages = []
+        for problem in error.errors():
+            message = problem["msg"].removeprefix("Value error, ")
+            for field_name, key in _SAMPLING_KEYS.items():
+                message = message.replace(f"{field_name}:", f"{key}:")
+            messages.append(message)
+        raise ConfigError(f"invalid data section for {family.name}: " + "; ".join(messages)) from None
+
+
+def check_resolutions(config: RunConfig, family: ModelFamily, patch_sizes: tuple[int, int, int]) -> None:
+    """Every resolution must split into whole latent pixels and whole tokens."""
+    multiple_h, multiple_w = family.spatial_ratio * patch_sizes[1], family.spatial_ratio * patch_sizes[2]
+    for height, width in config.data.resolutions:
+        if height % multiple_h or width % multiple_w:
+            near = (
+                max(1, round(height / multiple_h)) * multiple_h,
+                max(1, round(width / multiple_w)) * multiple_w,
+            )
+            raise ConfigError(
+                f"data.resolutions: {height}x{width} does not fit {family.name} (VAE {family.spatial_ratio}x, "
+                f"patch {patch_sizes[1]}x{patch_sizes[2]}: height a multiple of {multiple_h}, width of "
+                f"{multiple_w}); nearest: {near[0]}x{near[1]}"
+            )
+
+
+def uses_cached_teacher(config: RunConfig) -> bool:
+    """Whether the run reads teacher grids from the cache (else precompute stores none)."""
+    return config.crepa.enabled and config.crepa.mode != "backbone" and config.cache.teacher_source == "cache"
+
+
+def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True) -> PrecomputeSummary:
+    """Fill ``config.cache.dir`` for ``config.data`` (see the module docstring); returns this rank's summary
+    (rank 0's covers the whole cache). Raises :class:`~crepa.config.ConfigError` for unusable settings
+    before any weight is loaded."""
+    started = time.perf_counter()
+    state = PartialState()
+    model = config.model
+    try:
+        family = resolve_family(model.pretrained, model.family, model.revision)
+        transformer_config = read_transformer_config(model.pretrained, family, model.revision)
+    except (OSError, ValueError) as error:
+        key = "model.family" if model.family else "model.pretrained"
+        raise ConfigError(f"{key}: {error}") from None
+    if not family.causal_vae:
+        raise ConfigError(
+            f"model.family: {family.name} has a non-causal VAE, which precompute does not support yet"
+        )
+    sampling = sampling_config(config, family)
+    patch_sizes = patch_sizes_from_config(family, transformer_config)
+    check_resolutions(config, family, patch_sizes)
+
+    cache_dir = config.cache.dir
+    shards_dir, ranks_dir = cache_dir / SHARDS_DIR, cache_dir / RANKS_DIR
+    if state.is_main_process:
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in shards_dir.glob(f"{TEMP_PREFIX}*"):  # from a killed run
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(ranks_dir, ignore_errors=True)
+    state.wait_for_everyone()
+
+    try:
+        samples, report = scan_dataset(
+            config.data.source,
+            sampling,
+            video_column=config.data.video_column,
+            caption_column=config.data.caption_column,
+        )
+    except ValueError as error:
+        raise ConfigError(f"data.source: {error}") from None
+
+    dtype = _compute_dtype(model.dtype, state.device)
+    identity = _Identity(config, family, transformer_config, dtype, state.device)
+    index = ShardIndex(shards_dir)
+    hasher = FileHasher(_read_json(cache_dir / FILE_HASHES, {}))
+    plans = [
+        identity.plan(i, sample, hasher, index)
+        for i, sample in enumerate(samples)
+        if i % state.num_processes == state.process_index
+    ]
+    null_text = identity.text("") if state.is_main_process else None
+    computed: Counter[str] = Counter()
+    reused = Counter(kind for plan in plans for kind in plan.parts if kind not in plan.missing)
+    stage_seconds = dict.fromkeys(STAGES, 0.0)
+
+    needed = {kind for plan in plans for kind in plan.missing}
+    if null_text is not None and not index.has(null_text):
+        needed.add("text")
+    components = None
+    if needed & {"latents", "text"}:
+        components = load_components(
+            model.pretrained,
+            family.name,
+            model.revision,
+            dtype,
+            state.device,
+            vae="latents" in needed,
+            text_encoders="text" in needed,
+        )
+    teacher = None
+    if "teacher" in needed:
+        teacher = load_teacher(
+            config.teacher.name,
+            config.teacher.kind,
+            device=state.device,
+            chunk_size=config.teacher.chunk_size,
+        )
+
+    writer = ShardWriter(
+        shards_dir, f"{uuid.uuid4().hex[:8]}-r{state.process_index}", int(config.cache.shard_mb * 2**20)
+    )
+    done: set[str] = set()
+    decode_skips: list[list[str]] = []
+    entries: list[CacheEntry] = []
+    try:
+        if null_text is not None and not index.has(null_text):
+            assert components is not None
+            writer.add(
+                "text", null_text, to_storage(_first(encode_prompts(components, [""])), "empty prompt")
+            )
+            computed["text"] += 1
+        todo = [plan for plan in plans if plan.missing]
+        with _ProgressBar(progress and state.is_main_process, len(todo), state.num_processes) as bar:
+            for plan in plans:
+                if plan.missing:
+                    work = _compute(plan, config, family, components, teacher, writer, done, stage_seconds)
+                    bar.advance()
+                    if isinstance(work, VideoDecodeError):
+                        problem = "missing file" if work.reason == "file not found" else "unreadable video"
+                        report.skip(plan.sample.path, problem, work.reason)
+                        decode_skips.append([str(plan.sample.path), problem, work.reason])
+                        continue
+                    computed.update(work)
+                entries.append(_entry(plan))
+    finally:
+        writer.flush()  # keep finished work, also when interrupted
+
+    rank_document = {
+        "entries": [asdict(entry) for entry in entries],
+        "decode_skips": decode_skips,
+        "damaged": index.damaged,
+        "computed": computed,
+        "reused": reused,
+        "stage_seconds": stage_seconds,
+        "hashes": hasher.memo,
+    }
+    atomic_write_json(ranks_dir / f"rank{state.process_index}.json", rank_document)
+    if not state.is_main_process:
+        return PrecomputeSummary(
+            cache_dir=cache_dir,
+            samples=len(entries),
+            computed=dict(computed),
+            reused=dict(reused),
+            damaged=dict(index.damaged),
+            part_bytes={},
+            disk_bytes=0,
+            stale_shards=[],
+            stale_bytes=0,
+            pruned=prune,
+            report=report,
+            seconds=time.perf_counter() - started,
+            stage_seconds=stage_seconds,
+        )
+    return _merge(config, family, identity, state.num_processes, null_text, report, prune, started)
+
+
+class _Identity:
+    """The facts that key each part (see :mod:`crepa.cache.keys`), computed once per run."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        family: ModelFamily,
+        transformer_config: dict[str, Any],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        model = config.model
+        self.family = family
+        self.patch_sizes = patch_sizes_from_config(family, transformer_config)
+        self.dtype = str(dtype).removeprefix("torch.")
+        self.vae = source_fingerprint(model.pretrained, model.revision, ("vae",))
+        self.text_encoders = source_fingerprint(
+            model.pretrained, model.revision, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+        )
+        self.text_length = text_length(family, transformer_config)
+        self.teacher: dict[str, Any] | None = None
+        if uses_cached_teacher(config):
+            settings = config.teacher
+            self.teacher = {
+                "model": source_fingerprint(settings.name),
+                "name": settings.name,
+                "kind": settings.kind,
+                "max_pixels": settings.max_pixels,
+                "reduce": settings.reduce,
+                "compute": "bf16-autocast" if device.type == "cuda" else "fp32",
+            }
+
+    def text(self, caption: str) -> str:
+        return text_key(caption, self.family.name, self.text_encoders, self.text_length, self.dtype)
+
+    def plan(self, index: int, sample: VideoSample, hasher: FileHasher, shards: ShardIndex) -> _Plan:
+        clip = clip_facts(hasher(sample.path), sample.frame_indices, sample.size)
+        grid = student_grid(self.family, self.patch_sizes, sample.num_frames, *sample.size)
+        parts = {
+            "latents": latents_key(clip, self.family.name, self.vae, self.dtype),
+            "text": self.text(sample.caption),
+        }
+        if self.teacher is not None:
+            parts["teacher"] = teacher_key(clip, self.teacher, grid, self.family.temporal_ratio)
+        missing = [kind for kind, key in parts.items() if not shards.has(key)]
+        return _Plan(index, sample, grid, parts, missing)
+
+
+def _compute(
+    plan: _Plan,
+    config: RunConfig,
+    family: ModelFamily,
+    components: Any,
+    teacher: Any,
+    writer: ShardWriter,
+    done: set[str],
+    seconds: dict[str, float],
+) -> Counter[str] | VideoDecodeError:
+    """Compute and queue ``plan``'s missing parts; returns the count per kind, or the decode error."""
+    missing = [kind for kind in plan.missing if plan.parts[kind] not in done]
+    sample, computed = plan.sample, Counter(missing)
+    frames = None
+    if {"latents", "teacher"} & set(missing):
+        clock = time.perf_counter()
+        try:
+            frames = load_sample(sample).frames  # (T, 3, H, W) in [0, 1]
+        except VideoDecodeError as error:
+            return error
+        seconds["decode"] += time.perf_counter() - clock
+    if "latents" in missing:
+        assert frames is not None
+        clock = time.perf_counter()
+        latents = encode_latents(components.vae, frames.permute(1, 0, 2, 3).unsqueeze(0).mul(2).sub(1))[0]
+        expected = (
+            plan.grid[0],
+            plan.grid[1] * components.patch_sizes[1],
+            plan.grid[2] * components.patch_sizes[2],
+        )
+        if tuple(latents.shape[1:]) != expected:
+            raise RuntimeError(
+                f"{config.model.pretrained}: the VAE turned {sample.num_frames}x{sample.size[0]}x{sample.size[1]} "
+                f"frames into latents {tuple(latents.shape[1:])}, expected {expected} from the {family.name} "
+                f"registry entry (temporal {family.temporal_ratio}x, spatial {family.spatial_ratio}x); "
+                "set model.family to the right family"
+            )
+        writer.add(
+            "latents", plan.parts["latents"], to_storage({"latents": latents}, f"{sample.path}: latents")
+        )
+        seconds["vae"] += time.perf_counter() - clock
+    if "text" in missing:
+        clock = time.perf_counter()
+        embeddings = _first(encode_prompts(components, [sample.caption]))
+        writer.add("text", plan.parts["text"], to_storage(embeddings, f"{sample.path}: caption"))
+        seconds["text"] += time.perf_counter() - clock
+    if "teacher" in missing:
+        assert frames is not None
+        clock = time.perf_counter()
+        settings = config.teacher
+        grid = clip_teacher_grid(
+            teacher,
+            frames,
+            plan.grid,
+            family.temporal_ratio,
+            settings.reduce,
+            max_pixels=settings.max_pixels,
+            chunk_size=settings.chunk_size,
+        )
+        writer.add("teacher", plan.parts["teacher"], to_storage({"teacher": grid}, f"{sample.path}: teacher"))
+        seconds["teacher"] += time.perf_counter() - clock
+    done.update(plan.parts[kind] for kind in missing)
+    return computed
+
+
+def _first(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The only item of a batch of one."""
+    return {name: tensor[0] for name, tensor in batch.items()}
+
+
+def _entry(plan: _Plan) -> CacheEntry:
+    stat = plan.sample.path.stat()
+    return CacheEntry(
+        index=plan.index,
+        key=digest(plan.parts),
+        video=str(plan.sample.path.resolve()),
+        caption=plan.sample.caption,
+        frame_indices=tuple(plan.sample.frame_indices),
+        size=tuple(plan.sample.size),
+        grid=plan.grid,
+        parts=plan.parts,
+        file_size=stat.st_size,
+        file_mtime_ns=stat.st_mtime_ns,
+    )
+
+
+def _merge(
+    config: RunConfig,
+    family: ModelFamily,
+    identity: _Identity,
+    world: int,
+    null_text: str | None,
+    report: DataReport,
+    prune: bool,
+    started: float,
+) -> PrecomputeSummary:
+    """Rank 0, after every rank has written its file: one manifest, damaged shards deleted, stale ones reported."""
+    cache_dir = config.cache.dir
+    shards_dir, ranks_dir = cache_dir / SHARDS_DIR, cache_dir / RANKS_DIR
+    documents = _wait_for_ranks(ranks_dir, world)
+    index = ShardIndex(shards_dir)
+    damaged: dict[str, str] = {}
+    for document in documents:
+        damaged |= document["damaged"]
+    for document in documents[1:]:  # rank 0's own skips are in ``report`` already
+        for path, problem, detail in document["decode_skips"]:
+            report.skip(path, problem, detail)
+    for shard, reason in damaged.items():
+        index.mark_damaged(shard, reason)
+    entries = sorted(
+        (
+            CacheEntry(
+                **{
+                    **e,
+                    "frame_indices": tuple(e["frame_indices"]),
+                    "size": tuple(e["size"]),
+                    "grid": tuple(e["grid"]),
+                }
+            )
+            for document in documents
+            for e in document["entries"]
+        ),
+        key=lambda entry: entry.index,
+    )
+    keys = {key for entry in entries for key in entry.parts.values()} | ({null_text} if null_text else set())
+    parts = {}
+    for key in sorted(keys):
+        location = index.locate(key)
+        if location is None:
+            raise RuntimeError(
+                f"{shards_dir}: part {key} was computed but no shard holds it; run precompute again"
+            )
+        parts[key] = location
+    teacher = None
+    if identity.teacher is not None:
+        dims = {parts[entry.parts["teacher"]].shapes["teacher"][-1] for entry in entries}
+        teacher = {**identity.teacher, "dim": dims.pop() if len(dims) == 1 else None}
+    manifest = Manifest(
+        family=family.name,
+        pretrained=config.model.pretrained,
+        temporal_ratio=family.temporal_ratio,
+        teacher=teacher,
+        entries=entries,
+        parts=parts,
+        null_text=null_text,
+    )
+    manifest.write(cache_dir)
+    for shard in damaged:
+        (shards_dir / shard).unlink(missing_ok=True)
+    used_shards = {location.shard for location in parts.values()}
+    stale = sorted(set(index.shards) - used_shards - set(damaged))
+    stale_bytes = sum((shards_dir / shard).stat().st_size for shard in stale)
+    if prune:
+        for shard in stale:
+            (shards_dir / shard).unlink(missing_ok=True)
+    hashes: dict[str, Any] = {}
+    for document in documents:
+        hashes |= document["hashes"]
+    atomic_write_json(cache_dir / FILE_HASHES, hashes)
+    shutil.rmtree(ranks_dir, ignore_errors=True)
+    total = {kind: sum(document["computed"].get(kind, 0) for document in documents) for kind in PART_KINDS}
+    reused = {kind: sum(document["reused"].get(kind, 0) for document in documents) for kind in PART_KINDS}
+    stage_seconds = {
+        stage: sum(document["stage_seconds"][stage] for document in documents) for stage in STAGES
+    }
+    return PrecomputeSummary(
+        cache_dir=cache_dir,
+        samples=len(entries),
+        computed=total,
+        reused=reused,
+        damaged=damaged,
+        part_bytes=manifest.part_bytes(),
+        disk_bytes=sum((shards_dir / shard).stat().st_size for shard in used_shards),
+        stale_shards=stale,
+        stale_bytes=stale_bytes,
+        pruned=prune,
+        report=report,
+        seconds=time.perf_counter() - started,
+        stage_seconds=stage_seconds,
+    )
+
+
+def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[choice]
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
+def _wait_for_ranks(ranks_dir: Path, world: int, poll_seconds: float = 0.5) -> list[dict[str, Any]]:
+    """The rank files of all ``world`` ranks (rank 0 first), waiting for the slower ranks."""
+    paths = [ranks_dir / f"rank{rank}.json" for rank in range(world)]
+    announced = False
+    while not all(path.is_file() for path in paths):
+        if not announced:
+            logger.info("waiting for the other ranks to finish")
+            announced = True
+        time.sleep(poll_seconds)
+    return [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+
+
+class _ProgressBar:
+    """A rich progress bar over clips (count, rate, elapsed, ETA); silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, world: int) -> None:
+        label = "precompute" if world == 1 else f"precompute (rank 0 of {world})"
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
+        self.task = self.progress.add_task(label, total=total, rate="")
+
+    def advance(self) -> None:
+        self.progress.update(self.task, advance=1)
+        speed = self.progress.tasks[0].speed
+        self.progress.update(self.task, rate=f"{speed:.2f} clips/s" if speed else "")
+
+    def __enter__(self) -> _ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
