@@ -7,15 +7,14 @@ the benchmarks and the demo.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import diffusers
 import torch
-from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from torch import nn
 
+from crepa.models.conditioning import transformer_inputs
 from crepa.models.registry import detect_family, get_family
 
 
@@ -77,10 +76,18 @@ _COSMOS = dict(
 TINY_MODELS: dict[str, TinyModel] = {
     "cogvideox": TinyModel("cogvideox", _COGVIDEOX),
     # CogVideoX 1.5: 2 latent frames per token, RoPE. get_3d_rotary_pos_embed needs a head width
-    # divisible by 16 (diffusers' test enables RoPE with width 8 but never passes the embedding).
+    # divisible by 16, and 1.5 slices its RoPE from the sample grid, which bounds the latent size
+    # (diffusers' test enables RoPE with width 8 and an 8x8 sample but never passes the embedding).
     "cogvideox_1_5": TinyModel(
         "cogvideox",
-        {**_COGVIDEOX, "attention_head_dim": 16, "patch_size_t": 2, "use_rotary_positional_embeddings": True},
+        {
+            **_COGVIDEOX,
+            "attention_head_dim": 16,
+            "patch_size_t": 2,
+            "use_rotary_positional_embeddings": True,
+            "sample_height": 16,
+            "sample_width": 16,
+        },
     ),
     # diffusers' test uses patch 1; the released model (and this config) patches 2x2.
     "hunyuanvideo": TinyModel(
@@ -165,108 +172,8 @@ def tiny_transformer(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
     return cls(**{**tiny.config, **overrides})
 
 
-# Builders of the conditioning inputs, per family:
-# (transformer, batch, frames, height, width, draw) -> kwargs, with draw(*shape) a random tensor.
-Draw = Callable[..., torch.Tensor]
-
-
-def _text(transformer: nn.Module, batch: int, draw: Draw, length: int, width_key: str) -> torch.Tensor:
-    return draw(batch, length, transformer.config[width_key])
-
-
-def _cogvideox_inputs(
-    transformer: nn.Module, batch: int, frames: int, height: int, width: int, draw: Draw
-) -> dict:
-    config = transformer.config
-    inputs: dict[str, Any] = {"encoder_hidden_states": _text(transformer, batch, draw, 8, "text_embed_dim")}
-    if config.use_rotary_positional_embeddings:
-        patch_t, patch_h, patch_w = get_family("cogvideox").patch_sizes(transformer)
-        grid = (height // patch_h, width // patch_w)
-        inputs["image_rotary_emb"] = get_3d_rotary_pos_embed(
-            embed_dim=config.attention_head_dim,
-            crops_coords=((0, 0), grid),
-            grid_size=grid,
-            temporal_size=frames // patch_t,
-        )
-    return inputs
-
-
-def _hunyuanvideo_inputs(
-    transformer: nn.Module, batch: int, frames: int, height: int, width: int, draw: Draw
-) -> dict:
-    config = transformer.config
-    inputs = {
-        "encoder_hidden_states": _text(transformer, batch, draw, 12, "text_embed_dim"),
-        "encoder_attention_mask": torch.ones(batch, 12),
-        "pooled_projections": draw(batch, config.pooled_projection_dim),
-    }
-    if config.guidance_embeds:
-        inputs["guidance"] = torch.full(
-            (batch,), 6000.0
-        )  # guidance scale 6 x 1000, as the pipeline passes it
-    return inputs
-
-
-def _wan_inputs(transformer: nn.Module, batch: int, frames: int, height: int, width: int, draw: Draw) -> dict:
-    return {"encoder_hidden_states": _text(transformer, batch, draw, 12, "text_dim")}
-
-
-def _ltx_inputs(transformer: nn.Module, batch: int, frames: int, height: int, width: int, draw: Draw) -> dict:
-    family = get_family("ltx_video")
-    frame_rate = 25
-    return {
-        "encoder_hidden_states": _text(transformer, batch, draw, 16, "caption_channels"),
-        "encoder_attention_mask": torch.ones(batch, 16, dtype=torch.bool),
-        "rope_interpolation_scale": (
-            family.temporal_ratio / frame_rate,
-            family.spatial_ratio,
-            family.spatial_ratio,
-        ),
-    }
-
-
-def _mochi_inputs(
-    transformer: nn.Module, batch: int, frames: int, height: int, width: int, draw: Draw
-) -> dict:
-    return {
-        "encoder_hidden_states": _text(transformer, batch, draw, 16, "text_embed_dim"),
-        "encoder_attention_mask": torch.ones(batch, 16, dtype=torch.bool),
-    }
-
-
-def _cosmos_inputs(
-    transformer: nn.Module, batch: int, frames: int, height: int, width: int, draw: Draw
-) -> dict:
-    return {
-        "encoder_hidden_states": _text(transformer, batch, draw, 12, "text_embed_dim"),
-        "fps": 30,
-        "padding_mask": torch.zeros(batch, 1, height, width),
-    }
-
-
-def _allegro_inputs(
-    transformer: nn.Module, batch: int, frames: int, height: int, width: int, draw: Draw
-) -> dict:
-    # The pipeline also passes Allegro's RoPE, which needs a head width divisible by 6; the tiny
-    # config (width 8, as in diffusers' tests) runs without it.
-    return {
-        "encoder_hidden_states": _text(transformer, batch, draw, 16, "caption_channels"),
-        "encoder_attention_mask": torch.ones(batch, 16),
-    }
-
-
-_CONDITIONING: dict[str, Callable[..., dict]] = {
-    "cogvideox": _cogvideox_inputs,
-    "hunyuanvideo": _hunyuanvideo_inputs,
-    "wan": _wan_inputs,
-    "wan2_2_ti2v": _wan_inputs,
-    "skyreels_v2": _wan_inputs,
-    "ltx_video": _ltx_inputs,
-    "mochi": _mochi_inputs,
-    "cosmos": _cosmos_inputs,
-    "cosmos_predict2": _cosmos_inputs,
-    "allegro": _allegro_inputs,
-}
+TEXT_LENGTH = 8  # CogVideoX needs exactly max_text_seq_length text tokens (8 in its tiny config)
+TEXT_WIDTH_KEYS = ("text_embed_dim", "text_dim", "caption_channels")  # the config key naming the text width
 
 
 def tiny_inputs(
@@ -280,22 +187,25 @@ def tiny_inputs(
 ) -> dict[str, Any]:
     """Random forward kwargs for ``transformer`` of ``family_name`` (a family or a tiny-config name).
 
-    frames, height, width: latent sizes (latent frames, rows, columns). The latents
-    (batch, in_channels, frames, height, width) go into ``hidden_states`` in the family's layout
-    (with num_frames / height / width for packed inputs); timestep, text states and the
-    family-specific inputs come alongside.
+    frames, height, width: latent sizes (latent frames, rows, columns). Random latents
+    (batch, in_channels, frames, height, width), timesteps in [0, 1000) and text states
+    (batch, 8, text width) go through :func:`crepa.models.conditioning.transformer_inputs`, so the
+    family-specific inputs are those of training. ``return_dict`` is left to the caller.
     """
     family = get_family(TINY_MODELS[family_name].family if family_name in TINY_MODELS else family_name)
     detected = detect_family(transformer)
     if detected is not family:
         raise ValueError(f"the transformer belongs to family {detected.name!r}, not {family.name!r}")
-
-    def draw(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator)
-
-    latents = draw(batch, transformer.config.in_channels, frames, height, width)
-    return {
-        **family.latent_kwargs(transformer, latents),
-        "timestep": torch.randint(0, 1000, (batch,), generator=generator).float(),
-        **_CONDITIONING[family.name](transformer, batch, frames, height, width, draw),
+    config = transformer.config
+    text_width = next(config[key] for key in TEXT_WIDTH_KEYS if key in config)
+    text = {
+        "prompt_embeds": torch.randn(batch, TEXT_LENGTH, text_width, generator=generator),
+        "prompt_attention_mask": torch.ones(batch, TEXT_LENGTH, dtype=torch.bool),
     }
+    if "pooled_projection_dim" in config:
+        text["pooled_prompt_embeds"] = torch.randn(batch, config.pooled_projection_dim, generator=generator)
+    latents = torch.randn(batch, config.in_channels, frames, height, width, generator=generator)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator).float()
+    inputs = transformer_inputs(transformer, family, latents, timesteps, text, guidance=6.0)
+    del inputs["return_dict"]
+    return inputs
