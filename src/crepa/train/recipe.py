@@ -25,7 +25,7 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors.torch import save_file
 from torch import nn
@@ -68,6 +68,7 @@ class TrainingSummary:
     peak_memory_mb: float
     final_metrics: dict[str, float]
     interrupted: bool
+    rank_weight_checksums: list[float]
     output_dir: str
     checkpoint: str | None
     config: dict[str, Any] = field(default_factory=dict)
@@ -476,6 +477,10 @@ def _finish(
     config, family, accelerator, transformer, regularizer, step, skipped, started, last, interrupted, root
 ):
     output = config.output.dir
+    modules = _saved_modules(accelerator.unwrap_model(transformer), regularizer)
+    # float64 sum of |w| per rank: equal on every rank when data parallelism kept them in sync
+    checksum = float(sum(tensor.double().abs().sum() for tensor in ckpt.trainable_state(modules).values()))
+    checksums = gather_object([checksum]) if accelerator.num_processes > 1 else [checksum]
     latest = ckpt.checkpoint_dirs(root)
     summary = TrainingSummary(
         steps=step,
@@ -484,6 +489,7 @@ def _finish(
         peak_memory_mb=_peak_memory_mb(),
         final_metrics=last,
         interrupted=interrupted,
+        rank_weight_checksums=checksums,
         output_dir=str(output),
         checkpoint=str(latest[-1]) if latest else None,
         config=json.loads(config.model_dump_json()),
