@@ -63,11 +63,10 @@ class ModelFamily:
     timestep_scale: float = 1000.0
     config_match: tuple[tuple[str, Any], ...] = ()
 
-    def matches(self, transformer: nn.Module) -> bool:
-        """Whether ``transformer`` (class and config) belongs to this family."""
-        config = transformer.config
-        return type(transformer).__name__ in self.class_names and all(
-            _config_value(config, key) == value for key, value in self.config_match
+    def matches(self, class_name: str, config: Mapping[str, Any]) -> bool:
+        """Whether a transformer of class ``class_name`` with ``config`` belongs to this family."""
+        return class_name in self.class_names and all(
+            config.get(key) == value for key, value in self.config_match
         )
 
     def blocks(self, transformer: nn.Module) -> list[nn.Module]:
@@ -130,10 +129,6 @@ class ModelFamily:
         )
         tokens = tokens.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
         return {"hidden_states": tokens, "num_frames": frames, "height": height, "width": width}
-
-
-def _config_value(config: Any, key: str) -> Any:
-    return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
 
 
 def _anchored(*lists: str) -> str:
@@ -305,23 +300,30 @@ FAMILIES: dict[str, ModelFamily] = {
 }
 
 
-def detect_family(transformer: nn.Module) -> ModelFamily:
-    """The registry entry of ``transformer`` (peft wrappers are looked through)."""
-    base = transformer
-    while hasattr(base, "get_base_model") and base is not base.get_base_model():
-        base = base.get_base_model()
-    class_name = type(base).__name__
+def family_of(class_name: str, config: Mapping[str, Any]) -> ModelFamily:
+    """The registry entry of a transformer class and its config (``config.json`` contents).
+
+    Families sharing a class are told apart by their ``config_match``; the most specific wins.
+    """
     same_class = [family for family in FAMILIES.values() if class_name in family.class_names]
     if not same_class:
         supported = ", ".join(sorted({name for family in FAMILIES.values() for name in family.class_names}))
         raise ValueError(f"crepa does not support {class_name}; supported transformer classes: {supported}")
-    matching = [family for family in same_class if family.matches(base)]
+    matching = [family for family in same_class if family.matches(class_name, config)]
     if not matching:
         expected = "; ".join(f"{family.name}: {dict(family.config_match)}" for family in same_class)
         raise ValueError(
             f"{class_name}'s config matches no crepa family ({expected}); add a ModelFamily entry for it"
         )
     return max(matching, key=lambda family: len(family.config_match))
+
+
+def detect_family(transformer: nn.Module) -> ModelFamily:
+    """The registry entry of ``transformer`` (peft wrappers are looked through)."""
+    base = transformer
+    while hasattr(base, "get_base_model") and base is not base.get_base_model():
+        base = base.get_base_model()
+    return family_of(type(base).__name__, getattr(base, "config", {}))
 
 
 def get_family(name: str) -> ModelFamily:
