@@ -116,7 +116,8 @@ class ModelFamily:
     def latent_kwargs(self, transformer: nn.Module, latents: torch.Tensor) -> dict[str, Any]:
         """The forward kwargs carrying ``latents`` (B, C, F, H, W) in this family's layout.
 
-        Prediction targets go through the same function, since outputs share the input layout.
+        Packed layouts follow the pipeline's packing: tokens frame-major, then rows, then columns,
+        each token's features ordered (C, p_t, p, p); num_frames / height / width are latent sizes.
         """
         if self.layout == "BCFHW":
             return {"hidden_states": latents}
