@@ -94,13 +94,17 @@ def _slot(block: nn.Module, name: str) -> _ArgumentSlot:
 
 
 def _stream_output(output: object, stream: _Stream) -> torch.Tensor:
+    """The tokens of ``stream`` in a block's output (a tensor, or a tuple led by the video tokens)."""
     if isinstance(output, (tuple, list)):
-        if stream.output_index < len(output) and isinstance(output[stream.output_index], torch.Tensor):
-            return output[stream.output_index]
-    elif stream.output_index == 0 and isinstance(output, torch.Tensor):
-        return output
+        tokens = output[stream.output_index] if stream.output_index < len(output) else None
+    else:
+        tokens = output if stream.output_index == 0 else None
+    if isinstance(tokens, torch.Tensor):
+        return tokens
+    if stream.output_index == 0:
+        raise TypeError(f"RepVideo: a block returned {type(output).__name__}, not video tokens")
     raise ValueError(
-        f"include_text: this family's blocks do not return updated text tokens (block output is "
+        f"include_text: this family's blocks do not return updated text tokens (a block returned "
         f"{type(output).__name__}); its text is a fixed conditioning input, the same tensor at every "
         "block, so there is nothing to aggregate. Install RepVideo with include_text=False."
     )
@@ -125,7 +129,6 @@ class RepVideoGates(nn.Module):
     ) -> None:
         super().__init__()
         blocks = family.blocks(transformer)
-        self.family = family
         self.depth = len(blocks)
         self.window_size = window
         self.text_included = include_text
