@@ -63,7 +63,7 @@ from crepa.models.pipelines import (
     text_length,
 )
 from crepa.models.registry import ModelFamily
-from crepa.teachers import clip_teacher_grid, load_teacher
+from crepa.teachers import clip_teacher_grid, detect_teacher_kind, load_teacher
 
 logger = logging.getLogger("crepa.precompute")
 
@@ -87,7 +87,8 @@ class PrecomputeSummary:
     computed / reused: parts per kind computed by this run / found intact; damaged: shards that
     failed verification (file -> reason; their parts were recomputed and the files deleted);
     part_bytes: tensor bytes per kind used by the entries; disk_bytes: size of the shard files the
-    manifest uses; stale_shards: shard files no entry uses (deleted with ``prune``).
+    manifest uses; stale_shards: shard files no entry uses (deleted with ``prune``). Only rank 0's
+    summary covers the whole cache; other ranks' report their own share.
     """
 
     cache_dir: Path
@@ -103,6 +104,7 @@ class PrecomputeSummary:
     report: DataReport
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    rank: int = 0
 
     def bytes_per_sample(self) -> dict[str, float]:
         return {kind: size / max(self.samples, 1) for kind, size in self.part_bytes.items()}
@@ -199,8 +201,9 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
     (rank 0's covers the whole cache). Raises :class:`~crepa.config.ConfigError` for unusable settings
     before any weight is loaded."""
     started = time.perf_counter()
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: torchrun ranks form a gloo group
     model = config.model
+    _check_local_path("model.pretrained", model.pretrained)
     try:
         family = resolve_family(model.pretrained, model.family, model.revision)
         transformer_config = read_transformer_config(model.pretrained, family, model.revision)
@@ -212,6 +215,12 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
             f"model.family: {family.name} has a non-causal VAE, which precompute does not support yet"
         )
     sampling = sampling_config(config, family)
+    if uses_cached_teacher(config):
+        _check_local_path("teacher.name", config.teacher.name)
+        try:
+            detect_teacher_kind(config.teacher.name)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"teacher.name: {error}") from None
     patch_sizes = patch_sizes_from_config(family, transformer_config)
     check_resolutions(config, family, patch_sizes)
 
@@ -325,6 +334,7 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
             report=report,
             seconds=time.perf_counter() - started,
             stage_seconds=stage_seconds,
+            rank=state.process_index,
         )
     return _merge(config, family, identity, state.num_processes, null_text, report, prune, started)
 
@@ -557,6 +567,12 @@ def _merge(
         seconds=time.perf_counter() - started,
         stage_seconds=stage_seconds,
     )
+
+
+def _check_local_path(key: str, name: str) -> None:
+    """A name written as a path (absolute, or starting with ".") must be an existing directory."""
+    if (Path(name).is_absolute() or name.startswith(".")) and not Path(name).is_dir():
+        raise ConfigError(f"{key}: {name} is not a directory; give a local model directory or a hub id")
 
 
 def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:

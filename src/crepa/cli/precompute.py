@@ -23,7 +23,6 @@ def precompute(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Compute every clip's VAE latents, text embeddings and teacher grid once; a rerun resumes."""
-    from accelerate import PartialState
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -40,6 +39,6 @@ def precompute(
     except ConfigError as error:
         console.print(str(error), markup=False, highlight=False)
         raise typer.Exit(2) from None
-    if PartialState().is_main_process:
+    if summary.rank == 0:
         for line in summary.lines():
             console.print(line, markup=False, highlight=False)
