@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from crepa.cli import app
 from crepa.eval import report
 from crepa.eval.report import write_layer_report
+from crepa.eval.tiny import save_tiny_extractors
 from crepa.io.video import write_video
-from test_eval_support import save_tiny_extractors, textured_image, translating_clip
+from test_eval_support import textured_image, translating_clip
 
 runner = CliRunner()
 

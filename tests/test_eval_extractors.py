@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from crepa.eval.evaluate import StageTimer, check_extractors, evaluate_clip
 from crepa.eval.extractors import CallableExtractor, TeacherExtractor, load_extractor
+from crepa.eval.tiny import save_tiny_extractors
 from crepa.teachers import load_teacher
-from test_eval_support import save_tiny_extractors, textured_image, translating_clip
+from test_eval_support import textured_image, translating_clip
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,20 @@ def test_clip_level_extractor_is_refused_for_consistency(tiny):
     with pytest.raises(ValueError, match="one feature per clip"):
         check_extractors(("subject_consistency",), {"subject_consistency": video_model})
     check_extractors(("frechet_distance",), {"frechet_distance": video_model})
+
+
+def test_clip_extractor_also_loads_a_vision_only_checkpoint(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=16,
+    )
+    config.projection_dim = 12
+    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "vision")
+    features = load_extractor(f"clip:{tmp_path / 'vision'}")(translating_clip(3, 32, 40, shift=(1, 0)))
+    assert tuple(features.shape) == (3, 12)

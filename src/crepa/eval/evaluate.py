@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from crepa.eval.consistency import consistency_pair_scores
+from crepa.eval.consistency import consistency_score
 from crepa.eval.extractors import FeatureExtractor
 from crepa.eval.flicker import temporal_flickering
 from crepa.eval.flow import FlowMethod, clip_motion
@@ -149,8 +149,8 @@ def check_extractors(metrics: Sequence[str], extractors: Mapping[str, FeatureExt
         if metric != "frechet_distance" and extractors[metric].level != "frame":
             raise ValueError(
                 f"{metric} compares frames, but extractor {extractors[metric].name} gives one feature per "
-                f"clip; use a per-frame extractor (dino, clip, dinov2, teacher), or give the video model to "
-                f"the Frechet distance only (--extractor frechet_distance=SPEC)"
+                "clip; use a per-frame extractor (dino, clip, dinov2, teacher), or give the video model to "
+                "the Frechet distance only (--extractor frechet_distance=SPEC)"
             )
 
 
@@ -179,8 +179,7 @@ def evaluate_clip(
                     features_by_extractor[id(extractor)] = extractor(frames)
         for metric in ("subject_consistency", "background_consistency"):
             if metric in metrics:
-                features = features_by_extractor[id(extractors[metric])]
-                values[metric] = float(consistency_pair_scores(features).mean())
+                values[metric] = consistency_score(features_by_extractor[id(extractors[metric])])
     if "temporal_flickering" in metrics:
         with timer.stage("flicker"):
             values["temporal_flickering"] = temporal_flickering(frames)

@@ -82,18 +82,18 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 
 def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float32 (T, 3, H, W) with values 0..255."""
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, H, W) view (callers convert chunk by chunk to bound memory)."""
     tensor = torch.as_tensor(np.asarray(frames))
     if tensor.ndim != 4 or tensor.shape[-1] != 3 or tensor.dtype != torch.uint8:
         raise ValueError(f"expected uint8 RGB frames (T, H, W, 3), got {tensor.dtype} {tuple(tensor.shape)}")
-    return tensor.permute(0, 3, 1, 2).float()
+    return tensor.permute(0, 3, 1, 2)
 
 
 @dataclass
 class ModelExtractor:
     """A transformers vision model behind a fixed preprocessing and a readout of one vector per input.
 
-    preprocess: float (B, 3, H, W) 0..255 -> model input; readout: (model, input) -> (B, D).
+    preprocess: float32 (B, 3, H, W) with values 0..255 -> model input; readout: (model, input) -> (B, D).
     For level "clip", the ``clip_frames`` uniformly sampled frames form one (1, T, 3, S, S) input.
     """
 
@@ -111,10 +111,10 @@ class ModelExtractor:
         images = frames_to_tensor(frames)
         if self.level == "clip":
             indices = np.linspace(0, len(images) - 1, self.clip_frames).round().astype(int)
-            clip = self.preprocess(images[indices].to(self.device)).unsqueeze(0)
+            clip = self.preprocess(images[indices].to(self.device).float()).unsqueeze(0)
             return self.readout(self.model, clip)[0].float().cpu()
         chunks = [
-            self.readout(self.model, self.preprocess(chunk.to(self.device))).float().cpu()
+            self.readout(self.model, self.preprocess(chunk.to(self.device).float())).float().cpu()
             for chunk in images.split(self.batch_size)
         ]
         return torch.cat(chunks)
@@ -174,7 +174,7 @@ class TeacherExtractor:
         device = getattr(self.teacher, "device", "cpu")
         chunks = []
         for chunk in frames_to_tensor(frames).split(self.batch_size):
-            pixels = center_crop(resize_short_side(chunk.to(device), side, "bilinear"), side) / 255.0
+            pixels = center_crop(resize_short_side(chunk.to(device).float(), side, "bilinear"), side) / 255.0
             chunks.append(self.teacher(pixels).mean(dim=(1, 2)).float().cpu())
         return torch.cat(chunks)
 
@@ -196,23 +196,28 @@ def _dino(source: str, device: str, batch_size: int) -> ModelExtractor:
 
 
 def _clip(source: str, device: str, batch_size: int) -> ModelExtractor:
-    from transformers import AutoConfig, CLIPVisionModelWithProjection
+    from transformers import AutoConfig, CLIPModel, CLIPVisionModelWithProjection
 
-    config = AutoConfig.from_pretrained(source)
-    if config.model_type == "clip":  # a full CLIP checkpoint: its vision tower and image projection
-        vision_config = config.vision_config
-        vision_config.projection_dim = config.projection_dim
-        model = CLIPVisionModelWithProjection.from_pretrained(source, config=vision_config)
-    else:
-        model = CLIPVisionModelWithProjection.from_pretrained(source)
-    model = model.to(device).eval()
+    # A full CLIP checkpoint loads whole (no warnings about the text tower) and keeps its vision half.
+    loader = (
+        CLIPModel
+        if AutoConfig.from_pretrained(source).model_type == "clip"
+        else CLIPVisionModelWithProjection
+    )
+    loaded = loader.from_pretrained(source)
+    model = (
+        nn.ModuleDict({"vision": loaded.vision_model, "projection": loaded.visual_projection})
+        .to(device)
+        .eval()
+    )
 
     def preprocess(images: torch.Tensor) -> torch.Tensor:
         resized = center_crop(resize_short_side(images, 224, "bicubic"), 224)
         return normalize(resized, CLIP_MEAN, CLIP_STD)
 
     def readout(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixels, interpolate_pos_encoding=True).image_embeds
+        pooled = model["vision"](pixel_values=pixels, interpolate_pos_encoding=True).pooler_output
+        return model["projection"](pooled)
 
     return ModelExtractor(
         f"clip ({source})", model, preprocess, readout, batch_size=batch_size, device=device
