@@ -217,6 +217,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     output = config.output.dir
     checkpoints = output / "checkpoints"
     accelerator = Accelerator(
+        # Without CUDA, processes started by `accelerate launch --multi_gpu` / torchrun form a gloo group.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_steps=config.train.gradient_accumulation,
         log_with=_trackers(config),
