@@ -153,7 +153,7 @@ def test_motion_is_always_reported_next_to_consistency_and_runs_compare(folders)
         (["{videos}", "--metrics", "sharpness", "--out", "x"], "unknown metric"),
         (["{root}/missing", "--out", "x"], "is not a directory"),
         (["{videos}", "--extractor", "flow_magnitude=dino", "--out", "x"], "uses no extractor"),
-        (["--compare", "{videos}", "{root}", "--out", "x"], "no metrics.json"),
+        (["--compare", "{videos}", "{root}", "--out", "x"], "no metrics.json or layers.json"),
     ],
 )
 def test_bad_invocations_exit_with_a_clear_message(folders, args, message):

@@ -15,7 +15,7 @@ from crepa.cli import app
 from crepa.eval.evaluate import DEFAULT_EXTRACTORS, METRICS, evaluate_clips, resolve_metrics
 from crepa.eval.extractors import EXTRACTOR_KINDS, FeatureExtractor, load_extractor
 from crepa.eval.flow import FLOW_METHODS
-from crepa.eval.report import write_comparison, write_eval_report
+from crepa.eval.report import write_comparison, write_eval_report, write_layer_report
 from crepa.eval.videos import find_clips
 
 METRICS_HELP = f"Comma-separated or repeated; default all per-clip metrics. From: {', '.join(METRICS)}."
@@ -71,8 +71,9 @@ def _number(value: Any, digits: int = 4) -> str:
 
 @app.command("eval")
 def eval_(
-    paths: list[Path] = typer.Argument(
-        ..., help="VIDEOS_DIR (mp4/gif/webm files or frame folders); with --compare, two or more run folders."
+    paths: list[Path] | None = typer.Argument(
+        None,
+        help="VIDEOS_DIR (mp4/gif/webm files or frame folders); with --compare, two or more run folders.",
     ),
     out: Path = typer.Option(..., "--out", help="Output folder for metrics.json, per_video.csv and plots."),
     reference: Path | None = typer.Option(
@@ -87,11 +88,30 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="Extractor device: auto, cpu, cuda, cuda:1, ..."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Frames per extractor forward."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar over clips."),
+    diagnostics: Path | None = typer.Option(
+        None,
+        "--diagnostics",
+        help="Run file (TOML) of a training run: per-layer adjacent-frame similarity and CKNNA of its model "
+        "on its cached clips, instead of evaluating videos.",
+    ),
+    lora: Path | None = typer.Option(
+        None, "--lora", help="With --diagnostics: a LoRA to compare with the base."
+    ),
+    clips: int = typer.Option(8, "--clips", min=1, help="With --diagnostics: cached clips to use."),
+    draws: int = typer.Option(2, "--draws", min=1, help="With --diagnostics: noise levels drawn per clip."),
+    block: int | None = typer.Option(None, "--block", min=0, help="With --diagnostics: block for CKNNA."),
+    k: int = typer.Option(10, "--k", min=1, help="With --diagnostics: neighbours of CKNNA."),
+    seed: int = typer.Option(0, "--seed", help="With --diagnostics: seed of the noise draws."),
 ) -> None:
     """Measure temporal consistency, motion and distance to real clips of generated videos."""
     console = Console()
+    paths = paths or []
     try:
-        if compare:
+        if diagnostics is not None:
+            if paths or compare:
+                raise ValueError("--diagnostics reads the run file only: give no VIDEOS_DIR and no --compare")
+            _diagnose(console, diagnostics, out, lora, clips, draws, block, k, seed, device)
+        elif compare:
             _compare(console, paths, out)
         else:
             _evaluate(console, paths, out, reference, metrics, extractor, flow, device, batch_size, progress)
@@ -177,3 +197,51 @@ def _compare(console: Console, paths: list[Path], out: Path) -> None:
     for note in content["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"comparison in {out}")
+
+
+def _diagnose(
+    console: Console,
+    run_file: Path,
+    out: Path,
+    lora: Path | None,
+    clips: int,
+    draws: int,
+    block: int | None,
+    k: int,
+    seed: int,
+    device: str,
+) -> None:
+    from crepa.config import load_config
+    from crepa.eval.diagnostics import diagnose_run
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = load_config(run_file)
+    result = diagnose_run(
+        config, lora=lora, clips=clips, draws=draws, block_index=block, k=k, seed=seed, device=device
+    )
+    details = {
+        "run_file": str(run_file),
+        "lora": str(lora) if lora is not None else None,
+        "block_index": result.block_index,
+        "samples": result.samples,
+        "timesteps": result.timesteps,
+        "notes": result.notes,
+    }
+    write_layer_report(out, result.profiles, result.cknna, details)
+    table = Table(
+        "model", "mean similarity", "first block", "last block", f"CKNNA (block {result.block_index})"
+    )
+    for label, profile in result.profiles.items():
+        score = result.cknna.get(label)
+        table.add_row(
+            label,
+            _number(sum(profile) / len(profile)),
+            _number(profile[0]),
+            _number(profile[-1]),
+            "-" if score is None else _number(score),
+        )
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"{result.samples} forward calls per model; layers.json and layers.png in {out}")

@@ -35,41 +35,60 @@ def adjacent_frame_similarity(grid: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(grid[:, 1:].float(), grid[:, :-1].float(), dim=-1).mean(dim=(2, 3))
 
 
-@torch.no_grad()
-def layer_similarity_profile(transformer: nn.Module, calls: Iterable[Mapping[str, Any]]) -> torch.Tensor:
-    """Mean adjacent-frame similarity of every block's output over all ``calls``: float64 (num_blocks,).
+class LayerSimilarityRecorder:
+    """Forward hooks on every block that accumulate its adjacent-frame similarity, call after call.
 
-    Forward hooks on every block reduce each output at once, so no block output is kept.
+    Each block output is reduced inside its hook, so no block output is kept. Use as a context
+    manager around any forward calls (other hooks, such as a :class:`BlockCapture`, may run in the
+    same forwards); :meth:`profile` gives the per-block means.
     """
-    family = detect_family(transformer)
-    blocks = family.blocks(transformer)
-    totals = torch.zeros(len(blocks), dtype=torch.float64)
-    counts = torch.zeros(len(blocks), dtype=torch.float64)
-    grid: list[tuple[int, int, int]] = []
 
-    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        grid[:] = [family.latent_grid(module, bind_call(module, args, kwargs))]
+    def __init__(self, transformer: nn.Module) -> None:
+        self.family = detect_family(transformer)
+        blocks = self.family.blocks(transformer)
+        self.totals = torch.zeros(len(blocks), dtype=torch.float64)
+        self.counts = torch.zeros(len(blocks), dtype=torch.float64)
+        self._grid: tuple[int, int, int] | None = None
+        self._handles = [transformer.register_forward_pre_hook(self._on_call, with_kwargs=True)]
+        self._handles += [block.register_forward_hook(self._on_block(i)) for i, block in enumerate(blocks)]
 
-    def on_block(index: int):
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._grid = self.family.latent_grid(module, bind_call(module, args, kwargs))
+
+    def _on_block(self, index: int):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             tokens = output[0] if isinstance(output, (tuple, list)) else output
-            similarity = adjacent_frame_similarity(tokens_to_grid(tokens, grid[0])).double().cpu()
-            totals[index] += similarity.sum()
-            counts[index] += similarity.numel()
+            similarity = adjacent_frame_similarity(tokens_to_grid(tokens.detach(), self._grid)).double().cpu()
+            self.totals[index] += similarity.sum()
+            self.counts[index] += similarity.numel()
 
         return hook
 
-    handles = [transformer.register_forward_pre_hook(on_call, with_kwargs=True)]
-    handles += [block.register_forward_hook(on_block(index)) for index, block in enumerate(blocks)]
-    try:
+    def profile(self) -> torch.Tensor:
+        """Mean adjacent-frame similarity per block over everything recorded: float64 (num_blocks,)."""
+        if not self.counts.all():
+            raise ValueError("no forward call reached every block: run at least one call")
+        return self.totals / self.counts
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> LayerSimilarityRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+@torch.no_grad()
+def layer_similarity_profile(transformer: nn.Module, calls: Iterable[Mapping[str, Any]]) -> torch.Tensor:
+    """Mean adjacent-frame similarity of every block's output over all ``calls``: float64 (num_blocks,)."""
+    with LayerSimilarityRecorder(transformer) as recorder:
         for call in calls:
             transformer(**call)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not counts.all():
-        raise ValueError("no forward call reached every block: give at least one call")
-    return totals / counts
+    return recorder.profile()
 
 
 @torch.no_grad()

@@ -160,11 +160,13 @@ def write_layer_report(
     out_dir: str | Path,
     profiles: Mapping[str, Sequence[float]],
     cknna: Mapping[str, float] | None = None,
+    details: Mapping[str, Any] | None = None,
 ) -> None:
     """layers.json and layers.png: per-block adjacent-frame similarity for each labelled model
-    (e.g. "base", "lora"), plus CKNNA values by label when given."""
+    (e.g. "base", "lora"), CKNNA values by label when given, and any ``details`` (block, samples)."""
     out = Path(out_dir)
-    content = {"adjacent_frame_similarity": {k: [float(v) for v in p] for k, p in profiles.items()}}
+    content: dict[str, Any] = dict(details or {})
+    content["adjacent_frame_similarity"] = {k: [float(v) for v in p] for k, p in profiles.items()}
     if cknna:
         content["cknna"] = {label: float(value) for label, value in cknna.items()}
     write_png(out / "layers.png", layers_figure(content["adjacent_frame_similarity"]))
@@ -187,13 +189,14 @@ def layers_figure(profiles: Mapping[str, Sequence[float]]) -> Figure:
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    """A finished run's metrics.json (and layers.json under "layers" when present)."""
+    """A finished run's metrics.json, with its layers.json under "layers" (either may be missing)."""
     run = Path(run_dir)
-    metrics_path = run / METRICS_FILE
-    if not metrics_path.is_file():
-        raise ValueError(f"{run}: no {METRICS_FILE}; give output folders of finished `crepa eval` runs")
-    content = json.loads(metrics_path.read_text())
-    layers_path = run / LAYERS_FILE
+    metrics_path, layers_path = run / METRICS_FILE, run / LAYERS_FILE
+    if not metrics_path.is_file() and not layers_path.is_file():
+        raise ValueError(
+            f"{run}: no {METRICS_FILE} or {LAYERS_FILE}; give output folders of finished `crepa eval` runs"
+        )
+    content = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"metrics": {}}
     if layers_path.is_file():
         content["layers"] = json.loads(layers_path.read_text())
     return content
@@ -235,8 +238,10 @@ def write_comparison(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> dic
                     ]
                 )
     write_csv(out / "comparison.csv", ["run", "metric", "value", "sem", "clips"], rows)
-    write_png(out / "comparison.png", comparison_figure(table, metrics))
-    files = ["comparison.csv", "comparison.png"]
+    files = ["comparison.csv"]
+    if metrics:
+        write_png(out / "comparison.png", comparison_figure(table, metrics))
+        files.append("comparison.png")
     layer_profiles = {
         f"{label}: {name}": profile
         for label, run in runs.items()
@@ -245,7 +250,14 @@ def write_comparison(out_dir: str | Path, run_dirs: Sequence[str | Path]) -> dic
     if layer_profiles:
         write_png(out / "comparison_layers.png", layers_figure(layer_profiles))
         files.append("comparison_layers.png")
+    cknna = {
+        f"{label}: {name}": value
+        for label, run in runs.items()
+        for name, value in run.get("layers", {}).get("cknna", {}).items()
+    }
     content = {"runs": {label: str(path) for label, path in zip(runs, paths, strict=True)}, "metrics": table}
+    if cknna:
+        content["cknna"] = cknna
     content.update({"notes": notes, "files": files})
     write_json(out / "comparison.json", content)
     return content
