@@ -1,5 +1,6 @@
 """``crepa eval``: temporal consistency, motion and distribution distance of a folder of clips;
-``crepa eval --compare``: several finished runs side by side."""
+``crepa eval --compare``: several finished runs side by side; ``crepa eval --diagnostics``: a
+training run's per-layer similarity and CKNNA, base model and LoRA."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def eval_(
     k: int = typer.Option(10, "--k", min=1, help="With --diagnostics: neighbours of CKNNA."),
     seed: int = typer.Option(0, "--seed", help="With --diagnostics: seed of the noise draws."),
 ) -> None:
-    """Measure temporal consistency, motion and distance to real clips of generated videos."""
+    """Measure generated videos (consistency, motion, distance to real clips), compare runs, or diagnose a model."""
     console = Console()
     paths = paths or []
     try:
