@@ -50,8 +50,7 @@ from crepa.cache.keys import (
 from crepa.cache.manifest import SHARDS_DIR, CacheEntry, Manifest
 from crepa.cache.shards import PART_KINDS, ShardIndex, ShardWriter, to_storage
 from crepa.config import ConfigError, RunConfig
-from crepa.data import DataReport, SamplingConfig, VideoSample, load_sample, scan_dataset
-from crepa.io.video import VideoDecodeError
+from crepa.data import DataReport, SamplingConfig, VideoSample, iter_decoded, scan_dataset
 from crepa.models.pipelines import (
     encode_latents,
     encode_prompts,
@@ -144,13 +143,14 @@ def _counts(counts: dict[str, int]) -> str:
 
 @dataclass
 class _Plan:
-    """One sample of this rank: its keys and the parts still to compute."""
+    """One sample of this rank (``sample`` None for the empty prompt): its keys and the parts still to compute."""
 
     index: int
-    sample: VideoSample
+    sample: VideoSample | None
     grid: tuple[int, int, int]
     parts: dict[str, str]
     missing: list[str]
+    caption: str
 
 
 def sampling_config(config: RunConfig, family: ModelFamily) -> SamplingConfig:
@@ -196,12 +196,9 @@ def uses_cached_teacher(config: RunConfig) -> bool:
     return config.crepa.enabled and config.crepa.mode != "backbone" and config.cache.teacher_source == "cache"
 
 
-def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True) -> PrecomputeSummary:
-    """Fill ``config.cache.dir`` for ``config.data`` (see the module docstring); returns this rank's summary
-    (rank 0's covers the whole cache). Raises :class:`~crepa.config.ConfigError` for unusable settings
-    before any weight is loaded."""
-    started = time.perf_counter()
-    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: torchrun ranks form a gloo group
+def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], SamplingConfig]:
+    """Family, transformer config and sampling of a run, from configs only (no weights);
+    raises :class:`~crepa.config.ConfigError` naming the run-file key."""
     model = config.model
     _check_local_path("model.pretrained", model.pretrained)
     try:
@@ -221,9 +218,17 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
             detect_teacher_kind(config.teacher.name)
         except (OSError, ValueError) as error:
             raise ConfigError(f"teacher.name: {error}") from None
-    patch_sizes = patch_sizes_from_config(family, transformer_config)
-    check_resolutions(config, family, patch_sizes)
+    check_resolutions(config, family, patch_sizes_from_config(family, transformer_config))
+    return family, transformer_config, sampling
 
+
+def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True) -> PrecomputeSummary:
+    """Fill ``config.cache.dir`` for ``config.data`` (see the module docstring); returns this rank's summary
+    (rank 0's covers the whole cache). Raises :class:`~crepa.config.ConfigError` for unusable settings
+    before any weight is loaded."""
+    started = time.perf_counter()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: torchrun ranks form a gloo group
+    family, transformer_config, sampling = check_settings(config)
     cache_dir = config.cache.dir
     shards_dir, ranks_dir = cache_dir / SHARDS_DIR, cache_dir / RANKS_DIR
     if state.is_main_process:
@@ -232,7 +237,6 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
             leftover.unlink(missing_ok=True)
         shutil.rmtree(ranks_dir, ignore_errors=True)
     state.wait_for_everyone()
-
     try:
         samples, report = scan_dataset(
             config.data.source,
@@ -242,8 +246,9 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
         )
     except ValueError as error:
         raise ConfigError(f"data.source: {error}") from None
+    scan_skips = len(report.skipped)
 
-    dtype = _compute_dtype(model.dtype, state.device)
+    dtype = _compute_dtype(config.model.dtype, state.device)
     identity = _Identity(config, family, transformer_config, dtype, state.device)
     index = ShardIndex(shards_dir)
     hasher = FileHasher(_read_json(cache_dir / FILE_HASHES, {}))
@@ -253,90 +258,45 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
         if i % state.num_processes == state.process_index
     ]
     null_text = identity.text("") if state.is_main_process else None
-    computed: Counter[str] = Counter()
-    reused = Counter(kind for plan in plans for kind in plan.parts if kind not in plan.missing)
-    stage_seconds = dict.fromkeys(STAGES, 0.0)
-
-    needed = {kind for plan in plans for kind in plan.missing}
     if null_text is not None and not index.has(null_text):
-        needed.add("text")
-    components = None
-    if needed & {"latents", "text"}:
-        components = load_components(
-            model.pretrained,
-            family.name,
-            model.revision,
-            dtype,
-            state.device,
-            vae="latents" in needed,
-            text_encoders="text" in needed,
-        )
-    teacher = None
-    if "teacher" in needed:
-        teacher = load_teacher(
-            config.teacher.name,
-            config.teacher.kind,
-            device=state.device,
-            chunk_size=config.teacher.chunk_size,
-        )
-
-    writer = ShardWriter(
-        shards_dir, f"{uuid.uuid4().hex[:8]}-r{state.process_index}", int(config.cache.shard_mb * 2**20)
+        plans.append(_Plan(-1, None, (0, 0, 0), {"text": null_text}, ["text"], caption=""))
+    worker = _Worker(
+        config, family, plans, dtype, state.device, f"{uuid.uuid4().hex[:8]}-r{state.process_index}"
     )
-    done: set[str] = set()
-    decode_skips: list[list[str]] = []
-    entries: list[CacheEntry] = []
     try:
-        if null_text is not None and not index.has(null_text):
-            assert components is not None
-            writer.add(
-                "text", null_text, to_storage(_first(encode_prompts(components, [""])), "empty prompt")
-            )
-            computed["text"] += 1
-        todo = [plan for plan in plans if plan.missing]
-        with _ProgressBar(progress and state.is_main_process, len(todo), state.num_processes) as bar:
-            for plan in plans:
-                if plan.missing:
-                    work = _compute(plan, config, family, components, teacher, writer, done, stage_seconds)
-                    bar.advance()
-                    if isinstance(work, VideoDecodeError):
-                        problem = "missing file" if work.reason == "file not found" else "unreadable video"
-                        report.skip(plan.sample.path, problem, work.reason)
-                        decode_skips.append([str(plan.sample.path), problem, work.reason])
-                        continue
-                    computed.update(work)
-                entries.append(_entry(plan))
+        with _ProgressBar(progress and state.is_main_process, len(worker.todo), state.num_processes) as bar:
+            entries = worker.run(report, bar)
     finally:
-        writer.flush()  # keep finished work, also when interrupted
+        worker.writer.flush()  # keep finished work, also when interrupted
 
     rank_document = {
         "entries": [asdict(entry) for entry in entries],
-        "decode_skips": decode_skips,
+        "decode_skips": [[item.path, item.problem, item.detail] for item in report.skipped[scan_skips:]],
         "damaged": index.damaged,
-        "computed": computed,
-        "reused": reused,
-        "stage_seconds": stage_seconds,
+        "computed": worker.computed,
+        "reused": Counter(kind for plan in plans for kind in plan.parts if kind not in plan.missing),
+        "stage_seconds": worker.seconds,
         "hashes": hasher.memo,
     }
     atomic_write_json(ranks_dir / f"rank{state.process_index}.json", rank_document)
-    if not state.is_main_process:
-        return PrecomputeSummary(
-            cache_dir=cache_dir,
-            samples=len(entries),
-            computed=dict(computed),
-            reused=dict(reused),
-            damaged=dict(index.damaged),
-            part_bytes={},
-            disk_bytes=0,
-            stale_shards=[],
-            stale_bytes=0,
-            pruned=prune,
-            report=report,
-            seconds=time.perf_counter() - started,
-            stage_seconds=stage_seconds,
-            rank=state.process_index,
-        )
-    return _merge(config, family, identity, state.num_processes, null_text, report, prune, started)
+    if state.is_main_process:
+        return _merge(config, family, identity, state.num_processes, null_text, report, prune, started)
+    return PrecomputeSummary(
+        cache_dir=cache_dir,
+        samples=len(entries),
+        computed=dict(worker.computed),
+        reused=dict(rank_document["reused"]),
+        damaged=dict(index.damaged),
+        part_bytes={},
+        disk_bytes=0,
+        stale_shards=[],
+        stale_bytes=0,
+        pruned=prune,
+        report=report,
+        seconds=time.perf_counter() - started,
+        stage_seconds=worker.seconds,
+        rank=state.process_index,
+    )
 
 
 class _Identity:
@@ -384,72 +344,119 @@ class _Identity:
         if self.teacher is not None:
             parts["teacher"] = teacher_key(clip, self.teacher, grid, self.family.temporal_ratio)
         missing = [kind for kind, key in parts.items() if not shards.has(key)]
-        return _Plan(index, sample, grid, parts, missing)
+        return _Plan(index, sample, grid, parts, missing, sample.caption)
 
 
-def _compute(
-    plan: _Plan,
-    config: RunConfig,
-    family: ModelFamily,
-    components: Any,
-    teacher: Any,
-    writer: ShardWriter,
-    done: set[str],
-    seconds: dict[str, float],
-) -> Counter[str] | VideoDecodeError:
-    """Compute and queue ``plan``'s missing parts; returns the count per kind, or the decode error."""
-    missing = [kind for kind in plan.missing if plan.parts[kind] not in done]
-    sample, computed = plan.sample, Counter(missing)
-    frames = None
-    if {"latents", "teacher"} & set(missing):
-        clock = time.perf_counter()
-        try:
-            frames = load_sample(sample).frames  # (T, 3, H, W) in [0, 1]
-        except VideoDecodeError as error:
-            return error
-        seconds["decode"] += time.perf_counter() - clock
-    if "latents" in missing:
-        assert frames is not None
-        clock = time.perf_counter()
-        latents = encode_latents(components.vae, frames.permute(1, 0, 2, 3).unsqueeze(0).mul(2).sub(1))[0]
-        expected = (
-            plan.grid[0],
-            plan.grid[1] * components.patch_sizes[1],
-            plan.grid[2] * components.patch_sizes[2],
+class _Worker:
+    """Computes one rank's missing parts: loads only the models they need, queues parts in shards.
+
+    computed: parts computed per kind; seconds: time per stage (decode, vae, text, teacher).
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        family: ModelFamily,
+        plans: list[_Plan],
+        dtype: torch.dtype,
+        device: torch.device,
+        shard_prefix: str,
+    ) -> None:
+        self.config, self.family, self.plans = config, family, plans
+        self.todo = [plan for plan in plans if plan.missing]
+        self.writer = ShardWriter(
+            config.cache.dir / SHARDS_DIR, shard_prefix, int(config.cache.shard_mb * 2**20)
         )
-        if tuple(latents.shape[1:]) != expected:
-            raise RuntimeError(
-                f"{config.model.pretrained}: the VAE turned {sample.num_frames}x{sample.size[0]}x{sample.size[1]} "
-                f"frames into latents {tuple(latents.shape[1:])}, expected {expected} from the {family.name} "
-                f"registry entry (temporal {family.temporal_ratio}x, spatial {family.spatial_ratio}x); "
-                "set model.family to the right family"
+        self.computed: Counter[str] = Counter()
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self._done: set[str] = set()
+        needed = {kind for plan in self.todo for kind in plan.missing}
+        model = config.model
+        self.components = None
+        if needed & {"latents", "text"}:
+            self.components = load_components(
+                model.pretrained,
+                family.name,
+                model.revision,
+                dtype,
+                device,
+                vae="latents" in needed,
+                text_encoders="text" in needed,
             )
-        writer.add(
-            "latents", plan.parts["latents"], to_storage({"latents": latents}, f"{sample.path}: latents")
-        )
-        seconds["vae"] += time.perf_counter() - clock
-    if "text" in missing:
+        self.teacher = None
+        if "teacher" in needed:
+            settings = config.teacher
+            self.teacher = load_teacher(
+                settings.name, settings.kind, device=device, chunk_size=settings.chunk_size
+            )
+
+    def run(self, report: DataReport, bar: _ProgressBar) -> list[CacheEntry]:
+        """Compute every plan's missing parts; returns the entries of the samples that are complete.
+
+        Clips that fail to decode are recorded in ``report`` (by :func:`crepa.data.iter_decoded`).
+        """
+        entries = [_entry(plan) for plan in self.plans if not plan.missing]
+        with_frames = {
+            id(plan.sample): plan for plan in self.todo if {"latents", "teacher"} & set(plan.missing)
+        }
         clock = time.perf_counter()
-        embeddings = _first(encode_prompts(components, [sample.caption]))
-        writer.add("text", plan.parts["text"], to_storage(embeddings, f"{sample.path}: caption"))
-        seconds["text"] += time.perf_counter() - clock
-    if "teacher" in missing:
-        assert frames is not None
-        clock = time.perf_counter()
-        settings = config.teacher
-        grid = clip_teacher_grid(
-            teacher,
-            frames,
-            plan.grid,
-            family.temporal_ratio,
-            settings.reduce,
-            max_pixels=settings.max_pixels,
-            chunk_size=settings.chunk_size,
-        )
-        writer.add("teacher", plan.parts["teacher"], to_storage({"teacher": grid}, f"{sample.path}: teacher"))
-        seconds["teacher"] += time.perf_counter() - clock
-    done.update(plan.parts[kind] for kind in missing)
-    return computed
+        for sample, decoded in iter_decoded([plan.sample for plan in with_frames.values()], report):
+            self.seconds["decode"] += time.perf_counter() - clock
+            plan = with_frames[id(sample)]
+            self._parts(plan, decoded.frames)
+            entries.append(_entry(plan))
+            bar.advance()
+            clock = time.perf_counter()
+        for plan in self.todo:
+            if id(plan.sample) not in with_frames:
+                self._parts(plan, None)
+                if plan.sample is not None:  # None: the empty prompt
+                    entries.append(_entry(plan))
+                bar.advance()
+        return entries
+
+    def _parts(self, plan: _Plan, frames: torch.Tensor | None) -> None:
+        """Compute and queue ``plan``'s missing parts; ``frames`` (T, 3, H, W) in [0, 1] when needed."""
+        missing = [kind for kind in plan.missing if plan.parts[kind] not in self._done]
+        where = str(plan.sample.path) if plan.sample is not None else "empty prompt"
+        for kind in missing:
+            clock = time.perf_counter()
+            if kind == "latents":
+                part = {"latents": self._latents(plan, frames)}
+            elif kind == "text":
+                part = _first(encode_prompts(self.components, [plan.caption]))
+            else:
+                settings = self.config.teacher
+                grid = clip_teacher_grid(
+                    self.teacher,
+                    frames,
+                    plan.grid,
+                    self.family.temporal_ratio,
+                    settings.reduce,
+                    max_pixels=settings.max_pixels,
+                    chunk_size=settings.chunk_size,
+                )
+                part = {"teacher": grid}
+            self.writer.add(kind, plan.parts[kind], to_storage(part, f"{where}: {kind}"))
+            self.seconds["vae" if kind == "latents" else kind] += time.perf_counter() - clock
+            self._done.add(plan.parts[kind])
+            self.computed[kind] += 1
+
+    def _latents(self, plan: _Plan, frames: torch.Tensor) -> torch.Tensor:
+        """(C, F, h, w) normalised latents of clean ``frames``; checks the VAE's compression."""
+        latents = encode_latents(self.components.vae, frames.permute(1, 0, 2, 3).unsqueeze(0).mul(2).sub(1))[
+            0
+        ]
+        patch = self.components.patch_sizes
+        expected = (plan.grid[0], plan.grid[1] * patch[1], plan.grid[2] * patch[2])
+        if tuple(latents.shape[1:]) != expected:
+            family, (frames_count, height, width) = self.family, (len(frames), *frames.shape[-2:])
+            raise RuntimeError(
+                f"{self.config.model.pretrained}: the VAE turned {frames_count}x{height}x{width} frames into "
+                f"latents {tuple(latents.shape[1:])}, expected {expected} from the {family.name} registry entry "
+                f"(temporal {family.temporal_ratio}x, spatial {family.spatial_ratio}x); set model.family"
+            )
+        return latents
 
 
 def _first(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -497,18 +504,7 @@ def _merge(
     for shard, reason in damaged.items():
         index.mark_damaged(shard, reason)
     entries = sorted(
-        (
-            CacheEntry(
-                **{
-                    **e,
-                    "frame_indices": tuple(e["frame_indices"]),
-                    "size": tuple(e["size"]),
-                    "grid": tuple(e["grid"]),
-                }
-            )
-            for document in documents
-            for e in document["entries"]
-        ),
+        (CacheEntry.from_json(entry) for document in documents for entry in document["entries"]),
         key=lambda entry: entry.index,
     )
     keys = {key for entry in entries for key in entry.parts.values()} | ({null_text} if null_text else set())

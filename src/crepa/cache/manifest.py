@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,12 @@ class CacheEntry:
         """(T, H, W): samples of one bucket have equal tensor shapes."""
         return (self.num_frames, *self.size)
 
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> CacheEntry:
+        """The inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples)."""
+        tuples = {key: tuple(document[key]) for key in ("frame_indices", "size", "grid")}
+        return cls(**{**document, **tuples})
+
 
 @dataclass
 class Manifest:
@@ -65,10 +71,6 @@ class Manifest:
     parts: dict[str, PartLocation]
     null_text: str | None = None
     version: int = MANIFEST_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def location(self, key: str) -> PartLocation:
-        return self.parts[key]
 
     def part_bytes(self) -> dict[str, int]:
         """Bytes of tensor data per part kind, over the parts the entries use (shared parts counted once)."""
@@ -101,21 +103,19 @@ class Manifest:
                 f"{path}: manifest version {document.get('version')}, this crepa reads {MANIFEST_VERSION}; "
                 "run `crepa precompute CONFIG` again"
             )
-        entries = [
-            CacheEntry(
-                **{
-                    **entry,
-                    "frame_indices": tuple(entry["frame_indices"]),
-                    "size": tuple(entry["size"]),
-                    "grid": tuple(entry["grid"]),
-                }
-            )
-            for entry in document.pop("entries")
-        ]
-        parts = {
-            key: PartLocation(
-                **{**location, "shapes": {name: tuple(shape) for name, shape in location["shapes"].items()}}
-            )
-            for key, location in document.pop("parts").items()
-        }
-        return cls(entries=entries, parts=parts, **document)
+        try:
+            entries = [CacheEntry.from_json(entry) for entry in document.pop("entries")]
+            parts = {
+                key: PartLocation(
+                    **{
+                        **location,
+                        "shapes": {name: tuple(shape) for name, shape in location["shapes"].items()},
+                    }
+                )
+                for key, location in document.pop("parts").items()
+            }
+            return cls(entries=entries, parts=parts, **document)
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"{path}: damaged manifest ({error}); run `crepa precompute CONFIG` again"
+            ) from None
