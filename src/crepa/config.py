@@ -57,6 +57,9 @@ class CacheSection(_Section):
     dir: Path = Path("cache")
     teacher_source: Literal["cache", "pixels", "vae"] = "cache"
     shard_mb: float = Field(default=256.0, gt=0, description="size at which a shard file is written")
+    vae_tiling: bool = Field(
+        default=False, description="encode in spatial tiles (less memory, slightly different latents)"
+    )
 
 
 class TeacherSection(_Section):
@@ -274,6 +277,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         lines = [_format_error(e) for e in error.errors()]
         raise ConfigError(f"{path}: invalid run file\n  " + "\n  ".join(lines)) from None
     base = path.parent
+    # Hub ids stay as they are; a name that is a directory next to the run file becomes its path.
+    for section, key in ((config.model, "pretrained"), (config.teacher, "name")):
+        local = base / getattr(section, key)
+        if local.exists():
+            setattr(section, key, str(local.resolve()))
     config.data.source = (base / config.data.source).resolve()
     config.cache.dir = (base / config.cache.dir).resolve()
     config.output.dir = (base / config.output.dir).resolve()

@@ -3,6 +3,7 @@ pipeline and the transformer as it is now (LoRA active), saved as mp4 + GIF + on
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import diffusers
@@ -13,6 +14,7 @@ from torch import nn
 from crepa.config import RunConfig
 from crepa.io.video import write_video
 from crepa.models import ModelFamily
+from crepa.models.pipelines import text_length
 
 
 def contact_sheet(clips: list[np.ndarray], columns: int = 8) -> np.ndarray:
@@ -48,6 +50,9 @@ def run_validation(
     was_training = transformer.training
     transformer.eval()
     directory = root / f"step-{step:06d}"
+    options = {}
+    if "max_sequence_length" in inspect.signature(pipeline.__call__).parameters:
+        options["max_sequence_length"] = text_length(family, transformer.config)  # CogVideoX fixes it
     clips = []
     try:
         for index, prompt in enumerate(settings.prompts):
@@ -61,6 +66,7 @@ def run_validation(
                 guidance_scale=settings.guidance_scale,
                 generator=generator,
                 output_type="np",
+                **options,
             ).frames[0]
             clip = (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)
             clip = clip[:, : clip.shape[1] // 2 * 2, : clip.shape[2] // 2 * 2]  # mp4 wants even sizes
