@@ -286,7 +286,7 @@ def test_changing_the_teacher_recomputes_only_teacher_parts(
     run = write_run_file(root / "t2.toml", pipeline, other, data_dir, cache)
     summary = precompute(load_config(run), progress=False)
     assert summary.computed == {"latents": 0, "text": 0, "teacher": 3}
-    assert summary.reused == {"latents": 3, "text": 3, "teacher": 0}
+    assert summary.reused == {"latents": 3, "text": 2, "teacher": 0}
     stale = summary.stale_shards
     assert stale and all(name.startswith("teacher-") for name in stale)
     assert all((cache / "shards" / name).exists() for name in stale)
@@ -297,6 +297,15 @@ def test_changing_the_teacher_recomputes_only_teacher_parts(
     assert pruned.computed == {"latents": 0, "text": 0, "teacher": 0}
     assert not any((cache / "shards" / name).exists() for name in stale)
     assert len(CachedDataset(cache)) == 3
+
+
+def test_tiled_vae_recomputes_only_latents(root: Path, teacher_dir: Path, data_dir: Path) -> None:
+    cache = root / "cache-tiling"
+    run = write_run_file(root / "tiling.toml", pipeline_dir(root, "wan"), teacher_dir, data_dir, cache)
+    precompute(load_config(run), progress=False)
+    summary = precompute(load_config(run, ["cache.vae_tiling=true"]), progress=False)
+    assert summary.computed == {"latents": 3, "text": 0, "teacher": 0}
+    assert summary.reused == {"latents": 0, "text": 2, "teacher": 3}  # two distinct captions
 
 
 @pytest.mark.parametrize(

@@ -269,12 +269,13 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
     finally:
         worker.writer.flush()  # keep finished work, also when interrupted
 
+    reused = {(kind, key) for plan in plans for kind, key in plan.parts.items() if kind not in plan.missing}
     rank_document = {
         "entries": [asdict(entry) for entry in entries],
         "decode_skips": [[item.path, item.problem, item.detail] for item in report.skipped[scan_skips:]],
         "damaged": index.damaged,
         "computed": worker.computed,
-        "reused": Counter(kind for plan in plans for kind in plan.parts if kind not in plan.missing),
+        "reused": Counter(kind for kind, _ in reused),
         "stage_seconds": worker.seconds,
         "hashes": hasher.memo,
     }
@@ -314,7 +315,8 @@ class _Identity:
         self.family = family
         self.patch_sizes = patch_sizes_from_config(family, transformer_config)
         self.dtype = str(dtype).removeprefix("torch.")
-        self.vae = source_fingerprint(model.pretrained, model.revision, ("vae",))
+        tiling = "+tiled" if config.cache.vae_tiling else ""  # tiled encoding gives other latents
+        self.vae = source_fingerprint(model.pretrained, model.revision, ("vae",)) + tiling
         self.text_encoders = source_fingerprint(
             model.pretrained, model.revision, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
         )
@@ -383,6 +385,8 @@ class _Worker:
                 vae="latents" in needed,
                 text_encoders="text" in needed,
             )
+            if config.cache.vae_tiling and "latents" in needed:
+                self.components.vae.enable_tiling()
         self.teacher = None
         if "teacher" in needed:
             settings = config.teacher
