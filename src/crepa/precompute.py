@@ -403,14 +403,15 @@ class _Worker:
         with_frames = {
             id(plan.sample): plan for plan in self.todo if {"latents", "teacher"} & set(plan.missing)
         }
-        clock = time.perf_counter()
+        clock, count = time.perf_counter(), 0
         for sample, decoded in iter_decoded([plan.sample for plan in with_frames.values()], report):
             self.seconds["decode"] += time.perf_counter() - clock
             plan = with_frames[id(sample)]
             self._parts(plan, decoded.frames)
             entries.append(_entry(plan))
             bar.advance()
-            clock = time.perf_counter()
+            clock, count = time.perf_counter(), count + 1
+        bar.advance(len(with_frames) - count)  # clips that failed to decode
         for plan in self.todo:
             if id(plan.sample) not in with_frames:
                 self._parts(plan, None)
@@ -618,8 +619,8 @@ class _ProgressBar:
         )
         self.task = self.progress.add_task(label, total=total, rate="")
 
-    def advance(self) -> None:
-        self.progress.update(self.task, advance=1)
+    def advance(self, count: int = 1) -> None:
+        self.progress.update(self.task, advance=count)
         speed = self.progress.tasks[0].speed
         self.progress.update(self.task, rate=f"{speed:.2f} clips/s" if speed else "")
 
