@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -168,8 +169,12 @@ def test_exact_resume_after_sigkill(tmp_path):
 def test_two_processes_stay_in_sync(tmp_path):
     run = write_world(tmp_path, "wan")
     precompute(load_config(run), progress=False)
+    with socket.socket() as probe:  # a free port: another job on the machine may hold the default one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [
         *("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+        *("--main_process_port", str(port)),
         *("--mixed_precision", "no", "--dynamo_backend", "no", "-m", "crepa", "train", str(run)),
         *("--set", "train.max_steps=2", "--set", "train.batch_size=1", "--no-progress"),
     ]

@@ -431,6 +431,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         checkpoints,
     )
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()  # else a rank can hang at interpreter exit
     return summary
 
 
