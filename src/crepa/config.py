@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crepa.regularizer import CrepaConfig
@@ -36,6 +37,12 @@ class ModelSection(_Section):
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The weights' dtype on ``device``: ``dtype``, with "auto" = bf16 on CUDA, fp32 elsewhere."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
 class DataSection(_Section):

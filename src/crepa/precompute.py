@@ -68,7 +68,6 @@ logger = logging.getLogger("crepa.precompute")
 
 RANKS_DIR = "ranks"
 FILE_HASHES = "file_hashes.json"
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SAMPLING_KEYS = {
     "frame_buckets": "data.num_frames",
     "resolution_buckets": "data.resolutions",
@@ -248,7 +247,7 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
         raise ConfigError(f"data.source: {error}") from None
     scan_skips = len(report.skipped)
 
-    dtype = _compute_dtype(config.model.dtype, state.device)
+    dtype = config.model.torch_dtype(state.device)
     identity = _Identity(config, family, transformer_config, dtype, state.device)
     index = ShardIndex(shards_dir)
     hasher = FileHasher(_read_json(cache_dir / FILE_HASHES, {}))
@@ -574,12 +573,6 @@ def _check_local_path(key: str, name: str) -> None:
     """A name written as a path (absolute, or starting with ".") must be an existing directory."""
     if (Path(name).is_absolute() or name.startswith(".")) and not Path(name).is_dir():
         raise ConfigError(f"{key}: {name} is not a directory; give a local model directory or a hub id")
-
-
-def _compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[choice]
 
 
 def _read_json(path: Path, default: Any) -> Any:

@@ -45,4 +45,3 @@ def train(
         f"{state}: {summary.steps} steps in {summary.seconds:.0f}s; outputs in {summary.output_dir}",
         highlight=False,
     )
-

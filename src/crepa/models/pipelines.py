@@ -24,7 +24,7 @@ import torch
 from packaging.version import Version
 from torch import nn
 
-from crepa.models.registry import FAMILIES, ModelFamily, get_family
+from crepa.models.registry import FAMILIES, ModelFamily, family_of, get_family
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns).
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
@@ -79,6 +79,7 @@ LATENT_NORMALIZATIONS: dict[str, LatentNormalization] = {
     "AutoencoderKLWan": LatentNormalization("config", scaled=False),
     "AutoencoderKLMochi": LatentNormalization("config", scaled=True),
     "AutoencoderKLLTXVideo": LatentNormalization("buffers", scaled=True),
+    "PCAVideoAutoencoder": LatentNormalization("none", scaled=True),  # the demo's VAE (crepa.demo.latent)
 }
 
 
@@ -174,13 +175,7 @@ def pipeline_family(source: str | Path, revision: str | None = None) -> ModelFam
             f"{source}: model_index.json names transformer class {class_name!r}, which crepa does not "
             f"support; set model.family to one of {', '.join(FAMILIES)} if the class was renamed"
         )
-    config = read_transformer_config(source, candidates[0], revision)
-    matching = [
-        family for family in candidates if all(config.get(key) == value for key, value in family.config_match)
-    ]
-    if not matching:
-        raise ValueError(f"{source}: the {class_name} config matches no crepa family; set model.family")
-    return max(matching, key=lambda family: len(family.config_match))
+    return family_of(class_name, read_transformer_config(source, candidates[0], revision))
 
 
 def resolve_family(source: str | Path, family: str | None = None, revision: str | None = None) -> ModelFamily:

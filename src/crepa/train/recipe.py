@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 from crepa.cache.atomic import atomic_write_json
 from crepa.cache.dataset import CachedDataset
 from crepa.config import ConfigError, RunConfig, check_against_family
-from crepa.models import ModelFamily, get_family
+from crepa.models import ModelFamily
 from crepa.models.conditioning import prediction_to_latents, transformer_inputs
-from crepa.models.pipelines import load_components, pipeline_family
+from crepa.models.pipelines import load_components
+from crepa.models.pipelines import resolve_family as resolve_pipeline_family
 from crepa.regularizer import CrepaRegularizer
 from crepa.teacher_targets import teacher_targets
 from crepa.teachers import load_teacher
@@ -77,10 +78,9 @@ class TrainingSummary:
 # ---------------------------------------------------------------- checks before any weight loads
 def resolve_family(config: RunConfig) -> ModelFamily:
     """The registry entry named by model.family, else the one of the pipeline's transformer class."""
+    model = config.model
     try:
-        if config.model.family:
-            return get_family(config.model.family)
-        return pipeline_family(config.model.pretrained, config.model.revision)
+        return resolve_pipeline_family(model.pretrained, model.family, model.revision)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model: {error}") from None
 
@@ -133,13 +133,6 @@ def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool)
 
 
 # ---------------------------------------------------------------- model
-def model_dtype(config: RunConfig, accelerator: Accelerator) -> torch.dtype:
-    choice = config.model.dtype
-    if choice == "auto":
-        return torch.bfloat16 if accelerator.device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
-
-
 def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype) -> nn.Module:
     transformer_class = getattr(diffusers, family.class_names[0])
     transformer = transformer_class.from_pretrained(
@@ -225,7 +218,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         project_dir=str(output),
     )
     set_seed(config.train.seed)
-    dtype = model_dtype(config, accelerator)
+    dtype = config.model.torch_dtype(accelerator.device)
     transformer = load_transformer(config, family, dtype)
     if config.lora.enabled:
         trainable = add_lora(transformer, family, config.lora)
