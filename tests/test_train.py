@@ -192,3 +192,26 @@ def test_two_processes_stay_in_sync(tmp_path):
     checksums = summary["rank_weight_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert [p.name for p in (tmp_path / "out/checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_repvideo_with_crepa_trains_and_resumes_exactly(tmp_path):
+    run = write_world(tmp_path, "wan")
+    # four blocks, so that with window 2 blocks 2 and 3 are gated
+    config = diffusers.WanTransformer3DModel.load_config(tmp_path / "pipe/transformer")
+    torch.manual_seed(0)
+    diffusers.WanTransformer3DModel.from_config({**config, "num_layers": 4}).save_pretrained(
+        tmp_path / "pipe/transformer"
+    )
+    precompute(load_config(run), progress=False)
+    rep = ["repvideo.enabled=true", "repvideo.window=2", "repvideo.gate_init=0.5", "repvideo.lr=0.01"]
+    straight = load_config(run, [*rep, 'output.dir="straight"'])
+    train(straight, progress=False)
+    train(load_config(run, [*rep, 'output.dir="split"', "train.max_steps=2"]), progress=False)
+    train(load_config(run, [*rep, 'output.dir="split"']), resume="latest", progress=False)
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    gates = load_file(tmp_path / "straight/repvideo_gates.safetensors")["gate"]
+    assert torch.equal(gates, load_file(tmp_path / "split/repvideo_gates.safetensors")["gate"])
+    # window 2: the cache restarts after blocks 0 and 2, so only block 2 averages two tensors (h0, h1)
+    gated = [i >= 2 and (i - 1) % 2 != 0 for i in range(4)]
+    assert gated == [False, False, True, False]
+    assert [bool(g != 0.5) for g in gates] == gated  # ungated gates get no gradient and no decay

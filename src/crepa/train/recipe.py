@@ -39,6 +39,7 @@ from crepa.models.conditioning import prediction_to_latents, transformer_inputs
 from crepa.models.pipelines import load_components
 from crepa.models.pipelines import resolve_family as resolve_pipeline_family
 from crepa.regularizer import CrepaRegularizer
+from crepa.repvideo import install_repvideo
 from crepa.teacher_targets import teacher_targets
 from crepa.teachers import load_teacher
 from crepa.train import checkpoint as ckpt
@@ -241,6 +242,18 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
             transformer, align, teacher_dim=teacher_dim if external_teacher else None
         ).to(accelerator.device)
         param_groups.append({"params": list(regularizer.parameters()), "lr": align.lr or config.optim.lr})
+    # Trained next to the transformer but outside DDP: gradients are averaged by hand, files saved apart.
+    side_modules: dict[str, nn.Module] = {} if regularizer is None else {"projector": regularizer.projector}
+    if config.repvideo.enabled:
+        rep = config.repvideo
+        gates = install_repvideo(transformer, rep.window, rep.gate_init, rep.include_text).to(
+            accelerator.device
+        )
+        side_modules["repvideo_gates"] = gates
+        # no weight decay: it would pull every gate (one vector) towards 0, gated or not
+        param_groups.append(
+            {"params": list(gates.parameters()), "lr": rep.lr or config.optim.lr, "weight_decay": 0.0}
+        )
     optim = config.optim
     optimizer = torch.optim.AdamW(
         param_groups, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
@@ -252,7 +265,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         num_training_steps=config.train.max_steps,
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    modules = _saved_modules(accelerator.unwrap_model(transformer), regularizer)
+    modules = {"transformer": accelerator.unwrap_model(transformer), **side_modules}
     alphas_cumprod = scheduler_alphas(config, family)
     order = BucketedBatchOrder(
         dataset.buckets,
@@ -346,8 +359,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
                 step_metrics["loss/total"] = loss.detach()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if regularizer is not None and accelerator.num_processes > 1:
-                        _average_gradients(regularizer.parameters())  # the projector is outside DDP
+                    if accelerator.num_processes > 1:
+                        for module in side_modules.values():
+                            _average_gradients(module.parameters())
                     grad_norm = accelerator.clip_grad_norm_(
                         [p for group in param_groups for p in group["params"]], optim.max_grad_norm
                     )
@@ -415,7 +429,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         family,
         accelerator,
         transformer,
-        regularizer,
+        side_modules,
         step,
         skipped,
         started,
@@ -437,13 +451,6 @@ def _average_gradients(params) -> None:
         if param.grad is not None:
             torch.distributed.all_reduce(param.grad)
             param.grad.div_(world)
-
-
-def _saved_modules(transformer: nn.Module, regularizer: CrepaRegularizer | None) -> dict[str, nn.Module]:
-    modules: dict[str, nn.Module] = {"transformer": transformer}
-    if regularizer is not None:
-        modules["projector"] = regularizer.projector
-    return modules
 
 
 def _save_checkpoint(
@@ -472,10 +479,10 @@ def _save_checkpoint(
 
 
 def _finish(
-    config, family, accelerator, transformer, regularizer, step, skipped, started, last, interrupted, root
+    config, family, accelerator, transformer, side_modules, step, skipped, started, last, interrupted, root
 ):
     output = config.output.dir
-    modules = _saved_modules(accelerator.unwrap_model(transformer), regularizer)
+    modules = {"transformer": accelerator.unwrap_model(transformer), **side_modules}
     # float64 sum of |w| per rank: equal on every rank when data parallelism kept them in sync
     checksum = float(sum(tensor.double().abs().sum() for tensor in ckpt.trainable_state(modules).values()))
     checksums = gather_object([checksum]) if accelerator.num_processes > 1 else [checksum]
@@ -498,14 +505,9 @@ def _finish(
             save_lora(unwrapped, family, output)
         else:
             unwrapped.save_pretrained(output / "transformer")
-        if regularizer is not None:
-            save_file(
-                {
-                    name: p.detach().cpu().contiguous()
-                    for name, p in regularizer.projector.state_dict().items()
-                },
-                str(output / "projector.safetensors"),
-            )
+        for name, module in side_modules.items():  # projector.safetensors, repvideo_gates.safetensors
+            tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+            save_file(tensors, str(output / f"{name}.safetensors"))
         atomic_write_json(output / "training_summary.json", asdict(summary))
     return summary
 
