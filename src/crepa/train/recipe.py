@@ -16,7 +16,8 @@ import json
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,69 @@ def batches(
         }
 
 
+# ---------------------------------------------------------------- one step
+@dataclass
+class StepParts:
+    """Everything one training step reads. ``transformer`` is what the loop calls (maybe DDP-wrapped),
+    ``model`` the plain module; ``teacher`` / ``vae`` are set for the online teacher modes."""
+
+    config: RunConfig
+    family: ModelFamily
+    transformer: nn.Module
+    model: nn.Module
+    regularizer: CrepaRegularizer | None
+    teacher: Any
+    vae: nn.Module | None
+    dtype: torch.dtype
+    alphas_cumprod: torch.Tensor | None
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+
+
+def step_loss(
+    parts: StepParts, batch: dict[str, Any], step: int, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion + alignment loss of one batch from the cache, and its detached metrics (no host sync)."""
+    config, family = parts.config, parts.family
+    latents = batch["latents"].to(parts.dtype)
+    teacher_grid = None
+    align = config.crepa
+    if align.enabled and align.mode != "backbone":  # before the forward: no activations wait on the teacher
+        _, patch_h, patch_w = family.patch_sizes(parts.model)
+        _, _, frames, height, width = latents.shape
+        teacher_grid = teacher_targets(
+            config.cache.teacher_source,
+            batch,
+            (frames, height // patch_h, width // patch_w),
+            family.temporal_ratio,
+            teacher=parts.teacher,
+            vae=parts.vae,
+            reduce=config.teacher.reduce,
+            max_pixels=config.teacher.max_pixels,
+            chunk_size=config.teacher.chunk_size,
+        ).float()
+    noised = noise_batch(config, family, latents, generator, parts.alphas_cumprod)
+    text = {
+        key: batch[key].to(parts.dtype) for key in ("prompt_embeds", "pooled_prompt_embeds") if key in batch
+    }
+    if "prompt_attention_mask" in batch:
+        text["prompt_attention_mask"] = batch["prompt_attention_mask"]
+    inputs = transformer_inputs(
+        parts.model, family, noised.noisy, noised.timesteps, text, frame_rate=config.data.fps or 25.0
+    )
+    with parts.autocast():
+        prediction = parts.transformer(**inputs)[0]
+    prediction = prediction_to_latents(parts.model, family, prediction, noised.target.shape)
+    diffusion_loss = F.mse_loss(prediction.float(), noised.target.float())
+    loss = diffusion_loss
+    metrics = {"loss/diffusion": diffusion_loss.detach()}
+    if parts.regularizer is not None:
+        out = parts.regularizer.loss(teacher_grid, step=step)
+        loss = loss + out.loss
+        metrics |= out.metrics
+    metrics["loss/total"] = loss.detach()
+    return loss, metrics
+
+
 # ---------------------------------------------------------------- the loop
 def train(config: RunConfig, resume: str | None = None, progress: bool = True) -> TrainingSummary:
     """Fine-tune ``config.model`` on the precomputed cache; returns (and writes) the summary."""
@@ -215,7 +279,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.train.mixed_precision,
         gradient_accumulation_steps=config.train.gradient_accumulation,
-        log_with=_trackers(config),
+        log_with=_trackers(config) or None,
         project_dir=str(output),
     )
     set_seed(config.train.seed)
@@ -232,7 +296,6 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     if external_teacher and source != "cache":
         online_teacher, online_vae = load_online_teacher(config, family, accelerator.device)
     teacher_dim = online_teacher.dim if online_teacher is not None else dataset.teacher_dim
-    _, patch_h, patch_w = family.patch_sizes(transformer)
 
     align = config.crepa
     regularizer = None
@@ -266,7 +329,18 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     )
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     modules = {"transformer": accelerator.unwrap_model(transformer), **side_modules}
-    alphas_cumprod = scheduler_alphas(config, family)
+    parts = StepParts(
+        config=config,
+        family=family,
+        transformer=transformer,
+        model=accelerator.unwrap_model(transformer),
+        regularizer=regularizer,
+        teacher=online_teacher,
+        vae=online_vae,
+        dtype=dtype,
+        alphas_cumprod=scheduler_alphas(config, family),
+        autocast=accelerator.autocast,
+    )
     order = BucketedBatchOrder(
         dataset.buckets,
         config.train.batch_size,
@@ -316,47 +390,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
                 generator = torch.Generator().manual_seed(
                     (config.train.seed * 1_000_003 + step) * 4099 + accelerator.process_index
                 )
-                latents = batch["latents"].to(dtype)
-                teacher_grid = None
-                if external_teacher:  # before the forward, so no activations wait on the teacher
-                    _, _, frames, height, width = latents.shape
-                    teacher_grid = teacher_targets(
-                        source,
-                        batch,
-                        (frames, height // patch_h, width // patch_w),
-                        family.temporal_ratio,
-                        teacher=online_teacher,
-                        vae=online_vae,
-                        reduce=config.teacher.reduce,
-                        max_pixels=config.teacher.max_pixels,
-                        chunk_size=config.teacher.chunk_size,
-                    ).float()
-                noised = noise_batch(config, family, latents, generator, alphas_cumprod)
-                text = {key: batch[key] for key in ("prompt_embeds", "pooled_prompt_embeds") if key in batch}
-                text = {key: value.to(dtype) for key, value in text.items()}
-                if "prompt_attention_mask" in batch:
-                    text["prompt_attention_mask"] = batch["prompt_attention_mask"]
-                inputs = transformer_inputs(
-                    accelerator.unwrap_model(transformer),
-                    family,
-                    noised.noisy,
-                    noised.timesteps,
-                    text,
-                    frame_rate=config.data.fps or 25.0,
-                )
-                with accelerator.autocast():
-                    prediction = transformer(**inputs)[0]
-                prediction = prediction_to_latents(
-                    accelerator.unwrap_model(transformer), family, prediction, noised.target.shape
-                )
-                diffusion_loss = F.mse_loss(prediction.float(), noised.target.float())
-                loss = diffusion_loss
-                step_metrics["loss/diffusion"] = diffusion_loss.detach()
-                if regularizer is not None:
-                    out = regularizer.loss(teacher_grid, step=step)
-                    loss = loss + out.loss
-                    step_metrics |= out.metrics
-                step_metrics["loss/total"] = loss.detach()
+                loss, metrics = step_loss(parts, batch, step, generator)
+                step_metrics |= metrics
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if accelerator.num_processes > 1:
