@@ -7,7 +7,9 @@ checkpointing (diffusers' non-reentrant one):
   plain     the transformer as diffusers builds it
   repvideo  the same weights with crepa.repvideo.install_repvideo(window=...)
 
-Times are medians of steps interleaved across the variants (machine noise hits all alike). Peak
+Times are medians over steps interleaved across the variants (machine noise hits all alike), as
+wall time and as the process's CPU time (one thread by default, so CPU time is the compute itself
+and is not inflated while other jobs hold the cores). Peak
 memory is measured in a fresh child process per variant: glibc is told to mmap every allocation of
 64 KiB or more (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set; after a warm-up
 step the kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` = 5) and VmHWM - VmRSS(before)
@@ -150,25 +152,31 @@ def main() -> None:
         f"{tokens} tokens (latent {args.frames}x{args.height}x{args.width}), batch 1, float32, "
         f"{torch.get_num_threads()} threads; one activation = {tokens * width * 4 / 2**20:.2f} MiB"
     )
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    wall: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for model in models.values():
         training_step(*model)  # warm-up
     for _ in range(args.steps):
         for variant, model in models.items():  # interleaved
-            start = time.perf_counter()
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
             training_step(*model)
-            times[variant].append(time.perf_counter() - start)
+            wall[variant].append(time.perf_counter() - start_wall)
+            cpu[variant].append(time.process_time() - start_cpu)
     del models, gates
     memory = {variant: peak_memory(variant, argv) for variant in VARIANTS}
-    print(f"\n{'variant':<15}{'step ms':>10}{'vs plain':>10}{'peak extra MiB':>16}{'vs plain':>10}")
+    columns = ("wall ms", "vs plain", "CPU ms", "vs plain", "peak extra MiB", "vs plain")
+    print("\n" + f"{'variant':<15}" + "".join(f"{column:>{len(column) + 2}}" for column in columns))
     for variant in VARIANTS:
         baseline = variant.replace("repvideo", "plain")
-        step = statistics.median(times[variant]) * 1e3
-        base_step = statistics.median(times[baseline]) * 1e3
-        print(
-            f"{variant:<15}{step:>10.1f}{step - base_step:>+10.1f}"
-            f"{memory[variant]:>16.1f}{memory[variant] - memory[baseline]:>+10.1f}"
-        )
+        wall_ms, base_wall_ms = (statistics.median(wall[name]) * 1e3 for name in (variant, baseline))
+        cpu_ms, base_cpu_ms = (statistics.median(cpu[name]) * 1e3 for name in (variant, baseline))
+        values = (wall_ms, wall_ms - base_wall_ms, cpu_ms, cpu_ms - base_cpu_ms)
+        values += (memory[variant], memory[variant] - memory[baseline])
+        cells = [
+            f"{value:>{'+' if column == 'vs plain' else ''}{len(column) + 2}.1f}"
+            for column, value in zip(columns, values, strict=True)
+        ]
+        print(f"{variant:<15}" + "".join(cells))
 
 
 if __name__ == "__main__":
