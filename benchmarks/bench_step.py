@@ -1,0 +1,254 @@
+"""Time and peak memory of one training step per teacher mode, side by side, plus the analytic
+FLOP ratio of each mode's extra work at the real CogVideoX-5B shapes.
+
+Modes (all through the trainer's own ``step_loss``, data loading from the cache included):
+  none     diffusion loss only (crepa.enabled = false)
+  cache    CREPA with teacher grids read from the precomputed cache
+  pixels   CREPA encoding the decoded clean frames with the teacher inside the step
+  vae      CREPA decoding the cached latents with the VAE, then the teacher, inside the step
+
+The model is a Wan-architecture transformer sized so that the projector's share of the work is
+near the real one: width 384 (6 heads x 64), 12 blocks, 624 video tokens per clip (49 frames at
+96x128 -> 13 x 6 x 8 tokens), LoRA rank 16; projector hidden width 256 (= 2048 x 384 / 3072, the
+paper's projector scaled with the model width); teacher a ViT-S-sized DINOv2 (384-d, 6 blocks).
+Each mode runs in a fresh process: median step time after warm-up, and peak memory as the rise of
+the kernel's peak-RSS counter (reset with /proc/self/clear_refs) over the measured steps.
+
+    python benchmarks/bench_step.py [--steps 6] [--warmup 2] [--skip-flops]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODES = ("none", "cache", "pixels", "vae")
+FRAMES, HEIGHT, WIDTH = 49, 96, 128
+
+
+def build_world(root: Path) -> Path:
+    """Tiny Wan pipeline with a wider transformer, a ViT-S-sized DINOv2, 4 clips and a run file."""
+    import diffusers
+    from transformers import Dinov2Config, Dinov2Model
+
+    from crepa.io.video import write_video
+    from crepa.models.tiny_pipelines import save_tiny_pipeline
+
+    save_tiny_pipeline("wan", root / "pipe")
+    config = diffusers.WanTransformer3DModel.load_config(root / "pipe/transformer")
+    wide = {**config, "num_attention_heads": 6, "attention_head_dim": 64, "ffn_dim": 1536, "num_layers": 12}
+    torch.manual_seed(0)
+    diffusers.WanTransformer3DModel.from_config(wide).save_pretrained(root / "pipe/transformer")
+    teacher = Dinov2Config(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, image_size=224)
+    Dinov2Model(teacher).save_pretrained(root / "dino")
+    (root / "clips").mkdir()
+    t = np.arange(FRAMES)[:, None, None, None]
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    for i in range(4):
+        clip = ((np.stack([x, y, x + y], -1)[None] + 2 * (i + 1) * t) % 256).astype(np.uint8)
+        write_video(root / f"clips/clip{i}.mp4", clip, fps=16)
+        (root / f"clips/clip{i}.txt").write_text("a red ball rolls across the table")
+    run = root / "run.toml"
+    run.write_text(
+        f"""
+[model]
+pretrained = "pipe"
+gradient_checkpointing = false
+[data]
+source = "clips"
+resolutions = [[{HEIGHT}, {WIDTH}]]
+num_frames = [{FRAMES}]
+[teacher]
+name = "dino"
+[crepa]
+block_index = 4
+projector_hidden_dim = 256
+[lora]
+rank = 16
+alpha = 16
+[train]
+batch_size = 1
+"""
+    )
+    return run
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def measure(run: Path, mode: str, steps: int, warmup: int) -> dict[str, float]:
+    """Run ``warmup + steps`` optimiser steps of ``mode`` in this process (called in a child)."""
+    from crepa.config import load_config
+    from crepa.regularizer import CrepaRegularizer
+    from crepa.train.batches import BucketedBatchOrder
+    from crepa.train.lora import add_lora
+    from crepa.train.recipe import (
+        StepParts,
+        batches,
+        load_online_teacher,
+        load_transformer,
+        open_dataset,
+        resolve_family,
+        scheduler_alphas,
+        step_loss,
+    )
+
+    overrides = ["crepa.enabled=false"] if mode == "none" else [f'cache.teacher_source="{mode}"']
+    config = load_config(run, overrides)
+    family = resolve_family(config)
+    external = config.crepa.enabled
+    dataset = open_dataset(config, family, external)
+    device = torch.device("cpu")
+    transformer = load_transformer(config, family, torch.float32)
+    params = add_lora(transformer, family, config.lora)
+    transformer.train()
+    teacher, vae = load_online_teacher(config, family, device) if mode in ("pixels", "vae") else (None, None)
+    regularizer = None
+    if external:
+        teacher_dim = teacher.dim if teacher is not None else dataset.teacher_dim
+        regularizer = CrepaRegularizer(transformer, config.crepa, teacher_dim=teacher_dim)
+        params += list(regularizer.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    parts = StepParts(
+        config,
+        family,
+        transformer,
+        transformer,
+        regularizer,
+        teacher,
+        vae,
+        torch.float32,
+        scheduler_alphas(config, family),
+    )
+    data = batches(dataset, BucketedBatchOrder(dataset.buckets, 1, 0), 0, device)
+    times, before = [], 0
+    for step in range(warmup + steps):
+        if step == warmup:
+            before = _status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")
+        start = time.perf_counter()
+        loss, _ = step_loss(parts, next(data), step, torch.Generator().manual_seed(step))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "peak_extra_mib": (_status_kib("VmHWM") - before) / 1024}
+
+
+def analytic_flops() -> dict[str, float]:
+    """Forward FLOPs at CogVideoX-5B shapes (49 x 480 x 720, 13 x 60 x 90 latents, DINOv2-g at 420 x 630),
+    counted by torch's FlopCounterMode on meta tensors of the real architectures (no weights)."""
+    import diffusers
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Dinov2Config, Dinov2Model
+
+    from crepa.align import build_projector
+
+    def count(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    with torch.device("meta"):
+        dit = diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=48,
+            attention_head_dim=64,
+            num_layers=42,
+            use_rotary_positional_embeddings=True,
+            sample_height=60,
+            sample_width=90,
+        )
+        latents, text = torch.randn(1, 13, 16, 60, 90), torch.randn(1, 226, 4096)
+        rope = (torch.randn(17550, 64), torch.randn(17550, 64))
+        projector = build_projector("mlp", 3072, 1536)
+        dino = Dinov2Model(
+            Dinov2Config(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True)
+        )
+        frames = torch.randn(49, 3, 420, 630)
+        vae = diffusers.AutoencoderKLCogVideoX()
+        z = torch.randn(1, 16, 13, 60, 90)
+        dit_forward = count(lambda: dit(latents, text, torch.tensor([500]), image_rotary_emb=rope))
+        projector_forward = count(lambda: projector(torch.randn(1, 17550, 3072)))
+        teacher_forward = count(lambda: dino(pixel_values=frames))
+        vae_decode = count(lambda: vae.decode(z))
+    step = 3 * dit_forward  # forward + backward (2x forward) of the transformer, no checkpointing
+    return {
+        "step": step,
+        "cache": 3 * projector_forward,
+        "pixels": 3 * projector_forward + teacher_forward,
+        "vae": 3 * projector_forward + teacher_forward + vae_decode,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip-flops", action="store_true")
+    parser.add_argument("--child", nargs=2, metavar=("RUN", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(Path(args.child[0]), args.child[1], args.steps, args.warmup)))
+        return
+    from crepa.config import load_config
+    from crepa.precompute import precompute
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = build_world(Path(tmp))
+        precompute(load_config(run), progress=False)
+        results = {}
+        for mode in MODES:
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                str(run),
+                mode,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results[mode] = json.loads(output.strip().splitlines()[-1])
+    base = results["none"]
+    print(
+        f"Wan-architecture transformer 384-d x 12 blocks, 624 tokens, LoRA 16; {args.steps} steps after {args.warmup} warm-up"
+    )
+    print(f"{'mode':<8}{'step s':>9}{'x none':>9}{'peak extra MiB':>16}{'x none':>9}")
+    for mode, values in results.items():
+        print(
+            f"{mode:<8}{values['seconds']:>9.3f}{values['seconds'] / base['seconds']:>9.3f}"
+            f"{values['peak_extra_mib']:>16.1f}{values['peak_extra_mib'] / base['peak_extra_mib']:>9.3f}"
+        )
+    if not args.skip_flops:
+        flops = analytic_flops()
+        print("\nAnalytic extra work per step at CogVideoX-5B shapes (49x480x720, DINOv2-g at 420x630):")
+        print(f"  training step (transformer fwd+bwd): {flops['step'] / 1e12:.0f} TFLOP")
+        for mode in ("cache", "pixels", "vae"):
+            print(
+                f"  {mode:<7} +{flops[mode] / 1e12:8.1f} TFLOP = {100 * flops[mode] / flops['step']:6.2f}% of the step"
+            )
+
+
+if __name__ == "__main__":
+    main()
