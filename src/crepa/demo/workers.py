@@ -1,0 +1,74 @@
+"""Independent jobs (fine-tuning runs, evaluations) on a pool of single-threaded worker processes.
+
+Tiny models gain little from intra-op threads, and OpenMP threads spin badly when other
+processes share the cores; one thread per process and one process per core uses a small machine
+best. Each job is deterministic on its own, so the order in which workers finish changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+Job = TypeVar("Job")
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to the demo's own progress: no per-load bars or notices from the libraries."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*no supported trackers are currently installed.*")
+
+
+def init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    quiet_libraries()
+
+
+@contextmanager
+def worker_pool(workers: int, threads: int) -> Iterator[Executor | None]:
+    """A spawn-started process pool of ``workers`` (None for one worker: jobs run in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")  # fork after OpenMP / torch threads can hang
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=init_worker, initargs=(threads,)
+    ) as pool:
+        yield pool
+
+
+def run_jobs(
+    pool: Executor | None,
+    function: Callable[[Job], Any],
+    jobs: Sequence[Job],
+    description: str,
+    progress: bool = True,
+) -> list[Any]:
+    """``[function(job) for job in jobs]``, on ``pool`` when given, with a progress bar over jobs."""
+    results: list[Any] = [None] * len(jobs)
+    with tqdm(total=len(jobs), desc=description, unit="job", disable=not progress) as bar:
+        if pool is None:
+            for index, job in enumerate(jobs):
+                results[index] = function(job)
+                bar.update(1)
+            return results
+        futures = {pool.submit(function, job): index for index, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update(1)
+    return results
