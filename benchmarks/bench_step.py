@@ -11,8 +11,10 @@ The model is a Wan-architecture transformer sized so that the projector's share 
 near the real one: width 384 (6 heads x 64), 12 blocks, 624 video tokens per clip (49 frames at
 96x128 -> 13 x 6 x 8 tokens), LoRA rank 16; projector hidden width 256 (= 2048 x 384 / 3072, the
 paper's projector scaled with the model width); teacher a ViT-S-sized DINOv2 (384-d, 6 blocks).
-Each mode runs in a fresh process: median step time after warm-up, and peak memory as the rise of
-the kernel's peak-RSS counter (reset with /proc/self/clear_refs) over the measured steps.
+Times: all modes in one process on one thread, steps interleaved (mode by mode within each round),
+median CPU seconds per step, so load from other jobs on the machine hits every mode alike. Memory:
+each mode in a fresh process; the peak RSS during the measured steps (the kernel's peak counter
+reset with /proc/self/clear_refs after warm-up), and its rise over the RSS before those steps.
 
     python benchmarks/bench_step.py [--steps 6] [--warmup 2] [--skip-flops]
 """
@@ -90,8 +92,8 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure(run: Path, mode: str, steps: int, warmup: int) -> dict[str, float]:
-    """Run ``warmup + steps`` optimiser steps of ``mode`` in this process (called in a child)."""
+def make_step(run: Path, mode: str):
+    """Build the trainer's parts for ``mode`` and return ``step(i)``: one optimiser step of batch i."""
     from crepa.config import load_config
     from crepa.regularizer import CrepaRegularizer
     from crepa.train.batches import BucketedBatchOrder
@@ -110,46 +112,64 @@ def measure(run: Path, mode: str, steps: int, warmup: int) -> dict[str, float]:
     overrides = ["crepa.enabled=false"] if mode == "none" else [f'cache.teacher_source="{mode}"']
     config = load_config(run, overrides)
     family = resolve_family(config)
-    external = config.crepa.enabled
-    dataset = open_dataset(config, family, external)
-    device = torch.device("cpu")
+    dataset = open_dataset(config, family, config.crepa.enabled)
     transformer = load_transformer(config, family, torch.float32)
     params = add_lora(transformer, family, config.lora)
     transformer.train()
-    teacher, vae = load_online_teacher(config, family, device) if mode in ("pixels", "vae") else (None, None)
+    online = mode in ("pixels", "vae")
+    teacher, vae = load_online_teacher(config, family, torch.device("cpu")) if online else (None, None)
     regularizer = None
-    if external:
+    if config.crepa.enabled:
         teacher_dim = teacher.dim if teacher is not None else dataset.teacher_dim
         regularizer = CrepaRegularizer(transformer, config.crepa, teacher_dim=teacher_dim)
         params += list(regularizer.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    alphas = scheduler_alphas(config, family)
     parts = StepParts(
-        config,
-        family,
-        transformer,
-        transformer,
-        regularizer,
-        teacher,
-        vae,
-        torch.float32,
-        scheduler_alphas(config, family),
+        config, family, transformer, transformer, regularizer, teacher, vae, torch.float32, alphas
     )
-    data = batches(dataset, BucketedBatchOrder(dataset.buckets, 1, 0), 0, device)
-    times, before = [], 0
-    for step in range(warmup + steps):
-        if step == warmup:
-            before = _status_kib("VmRSS")
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")
-        start = time.perf_counter()
-        loss, _ = step_loss(parts, next(data), step, torch.Generator().manual_seed(step))
+    data = batches(dataset, BucketedBatchOrder(dataset.buckets, 1, 0), 0, torch.device("cpu"))
+
+    def step(index: int) -> None:
+        loss, _ = step_loss(parts, next(data), index, torch.Generator().manual_seed(index))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_extra_mib": (_status_kib("VmHWM") - before) / 1024}
+
+    return step
+
+
+def measure_times(run: Path, steps: int, warmup: int) -> dict[str, float]:
+    """Median CPU seconds per step of every mode, interleaved step by step in one process on one
+    thread, so load from other jobs on the machine hits every mode alike."""
+    torch.set_num_threads(1)
+    runners = {mode: make_step(run, mode) for mode in MODES}
+    for index in range(warmup):
+        for runner in runners.values():
+            runner(index)
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for index in range(warmup, warmup + steps):
+        for mode, runner in runners.items():
+            start = time.process_time()
+            runner(index)
+            times[mode].append(time.process_time() - start)
+    return {mode: statistics.median(values) for mode, values in times.items()}
+
+
+def measure_memory(run: Path, mode: str, steps: int, warmup: int) -> dict[str, float]:
+    """Peak RSS (MiB) during ``steps`` steps of ``mode`` after warm-up, and its rise over the RSS
+    before them (the step's transient memory); run in a fresh process."""
+    runner = make_step(run, mode)
+    for index in range(warmup):
+        runner(index)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset the peak-RSS counter
+    for index in range(warmup, warmup + steps):
+        runner(index)
+    peak = _status_kib("VmHWM")
+    return {"peak_mib": peak / 1024, "rise_mib": (peak - before) / 1024}
 
 
 def analytic_flops() -> dict[str, float]:
@@ -197,6 +217,12 @@ def analytic_flops() -> dict[str, float]:
     }
 
 
+def _child(*args: str) -> dict:
+    command = [sys.executable, __file__, "--child", *args]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,41 +230,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip-flops", action="store_true")
-    parser.add_argument("--child", nargs=2, metavar=("RUN", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(Path(args.child[0]), args.child[1], args.steps, args.warmup)))
+    if args.child:  # ["times", RUN, STEPS, WARMUP] or ["memory", RUN, MODE, STEPS, WARMUP]
+        kind, run, *rest = args.child
+        if kind == "times":
+            print(json.dumps(measure_times(Path(run), int(rest[0]), int(rest[1]))))
+        else:
+            print(json.dumps(measure_memory(Path(run), rest[0], int(rest[1]), int(rest[2]))))
         return
     from crepa.config import load_config
     from crepa.precompute import precompute
 
+    counts = (str(args.steps), str(args.warmup))
     with tempfile.TemporaryDirectory() as tmp:
         run = build_world(Path(tmp))
         precompute(load_config(run), progress=False)
-        results = {}
-        for mode in MODES:
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                str(run),
-                mode,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-            ]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[mode] = json.loads(output.strip().splitlines()[-1])
-    base = results["none"]
+        seconds = _child("times", str(run), *counts)
+        memory = {mode: _child("memory", str(run), mode, *counts) for mode in MODES}
     print(
-        f"Wan-architecture transformer 384-d x 12 blocks, 624 tokens, LoRA 16; {args.steps} steps after {args.warmup} warm-up"
+        f"Wan-architecture transformer 384-d x 12 blocks, 624 tokens, LoRA 16, batch 1; "
+        f"{args.steps} steps after {args.warmup} warm-up"
     )
-    print(f"{'mode':<8}{'step s':>9}{'x none':>9}{'peak extra MiB':>16}{'x none':>9}")
-    for mode, values in results.items():
+    print(f"{'mode':<8}{'CPU s/step':>11}{'x none':>9}{'peak RSS MiB':>14}{'x none':>9}{'step rise MiB':>15}")
+    for mode in MODES:
+        peak, rise = memory[mode]["peak_mib"], memory[mode]["rise_mib"]
         print(
-            f"{mode:<8}{values['seconds']:>9.3f}{values['seconds'] / base['seconds']:>9.3f}"
-            f"{values['peak_extra_mib']:>16.1f}{values['peak_extra_mib'] / base['peak_extra_mib']:>9.3f}"
+            f"{mode:<8}{seconds[mode]:>11.3f}{seconds[mode] / seconds['none']:>9.3f}"
+            f"{peak:>14.0f}{peak / memory['none']['peak_mib']:>9.3f}{rise:>15.1f}"
         )
     if not args.skip_flops:
         flops = analytic_flops()
