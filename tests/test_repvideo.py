@@ -322,3 +322,37 @@ def test_window_and_gating_pattern() -> None:
     assert gates.gate.shape == (3,) and torch.all(gates.gate == 0.5)
     assert [gates.is_gated(index) for index in range(3)] == [False, False, True]
     assert set(gates.state_dict()) == {"gate", "window", "include_text"}
+
+
+def test_eval_profile_of_a_run_with_trained_gates(tmp_path):
+    """The evaluation's per-layer adjacent-frame similarity sees the trained RepVideo gates."""
+    from safetensors.torch import save_file
+
+    from crepa.config import RepVideoSection
+    from crepa.eval.diagnostics import load_repvideo_gates
+    from crepa.eval.layers import layer_similarity_profile
+    from crepa.models.tiny import tiny_inputs, tiny_transformer
+
+    settings = RepVideoSection(enabled=True, window=2, gate_init=0.0)
+    calls = [
+        tiny_inputs("wan", tiny_transformer("wan", num_layers=4), generator=torch.Generator().manual_seed(0))
+    ]
+    trained = install_repvideo(tiny_transformer("wan", num_layers=4), window=2)
+    with torch.no_grad():
+        trained.gate.copy_(torch.tensor([0.0, 0.0, 0.9, 0.0]))
+    save_file(
+        {k: v.contiguous() for k, v in trained.state_dict().items()},
+        str(tmp_path / "repvideo_gates.safetensors"),
+    )
+
+    base = tiny_transformer("wan", num_layers=4)
+    (tmp_path / "no-gates").mkdir()
+    assert load_repvideo_gates(base, tmp_path / "no-gates", settings) is None
+    base_profile = layer_similarity_profile(base, calls)
+    gated = tiny_transformer("wan", num_layers=4)
+    gates = load_repvideo_gates(gated, tmp_path, settings)
+    assert gates is not None and torch.equal(gates.gate, trained.gate)
+    gated_profile = layer_similarity_profile(gated, calls)
+    # blocks 0 and 1 are never gated; block 2 (gate 0.9) and everything after it change
+    torch.testing.assert_close(gated_profile[:2], base_profile[:2])
+    assert not torch.allclose(gated_profile[2:], base_profile[2:])

@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from crepa.config import RunConfig
+from crepa.config import RepVideoSection, RunConfig
 from crepa.eval.cknna import cknna
 from crepa.eval.layers import LayerSimilarityRecorder, block_frame_features, layer_similarity_profile
 from crepa.models.conditioning import transformer_inputs
 from crepa.models.registry import ModelFamily
+from crepa.repvideo import RepVideoGates, install_repvideo
 from crepa.teacher_targets import teacher_targets
 from crepa.train.lora import LORA_FILE
 from crepa.train.recipe import (
@@ -113,6 +115,25 @@ def load_lora(transformer: nn.Module, path: str | Path) -> None:
         raise ValueError(f"--lora {path}: neither a LoRA file nor a folder holding {LORA_FILE}")
 
 
+GATES_FILE = "repvideo_gates.safetensors"
+
+
+def load_repvideo_gates(
+    transformer: nn.Module, path: str | Path, settings: RepVideoSection
+) -> RepVideoGates | None:
+    """Install RepVideo with the run's settings and the trained gates saved next to a LoRA, if any.
+
+    path: the run's output folder (or its LoRA file); returns None when no gates were saved there.
+    """
+    path = Path(path)
+    gates_file = (path if path.is_dir() else path.parent) / GATES_FILE
+    if not gates_file.is_file():
+        return None
+    gates = install_repvideo(transformer, settings.window, settings.gate_init, settings.include_text)
+    gates.load_state_dict(load_file(str(gates_file)))
+    return gates.to(next(transformer.parameters()).device)
+
+
 @torch.no_grad()
 def diagnose_run(
     config: RunConfig,
@@ -156,6 +177,8 @@ def diagnose_run(
     for label in labels:
         if label == "lora":
             load_lora(transformer, lora)
+            if load_repvideo_gates(transformer, lora, config.repvideo) is not None:
+                notes.append("the trained model's RepVideo gates are installed for the 'lora' profile")
         if with_teacher:
             with LayerSimilarityRecorder(transformer) as recorder:
                 student, teacher = block_frame_features(transformer, block_index, samples)
