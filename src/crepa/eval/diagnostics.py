@@ -23,9 +23,10 @@ from crepa.eval.layers import LayerSimilarityRecorder, block_frame_features, lay
 from crepa.models.conditioning import transformer_inputs
 from crepa.models.registry import ModelFamily
 from crepa.repvideo import RepVideoGates, install_repvideo
-from crepa.teacher_targets import teacher_targets
 from crepa.train.lora import LORA_FILE
 from crepa.train.recipe import (
+    batch_teacher_grid,
+    batch_text,
     load_online_teacher,
     load_transformer,
     noise_batch,
@@ -69,7 +70,6 @@ def diagnostic_calls(
     online_teacher = online_vae = None
     if with_teacher and config.cache.teacher_source != "cache":
         online_teacher, online_vae = load_online_teacher(config, family, device)
-    _, patch_h, patch_w = family.patch_sizes(transformer)
     samples = []
     for index in range(min(clips, len(dataset))):
         item = {
@@ -78,23 +78,12 @@ def diagnostic_calls(
             if torch.is_tensor(value)
         }
         latents = item["latents"].to(dtype)
-        teacher_grid = None
-        if with_teacher:
-            _, _, frames, height, width = latents.shape
-            teacher_grid = teacher_targets(
-                config.cache.teacher_source,
-                item,
-                (frames, height // patch_h, width // patch_w),
-                family.temporal_ratio,
-                teacher=online_teacher,
-                vae=online_vae,
-                reduce=config.teacher.reduce,
-                max_pixels=config.teacher.max_pixels,
-                chunk_size=config.teacher.chunk_size,
-            ).float()
-        text = {key: item[key].to(dtype) for key in ("prompt_embeds", "pooled_prompt_embeds") if key in item}
-        if "prompt_attention_mask" in item:
-            text["prompt_attention_mask"] = item["prompt_attention_mask"]
+        teacher_grid = (
+            batch_teacher_grid(config, family, transformer, item, online_teacher, online_vae)
+            if with_teacher
+            else None
+        )
+        text = batch_text(item, dtype)
         for _ in range(draws):
             noised = noise_batch(config, family, latents, generator, alphas)
             call = transformer_inputs(

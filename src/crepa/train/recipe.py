@@ -217,6 +217,40 @@ class StepParts:
     autocast: Callable[[], AbstractContextManager] = nullcontext
 
 
+def batch_text(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The text states of a cached batch for :func:`transformer_inputs` (embeddings in ``dtype``)."""
+    text = {key: batch[key].to(dtype) for key in ("prompt_embeds", "pooled_prompt_embeds") if key in batch}
+    if "prompt_attention_mask" in batch:
+        text["prompt_attention_mask"] = batch["prompt_attention_mask"]
+    return text
+
+
+def batch_teacher_grid(
+    config: RunConfig,
+    family: ModelFamily,
+    model: nn.Module,
+    batch: dict[str, Any],
+    teacher: Any,
+    vae: nn.Module | None,
+) -> torch.Tensor | None:
+    """Teacher grids (B, F', H', W', D) of a cached batch from ``cache.teacher_source``; None in backbone mode."""
+    if config.crepa.mode == "backbone":
+        return None
+    _, patch_h, patch_w = family.patch_sizes(model)
+    _, _, frames, height, width = batch["latents"].shape
+    return teacher_targets(
+        config.cache.teacher_source,
+        batch,
+        (frames, height // patch_h, width // patch_w),
+        family.temporal_ratio,
+        teacher=teacher,
+        vae=vae,
+        reduce=config.teacher.reduce,
+        max_pixels=config.teacher.max_pixels,
+        chunk_size=config.teacher.chunk_size,
+    ).float()
+
+
 def step_loss(
     parts: StepParts, batch: dict[str, Any], step: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -224,27 +258,10 @@ def step_loss(
     config, family = parts.config, parts.family
     latents = batch["latents"].to(parts.dtype)
     teacher_grid = None
-    align = config.crepa
-    if align.enabled and align.mode != "backbone":  # before the forward: no activations wait on the teacher
-        _, patch_h, patch_w = family.patch_sizes(parts.model)
-        _, _, frames, height, width = latents.shape
-        teacher_grid = teacher_targets(
-            config.cache.teacher_source,
-            batch,
-            (frames, height // patch_h, width // patch_w),
-            family.temporal_ratio,
-            teacher=parts.teacher,
-            vae=parts.vae,
-            reduce=config.teacher.reduce,
-            max_pixels=config.teacher.max_pixels,
-            chunk_size=config.teacher.chunk_size,
-        ).float()
+    if config.crepa.enabled:  # before the forward: no activations wait on the teacher
+        teacher_grid = batch_teacher_grid(config, family, parts.model, batch, parts.teacher, parts.vae)
     noised = noise_batch(config, family, latents, generator, parts.alphas_cumprod)
-    text = {
-        key: batch[key].to(parts.dtype) for key in ("prompt_embeds", "pooled_prompt_embeds") if key in batch
-    }
-    if "prompt_attention_mask" in batch:
-        text["prompt_attention_mask"] = batch["prompt_attention_mask"]
+    text = batch_text(batch, parts.dtype)
     inputs = transformer_inputs(
         parts.model, family, noised.noisy, noised.timesteps, text, frame_rate=config.data.fps or 25.0
     )
