@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from crepa.models.registry import get_family
+from crepa.models.tiny import TINY_MODELS
 
 # Words the tiny tokenizer knows; any other word becomes <unk>. Lower-cased, split on whitespace
 # and punctuation.
@@ -139,19 +140,9 @@ def _cogvideox() -> dict[str, Any]:
 
 def _wan() -> dict[str, Any]:
     torch.manual_seed(0)
+    # the tiny Wan transformer of the unit tests, widened to the tiny VAE's 16 channels and T5's 32
     transformer = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
+        **{**TINY_MODELS["wan"].config, "in_channels": 16, "out_channels": 16, "text_dim": 32}
     )
     # z_dim 16 keeps the default per-channel latents_mean / latents_std of the real Wan VAE.
     vae = diffusers.AutoencoderKLWan(
