@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from crepa.align import cross_frame_alignment
+from peak_memory import reset_peak, status_kib
 
 SHAPE = (1, 13, 1350, 1536)
 
@@ -64,23 +65,13 @@ def inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(*SHAPE, generator=gen), torch.randn(*SHAPE, generator=gen)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child_peak_memory(name: str, distance: int) -> None:
     """Run one variant once and print its extra peak memory in MiB (called in a fresh process)."""
     student, teacher = inputs()
     run_variant(name, student, teacher, distance)  # warm-up: first-touch allocations of libraries
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the peak-RSS counter
+    before = reset_peak()
     run_variant(name, student, teacher, distance)
-    print(json.dumps({"extra_mib": (_status_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"extra_mib": (status_kib("VmHWM") - before) / 1024}))
 
 
 def peak_memory(name: str, distance: int) -> float:

@@ -37,6 +37,7 @@ from crepa.models import detect_family
 from crepa.models.tiny import tiny_inputs, tiny_transformer
 from crepa.repvideo import RepVideoGates, install_repvideo
 from crepa.train.lora import add_lora
+from peak_memory import reset_peak, status_kib
 
 VARIANTS = ("plain", "repvideo", "plain+ckpt", "repvideo+ckpt")
 
@@ -88,23 +89,13 @@ def training_step(transformer: nn.Module, inputs: dict[str, Any], gates: RepVide
         gates.zero_grad(set_to_none=True)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child_peak_memory(variant: str, args: argparse.Namespace) -> None:
     """Run one step of ``variant`` and print its extra peak memory in MiB (in a fresh process)."""
     model = build(variant, args)
     training_step(*model)  # warm-up: first-touch allocations of libraries
-    before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # reset the peak-RSS counter
+    before = reset_peak()
     training_step(*model)
-    print(json.dumps({"extra_mib": (_status_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"extra_mib": (status_kib("VmHWM") - before) / 1024}))
 
 
 def peak_memory(variant: str, argv: list[str]) -> float:
