@@ -215,3 +215,35 @@ def test_repvideo_with_crepa_trains_and_resumes_exactly(tmp_path):
     gated = [i >= 2 and (i - 1) % 2 != 0 for i in range(4)]
     assert gated == [False, False, True, False]
     assert [bool(g != 0.5) for g in gates] == gated  # ungated gates get no gradient and no decay
+
+
+@pytest.fixture(scope="module")
+def wan_world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wan-world")
+    run = write_world(root, "wan")
+    precompute(load_config(run), progress=False)
+    return run
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "outputs"),
+    [
+        ("full", ["lora.enabled=false"], ["transformer/config.json", "projector.safetensors"]),
+        (
+            "backbone",
+            ['crepa.mode="backbone"', "crepa.teacher_block_index=1"],
+            ["pytorch_lora_weights.safetensors"],
+        ),
+        ("pixels", ['cache.teacher_source="pixels"'], ["projector.safetensors"]),
+        ("vae", ['cache.teacher_source="vae"'], ["projector.safetensors"]),
+        ("baseline", ["crepa.enabled=false"], ["pytorch_lora_weights.safetensors"]),
+    ],
+)
+def test_training_variants_run(wan_world, name, overrides, outputs):
+    config = load_config(wan_world, [*overrides, "train.max_steps=1", f'output.dir="{name}"'])
+    summary = train(config, progress=False)
+    assert summary.steps == 1 and np.isfinite(summary.final_metrics["loss/total"])
+    assert ("crepa/score" in summary.final_metrics) == (name != "baseline")
+    for output in outputs:
+        assert (config.output.dir / output).is_file(), output
+    assert (name == "baseline") == (not (config.output.dir / "projector.safetensors").exists())
