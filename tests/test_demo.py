@@ -68,7 +68,8 @@ def test_world_is_written_as_mp4_with_captions_and_reused(tmp_path):
             assert video.with_suffix(".txt").read_text().strip() == spec.caption
             decoded, _ = read_video_frames(video)
             rendered = render_clip(spec, SMALL).frames.astype(float)
-            assert np.abs(decoded.astype(float) - rendered).mean() < 6  # lossy H.264, same picture
+            error = np.abs(decoded.astype(float) - rendered)  # lossless H.264, but chroma is 4:2:0
+            assert np.median(error) <= 2 and error.mean() < 8
     stamp = (tmp_path / "world" / "demo-stamp.json").stat().st_mtime_ns
     assert write_world(tmp_path / "world", SMALL, progress=False)[1]
     assert (tmp_path / "world" / "demo-stamp.json").stat().st_mtime_ns == stamp
@@ -89,6 +90,7 @@ def test_verdict_separates_only_differences_larger_than_the_seed_spread():
     assert warping.order == ("none", "repa", "crepa") and warping.clearly_better("none", "crepa")
     text = " ".join(summary_sentences(comparisons, seeds=2))
     assert "CREPA is better than no alignment on subject consistency, temporal flickering and CKNNA" in text
+    assert "cross-frame term itself (CREPA against REPA*, which differ only in it) helps on" in text
     overlapping = _entries({"none": (0.1, 0.3), "repa": (0.15, 0.3), "crepa": (0.2, 0.3)})
     paragraphs = verdict(overlapping, overlapping["none"], {}, seeds=2)
     assert "within seed noise" in " ".join(paragraphs["summary"])

@@ -14,13 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import diffusers
-import numpy as np
 import torch
 
 from crepa.demo.artefacts import STAMP_FILE, build_once
 from crepa.demo.latent import fit_pca_autoencoder
 from crepa.demo.runfile import write_run_file
-from crepa.demo.world import WorldSettings
+from crepa.demo.world import RenderedSplit, WorldSettings
 from crepa.models.tiny_pipelines import TINY_PIPELINES
 from crepa.precompute import precompute
 from crepa.train.recipe import train
@@ -45,9 +44,11 @@ class BaseSettings:
 
 
 def build_initial_pipeline(
-    directory: Path, world: WorldSettings, generic_clips: np.ndarray, settings: BaseSettings, upstream: dict
+    directory: Path, generic: RenderedSplit, settings: BaseSettings, upstream: dict
 ) -> bool:
-    """Save the untrained pipeline (random transformer, fitted PCA VAE) unless it is there; returns reused."""
+    """Save the untrained pipeline (random transformer, PCA VAE fitted to the generic clips) unless it
+    is there; returns reused."""
+    world = generic.settings
 
     def build(staging: Path) -> None:
         components = TINY_PIPELINES["cogvideox"]()
@@ -68,7 +69,7 @@ def build_initial_pipeline(
             temporal_compression_ratio=4,
             max_text_seq_length=16,
         )
-        components["vae"] = fit_pca_autoencoder(generic_clips, settings.latent_channels)
+        components["vae"] = fit_pca_autoencoder(generic.clips, settings.latent_channels)
         diffusers.CogVideoXPipeline(**components).save_pretrained(staging)
 
     return build_once(directory, {"initial_pipeline": asdict(settings), **upstream}, build)

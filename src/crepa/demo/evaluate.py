@@ -16,6 +16,7 @@ import torch
 from crepa.cache import CachedDataset
 from crepa.demo.extractor import load_attribute_extractor
 from crepa.demo.latent import PCAVideoAutoencoder
+from crepa.demo.world import LOSSLESS_CRF
 from crepa.eval import FeatureExtractor, block_cknna, evaluate_clips, find_clips, resolve_metrics
 from crepa.eval.report import write_eval_report
 from crepa.io.video import write_video
@@ -48,9 +49,10 @@ def load_pipeline(pipeline_dir: Path, lora_dir: Path | None = None) -> diffusers
 
 
 def write_clips(directory: Path, clips: np.ndarray, captions: list[str], fps: float) -> Path:
-    """uint8 clips (N, T, H, W, 3) as ``clip-XXXX.mp4`` + caption files in ``directory``."""
+    """uint8 clips (N, T, H, W, 3) as lossless ``clip-XXXX.mp4`` + caption files in ``directory``
+    (lossless, so the metrics see exactly the sampled frames, the same in every run)."""
     for index, (clip, caption) in enumerate(zip(clips, captions, strict=True)):
-        write_video(directory / f"clip-{index:04d}.mp4", clip, fps=fps)
+        write_video(directory / f"clip-{index:04d}.mp4", clip, fps=fps, crf=LOSSLESS_CRF)
         (directory / f"clip-{index:04d}.txt").write_text(caption + "\n", encoding="utf-8")
     return directory
 

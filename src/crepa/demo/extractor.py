@@ -18,6 +18,7 @@ from transformers import ResNetConfig, ResNetForImageClassification
 
 from crepa.demo.artefacts import build_once
 from crepa.demo.teacher import normalise_frames
+from crepa.demo.world import RenderedSplit
 from crepa.eval import CallableExtractor
 
 
@@ -74,17 +75,13 @@ def attribute_accuracy(model: ResNetForImageClassification, frames: np.ndarray, 
 
 
 def build_extractor(
-    directory: Path,
-    frames: np.ndarray,
-    labels: np.ndarray,
-    settings: ExtractorSettings,
-    upstream: dict,
-    progress: bool = True,
+    directory: Path, split: RenderedSplit, settings: ExtractorSettings, upstream: dict, progress: bool = True
 ) -> bool:
-    """Train and save the classifier in ``directory`` unless it is there already; returns whether it was reused."""
+    """Train on ``split``'s frames and labels and save the classifier in ``directory`` unless it is
+    there already; returns whether it was reused."""
 
     def build(staging: Path) -> None:
-        train_attribute_classifier(frames, labels, settings, progress).save_pretrained(staging)
+        train_attribute_classifier(split.frames, split.labels, settings, progress).save_pretrained(staging)
 
     return build_once(directory, {"extractor": asdict(settings), **upstream}, build)
 

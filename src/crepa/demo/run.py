@@ -28,7 +28,7 @@ from crepa.demo.extractor import ExtractorSettings, build_extractor, load_attrib
 from crepa.demo.report import DemoResults, write_report
 from crepa.demo.teacher import TeacherSettings, build_teacher
 from crepa.demo.workers import quiet_libraries, run_jobs, worker_pool
-from crepa.demo.world import WORLD_VERSION, World, WorldSettings, split_arrays, write_world
+from crepa.demo.world import WORLD_VERSION, RenderedSplit, World, WorldSettings, write_world
 from crepa.eval.evaluate import StageTimer
 from crepa.precompute import precompute
 
@@ -80,30 +80,18 @@ def run_demo(out: Path, settings: DemoSettings, workers: int = 1, progress: bool
     with stage("world", "procedural clips with captions (mp4 + txt)"):
         world, reused["world"] = write_world(out / "world", settings.world, progress)
     models = out / "models"
+    generic = RenderedSplit(settings.world, "generic")  # rendered only if an artefact must be built
     with stage("teacher", "tiny DINOv2, self-supervised on generic frames"):
-        frames, labels = split_arrays(settings.world, "generic")
-        side = settings.world.size
         reused["teacher"] = build_teacher(
-            models / "teacher",
-            frames.reshape(-1, side, side, 3),
-            side,
-            settings.teacher,
-            world_record,
-            progress,
+            models / "teacher", generic, settings.teacher, world_record, progress
         )
     with stage("extractor", "attribute classifier for the evaluation"):
         reused["extractor"] = build_extractor(
-            models / "extractor",
-            frames.reshape(-1, side, side, 3),
-            labels.reshape(-1, labels.shape[-1]),
-            settings.extractor,
-            world_record,
-            progress,
+            models / "extractor", generic, settings.extractor, world_record, progress
         )
     with stage("base model", "PCA latent space + CogVideoX transformer pre-trained on the generic split"):
         initial = models / "initial-pipeline"
-        base_record = {**world_record, "base": asdict(settings.base)}
-        build_initial_pipeline(initial, settings.world, frames, settings.base, world_record)
+        build_initial_pipeline(initial, generic, settings.base, world_record)
         reused["base model"] = build_base_model(
             models / "base",
             initial,
@@ -111,7 +99,7 @@ def run_demo(out: Path, settings: DemoSettings, workers: int = 1, progress: bool
             out / "cache" / "generic",
             settings.world,
             settings.base,
-            base_record,
+            {**world_record, "base": asdict(settings.base)},
             progress,
         )
     pipeline_dir = models / "base" / PIPELINE_DIR
@@ -130,11 +118,19 @@ def run_demo(out: Path, settings: DemoSettings, workers: int = 1, progress: bool
     )
     with stage("precompute", "latents, captions and teacher grids of the attribute and held-out clips"):
         crepa_config = next(config for run, config in runs if run.variant == "crepa")
-        precompute(crepa_config, progress=progress)  # the superset: every variant reads this cache
+        summaries = [precompute(crepa_config, progress=progress)]  # the superset every variant reads
         heldout_cache = out / "cache" / "heldout"
-        precompute_heldout(
-            runs_root, pipeline_dir, world.split_dir("heldout"), heldout_cache, teacher_dir, settings.world
+        summaries.append(
+            precompute_heldout(
+                runs_root,
+                pipeline_dir,
+                world.split_dir("heldout"),
+                heldout_cache,
+                teacher_dir,
+                settings.world,
+            )[1]
         )
+        reused["precompute"] = not any(count for summary in summaries for count in summary.computed.values())
     with worker_pool(workers, threads) as pool:
         with stage(
             "fine-tune", f"{len(VARIANTS)} variants x {settings.seeds} seeds, LoRA, {workers} worker(s)"

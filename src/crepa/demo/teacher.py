@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import Dinov2Config, Dinov2Model
 
 from crepa.demo.artefacts import build_once
+from crepa.demo.world import RenderedSplit
 from crepa.teachers.vit import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -95,16 +96,13 @@ def train_teacher(
 
 
 def build_teacher(
-    directory: Path,
-    frames: np.ndarray,
-    image_size: int,
-    settings: TeacherSettings,
-    upstream: dict,
-    progress: bool = True,
+    directory: Path, split: RenderedSplit, settings: TeacherSettings, upstream: dict, progress: bool = True
 ) -> bool:
-    """Train and save the teacher in ``directory`` unless it is there already; returns whether it was reused."""
+    """Train on ``split``'s frames and save the teacher in ``directory`` unless it is there already;
+    returns whether it was reused."""
 
     def build(staging: Path) -> None:
-        train_teacher(frames, image_size, settings, progress).save_pretrained(staging)
+        model = train_teacher(split.frames, split.settings.size, settings, progress)
+        model.save_pretrained(staging)
 
     return build_once(directory, {"teacher": asdict(settings), **upstream}, build)

@@ -138,11 +138,11 @@ def metric_sentence(comparison: Comparison) -> str:
     best, runner_up = comparison.order[0], comparison.order[1]
     lead, spread = comparison.advantage(best, runner_up), comparison.spread(best, runner_up)
     if min(len(comparison.entries[v].values) for v in (best, runner_up)) < 2:
-        return f"{head} {label[best]} leads by {fmt(lead, 2)}; with one seed there is no spread to compare it with."
+        return f"{head} {label[best]} leads by {fmt(lead, 3)}; with one seed there is no spread to compare it with."
     judgement = "larger than" if comparison.clearly_better(best, runner_up) else "within"
     return (
-        f"{head} {label[best]} leads {label[runner_up]} by {fmt(lead, 2)}, {judgement} the seed spread "
-        f"({fmt(spread, 2)})."
+        f"{head} {label[best]} leads {label[runner_up]} by {fmt(lead, 3)}, {judgement} the seed spread "
+        f"({fmt(spread, 3)})."
     )
 
 
@@ -154,7 +154,8 @@ def head_to_head(comparisons: list[Comparison], first: str, second: str) -> tupl
 
 
 def summary_sentences(comparisons: list[Comparison], seeds: int) -> list[str]:
-    """CREPA against each other variant, then what that means overall."""
+    """Each pair of variants head to head, then what the separations say about alignment in general
+    (REPA* or CREPA against none) and about CREPA's cross-frame term (CREPA against REPA*)."""
     label = VARIANT_LABELS
     if seeds < 2:
         return [
@@ -165,35 +166,46 @@ def summary_sentences(comparisons: list[Comparison], seeds: int) -> list[str]:
         f"Counting only differences larger than the seed spread (|difference of means| above the sum of "
         f"the two standard deviations over {seeds} seeds):"
     ]
-    clear_wins: dict[str, list[str]] = {}
-    clear_losses: dict[str, list[str]] = {}
-    for other in ("none", "repa"):
-        better, worse = head_to_head(comparisons, "crepa", other)
-        clear_wins[other], clear_losses[other] = better, worse
+    for first, second in (("crepa", "none"), ("crepa", "repa"), ("repa", "none")):
+        better, worse = head_to_head(comparisons, first, second)
         sentences.append(
-            f"CREPA is better than {label[other]} on {_names(better)} and worse on {_names(worse)}."
+            f"{label[first]} is better than {label[second]} on {_names(better)} and worse on {_names(worse)}."
         )
-    better, worse = head_to_head(comparisons, "repa", "none")
-    sentences.append(f"REPA* is better than no alignment on {_names(better)} and worse on {_names(worse)}.")
-    everywhere = set(clear_wins["none"]) & set(clear_wins["repa"])
-    any_loss = clear_losses["none"] or clear_losses["repa"]
     separated = [c for c in comparisons if any(c.clearly_better(a, b) for a in c.order for b in c.order)]
     if not separated:
         sentences.append(
             "No variant separates from another beyond the seed spread on any metric: at this scale the "
-            "differences in the table are within seed noise, and this run does not show an effect of CREPA."
+            "differences in the table are within seed noise, and this run shows no effect of alignment or "
+            "of CREPA's cross-frame term."
         )
-    elif everywhere and not any_loss:
+        return sentences
+    aligned = sorted(
+        {m for variant in ("repa", "crepa") for m in head_to_head(comparisons, variant, "none")[0]},
+        key=list(QUALITY_METRICS).index,
+    )
+    if aligned:
+        sample_metrics = [m for m in aligned if m != "cknna"]
         sentences.append(
-            f"CREPA beats both other variants beyond the seed spread on {_names(sorted(everywhere))} and is "
-            "not clearly worse anywhere."
+            f"Alignment (REPA* or CREPA) beats no alignment beyond the seed spread on {_names(aligned)}"
+            + (
+                ": the block's representation moved towards the teacher, but no measure of the generated "
+                "clips separates beyond noise."
+                if not sample_metrics
+                else "."
+            )
         )
-    elif not clear_wins["none"] and not clear_wins["repa"]:
-        sentences.append("CREPA does not beat either other variant beyond the seed spread on any metric.")
+    else:
+        sentences.append("Neither aligned variant beats no alignment beyond the seed spread on any metric.")
+    better, worse = head_to_head(comparisons, "crepa", "repa")
+    if not better and not worse:
+        sentences.append(
+            "The cross-frame term itself (CREPA against REPA*, which differ only in it) shows no effect "
+            "beyond the seed spread on any metric."
+        )
     else:
         sentences.append(
-            "The picture is mixed: CREPA's clear advantages and disadvantages are listed above; neither "
-            "all-round improvement nor no effect describes this run."
+            f"The cross-frame term itself (CREPA against REPA*, which differ only in it) helps on "
+            f"{_names(better)} and hurts on {_names(worse)} beyond the seed spread."
         )
     return sentences
 

@@ -16,6 +16,7 @@ Captions use only words of the tiny tokenizer (``crepa.models.tiny_pipelines``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,8 +46,11 @@ USER_SHAPE, USER_PATTERN, USER_MOTION = "star", "dot", "bounces"
 SPLITS = ("generic", "attribute", "heldout")
 LABELS: tuple[str, ...] = (*SHAPES, *COLOURS, *PATTERNS)  # per-frame attribute labels (multi-hot)
 SUPERSAMPLE = 2
+# Lossless H.264: x264's lossy decisions vary from process to process (measured: the same frames
+# encoded in two demo runs decoded differently), lossless output decodes to the same frames always.
+LOSSLESS_CRF = 0
 WORLD_FILE = "world.json"  # the clip specs
-WORLD_VERSION = 1  # bump when rendering or captions change
+WORLD_VERSION = 2  # bump when rendering, encoding or captions change
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,32 @@ def split_arrays(settings: WorldSettings, split: str) -> tuple[np.ndarray, np.nd
     return np.stack(clips), np.stack(labels)
 
 
+class RenderedSplit:
+    """A split's clips and labels, rendered on first use (cached artefacts may not need them)."""
+
+    def __init__(self, settings: WorldSettings, split: str) -> None:
+        self.settings, self.split = settings, split
+
+    @functools.cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return split_arrays(self.settings, self.split)
+
+    @property
+    def clips(self) -> np.ndarray:
+        """uint8 (N, T, H, W, 3)."""
+        return self._arrays[0]
+
+    @property
+    def frames(self) -> np.ndarray:
+        """Every frame of every clip, uint8 (N * T, H, W, 3)."""
+        return self.clips.reshape(-1, *self.clips.shape[2:])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Attribute labels of :attr:`frames`, (N * T, len(LABELS))."""
+        return self._arrays[1].reshape(-1, len(LABELS))
+
+
 def write_world(root: str | Path, settings: WorldSettings, progress: bool = True) -> tuple[World, bool]:
     """Write every split under ``root`` (mp4 + caption per clip, ``world.json`` with the specs),
     unless the same settings were written there before; returns (world, reused)."""
@@ -310,7 +340,8 @@ def write_world(root: str | Path, settings: WorldSettings, progress: bool = True
             for split, clips in specs.items():
                 for spec in clips:
                     rendered = render_clip(spec, settings)
-                    write_video(staging / split / f"{spec.name}.mp4", rendered.frames, fps=settings.fps)
+                    path = staging / split / f"{spec.name}.mp4"
+                    write_video(path, rendered.frames, fps=settings.fps, crf=LOSSLESS_CRF)
                     (staging / split / f"{spec.name}.txt").write_text(spec.caption + "\n", encoding="utf-8")
                     bar.update(1)
         document = {split: [asdict(spec) for spec in clips] for split, clips in specs.items()}
