@@ -129,17 +129,26 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+CURVES = {
+    "loss/diffusion": "diffusion loss (v-prediction MSE)",
+    "crepa/sim_self": "own-frame similarity (block tokens, projected, to teacher)",
+    "crepa/score": "alignment score (own + weighted neighbour cosines; CREPA's can pass 1)",
+}
+
+
 def curves_figure(runs_root: Path, seeds: int) -> Figure:
-    """Diffusion loss (all variants) and alignment similarity (REPA*, CREPA) against the step:
-    thin lines per seed, thick lines the mean over seeds."""
-    figure = Figure(figsize=(10, 3.6), layout="constrained")
-    loss_axis, score_axis = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    """The logged training curves against the step: thin lines per seed, thick lines the mean over
+    seeds (the alignment curves exist for REPA* and CREPA only)."""
+    figure = Figure(figsize=(13, 3.6), layout="constrained")
+    axes = {key: figure.add_subplot(1, len(CURVES), index + 1) for index, key in enumerate(CURVES)}
     colours = {"none": "#4C72B0", "repa": "#DD8452", "crepa": "#55A868"}
     for variant in VARIANTS:
-        for key, axis in (("loss/diffusion", loss_axis), ("crepa/sim_self", score_axis)):
+        logs = [
+            read_metrics_log(runs_root / f"{variant}-seed{seed}" / "metrics.jsonl") for seed in range(seeds)
+        ]
+        for key, axis in axes.items():
             curves = []
-            for seed in range(seeds):
-                log = read_metrics_log(runs_root / f"{variant}-seed{seed}" / "metrics.jsonl")
+            for log in logs:
                 points = [(row["step"], row[key]) for row in log if row.get(key) is not None]
                 if points:
                     steps, values = zip(*points, strict=True)
@@ -149,11 +158,10 @@ def curves_figure(runs_root: Path, seeds: int) -> Figure:
                 length = min(len(values) for _, values in curves)
                 mean = np.mean([values[:length] for _, values in curves], axis=0)
                 axis.plot(curves[0][0][:length], mean, color=colours[variant], label=VARIANT_LABELS[variant])
-    loss_axis.set(title="diffusion loss (v-prediction MSE)", xlabel="step")
-    score_axis.set(title="alignment: cosine of block tokens (projected) to own-frame teacher", xlabel="step")
-    for axis in (loss_axis, score_axis):
-        axis.legend(fontsize=8)
+    for key, axis in axes.items():
+        axis.set(title=CURVES[key], xlabel="step")
         axis.title.set_fontsize(9)
+        axis.legend(fontsize=8)
     return figure
 
 
@@ -297,13 +305,19 @@ def report_blocks(results: DemoResults, paragraphs: dict[str, list[str]], world:
         ("p", "Columns (held-out captions): " + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))),
         ("h", 2, "Training curves"),
         ("img", "curves.png", "training curves"),
+        (
+            "p",
+            "At a given seed every variant sees the same batches, noise and timesteps, so the curves of "
+            "the variants differ only through the alignment term.",
+        ),
         ("h", 2, "Every run"),
         ("table", *seed_table(results)),
         ("h", 2, "Time per stage"),
         ("table", *timing_table(results)),
         (
             "p",
-            f"Machine: {results.machine['cpus']} CPUs, torch threads {results.machine['torch_threads']}, "
+            f"Machine: {results.machine['cpus']} CPUs, {results.machine['workers']} worker process(es) with "
+            f"{results.machine['torch_threads']} torch thread(s) each, "
             f"load average (1, 5, 15 min) {results.machine['load_average_before']} at the start and "
             f"{results.machine.get('load_average_after')} at the end.",
         ),

@@ -62,7 +62,8 @@ class DemoSettings:
 def run_demo(out: Path, settings: DemoSettings, workers: int = 1, progress: bool = True) -> DemoResults:
     """Run the whole demo into ``out``; returns what the report shows (also written to ``out``).
 
-    ``workers`` processes (one torch thread each) run the fine-tuning runs and evaluations side by side.
+    ``workers`` processes (one torch thread each) run the fine-tuning runs and evaluations side by side;
+    they are started with ``spawn``, so a script calling this needs the ``if __name__ == "__main__"`` guard.
     """
     console = Console(stderr=True)
     quiet_libraries()
@@ -151,6 +152,7 @@ def run_demo(out: Path, settings: DemoSettings, workers: int = 1, progress: bool
         machine={
             "cpus": os.cpu_count(),
             "torch_threads": threads,
+            "workers": workers,
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in os.getloadavg()],
         },

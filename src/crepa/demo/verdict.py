@@ -52,8 +52,8 @@ class Aggregate:
     def std(self) -> float:
         """Sample standard deviation (ddof 1); 0 for a single value."""
         count = len(self.values)
-        if count < 2:
-            return 0.0
+        if count < 2 or min(self.values) == max(self.values):
+            return 0.0  # exactly, not the rounding residue of equal values
         mean = self.mean
         return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (count - 1))
 
