@@ -12,6 +12,7 @@ uninterrupted one step for step.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import signal
@@ -491,8 +492,13 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     )
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The DDP reducer owns the process group: it must go while every rank is still alive, else
+        # its gloo threads wait for a peer that has exited and the process hangs when train() returns.
+        accelerator.free_memory()
+        del parts, transformer, optimizer, lr_scheduler
+        gc.collect()
         accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()  # else a rank can hang at interpreter exit
+        torch.distributed.destroy_process_group()
     return summary
 
 
