@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from crepa.align.grids import valid_frame_counts_near
 from crepa.regularizer import CrepaConfig
 
 if sys.version_info >= (3, 11):
@@ -183,31 +184,35 @@ class ConfigError(ValueError):
 def check_against_family(
     config: RunConfig,
     temporal_ratio: int,
-    spatial_multiple: int,
+    spatial_multiples: tuple[int, int],
     causal_vae: bool = True,
     depth: int | None = None,
 ) -> None:
     """Shape checks that need the model family but no weights: frame counts 1 + r*m (r*m for
-    non-causal VAEs), resolutions divisible by VAE stride x patch size, block indices inside ``depth``."""
+    non-causal VAEs), resolutions divisible by VAE stride x patch size (per axis: (height, width)),
+    block indices inside ``depth``. Shared by precompute and train."""
     problems = []
     for count in config.data.num_frames:
-        valid = (count - 1) % temporal_ratio == 0 if causal_vae else count % temporal_ratio == 0
-        if not valid:
-            m = max(1, (count - 1) // temporal_ratio) if causal_vae else max(1, count // temporal_ratio)
-            near = (
-                [1 + temporal_ratio * m, 1 + temporal_ratio * (m + 1)] if causal_vae else [temporal_ratio * m]
-            )
-            form = f"1 + {temporal_ratio}*m" if causal_vae else f"a multiple of {temporal_ratio}"
+        if causal_vae and (count - 1) % temporal_ratio:
+            near = " or ".join(map(str, valid_frame_counts_near(count, temporal_ratio)))
             problems.append(
-                f"data.num_frames: {count} frames cannot be encoded, this model needs {form} "
-                f"(e.g. {' or '.join(map(str, near))})"
+                f"data.num_frames: {count} frames cannot be encoded, this model needs 1 + {temporal_ratio}*m "
+                f"(e.g. {near})"
             )
+        elif not causal_vae and count % temporal_ratio:
+            near = max(1, round(count / temporal_ratio)) * temporal_ratio
+            problems.append(
+                f"data.num_frames: {count} frames cannot be encoded, this model needs a multiple of "
+                f"{temporal_ratio} (e.g. {near})"
+            )
+    multiple_h, multiple_w = spatial_multiples
     for height, width in config.data.resolutions:
-        if height % spatial_multiple or width % spatial_multiple:
+        if height % multiple_h or width % multiple_w:
+            near_h = max(1, round(height / multiple_h)) * multiple_h
+            near_w = max(1, round(width / multiple_w)) * multiple_w
             problems.append(
-                f"data.resolutions: {height}x{width} must be divisible by {spatial_multiple} "
-                f"(VAE stride x patch size), e.g. {height // spatial_multiple * spatial_multiple}x"
-                f"{width // spatial_multiple * spatial_multiple}"
+                f"data.resolutions: {height}x{width} must be divisible by {multiple_h}x{multiple_w} "
+                f"(VAE stride x patch size); nearest: {near_h}x{near_w}"
             )
     if depth is not None and config.crepa.enabled:
         for key in ("block_index", "teacher_block_index"):

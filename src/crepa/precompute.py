@@ -49,7 +49,7 @@ from crepa.cache.keys import (
 )
 from crepa.cache.manifest import SHARDS_DIR, CacheEntry, Manifest
 from crepa.cache.shards import PART_KINDS, ShardIndex, ShardWriter, to_storage
-from crepa.config import ConfigError, RunConfig
+from crepa.config import ConfigError, RunConfig, check_against_family
 from crepa.data import DataReport, SamplingConfig, VideoSample, iter_decoded, scan_dataset
 from crepa.models.pipelines import (
     encode_latents,
@@ -174,22 +174,6 @@ def sampling_config(config: RunConfig, family: ModelFamily) -> SamplingConfig:
         raise ConfigError(f"invalid data section for {family.name}: " + "; ".join(messages)) from None
 
 
-def check_resolutions(config: RunConfig, family: ModelFamily, patch_sizes: tuple[int, int, int]) -> None:
-    """Every resolution must split into whole latent pixels and whole tokens."""
-    multiple_h, multiple_w = family.spatial_ratio * patch_sizes[1], family.spatial_ratio * patch_sizes[2]
-    for height, width in config.data.resolutions:
-        if height % multiple_h or width % multiple_w:
-            near = (
-                max(1, round(height / multiple_h)) * multiple_h,
-                max(1, round(width / multiple_w)) * multiple_w,
-            )
-            raise ConfigError(
-                f"data.resolutions: {height}x{width} does not fit {family.name} (VAE {family.spatial_ratio}x, "
-                f"patch {patch_sizes[1]}x{patch_sizes[2]}: height a multiple of {multiple_h}, width of "
-                f"{multiple_w}); nearest: {near[0]}x{near[1]}"
-            )
-
-
 def uses_cached_teacher(config: RunConfig) -> bool:
     """Whether the run reads teacher grids from the cache (else precompute stores none)."""
     return config.crepa.enabled and config.crepa.mode != "backbone" and config.cache.teacher_source == "cache"
@@ -210,6 +194,9 @@ def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], Samp
         raise ConfigError(
             f"model.family: {family.name} has a non-causal VAE, which precompute does not support yet"
         )
+    _, patch_h, patch_w = patch_sizes_from_config(family, transformer_config)
+    multiples = (family.spatial_ratio * patch_h, family.spatial_ratio * patch_w)
+    check_against_family(config, family.temporal_ratio, multiples, family.causal_vae)
     sampling = sampling_config(config, family)
     if uses_cached_teacher(config):
         _check_local_path("teacher.name", config.teacher.name)
@@ -217,7 +204,6 @@ def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], Samp
             detect_teacher_kind(config.teacher.name)
         except (OSError, ValueError) as error:
             raise ConfigError(f"teacher.name: {error}") from None
-    check_resolutions(config, family, patch_sizes_from_config(family, transformer_config))
     return family, transformer_config, sampling
 
 

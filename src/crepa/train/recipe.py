@@ -106,13 +106,10 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
         ) from None
     with torch.device("meta"):
         skeleton = transformer_class.from_config(transformer_config)
-    _, patch_h, _ = family.patch_sizes(skeleton)
+    _, patch_h, patch_w = family.patch_sizes(skeleton)
+    multiples = (family.spatial_ratio * patch_h, family.spatial_ratio * patch_w)
     check_against_family(
-        config,
-        family.temporal_ratio,
-        family.spatial_ratio * patch_h,
-        family.causal_vae,
-        len(family.blocks(skeleton)),
+        config, family.temporal_ratio, multiples, family.causal_vae, len(family.blocks(skeleton))
     )
 
 
