@@ -108,23 +108,16 @@ def test_precompute_train_resume_and_load_lora(tmp_path, family):
     config = load_config(run, ["validation.every=4"])
     summary = train(config, resume="latest", progress=False)
     assert summary.steps == 4 and summary.skipped_nonfinite == 0
-    assert [p.name for p in (tmp_path / "out/checkpoints").iterdir()] == [
-        "step-000004",
-        "step-000002",
-    ] or sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert np.isfinite(losses(tmp_path / "out")).all() and len(losses(tmp_path / "out")) == 4
     assert summary.final_metrics["crepa/weight"] == 0.5
-    # the LoRA loads into the family's own pipeline and changes the transformer's weights there
-    pipeline_class = getattr(diffusers, config.model.family or type_of_pipeline(tmp_path / "pipe"))
+    # the LoRA loads into the family's own pipeline with the trained weights
+    pipeline_class = getattr(diffusers, type_of_pipeline(tmp_path / "pipe"))
     pipeline = pipeline_class.from_pretrained(tmp_path / "pipe")
-    before = {n: p.clone() for n, p in pipeline.transformer.named_parameters()}
     pipeline.load_lora_weights(tmp_path / "out")
-    lora = [n for n, _ in pipeline.transformer.named_parameters() if "lora_B" in n]
+    lora = {n: p for n, p in pipeline.transformer.named_parameters() if "lora_B" in n}
     assert lora and len(lora) == len(load_file(tmp_path / "out/pytorch_lora_weights.safetensors")) // 2
-    assert (
-        any(not torch.equal(p, before[n]) for n, p in pipeline.transformer.named_parameters() if n in before)
-        or lora
-    )
+    assert any(p.abs().sum() > 0 for p in lora.values())  # lora_B starts at zero: these are trained values
     validation = tmp_path / "out/validation/step-000004"
     assert (validation / "prompt-0.mp4").stat().st_size > 0 and (
         validation / "contact_sheet.png"
