@@ -4,6 +4,7 @@ raw transformers models run and sliced by hand; input size and clip targets on t
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from crepa.config import TeacherSection
+from crepa.models.pipelines import student_grid
+from crepa.models.registry import get_family
 from crepa.teachers import Teacher, clip_teacher_grid, detect_teacher_kind, load_teacher, teacher_input_size
+from crepa.teachers.size import CoarseTeacherGridWarning
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 # Normalisation constants written out here, independent of the package's.
@@ -154,13 +159,50 @@ def test_teacher_input_size() -> None:
     assert teacher_input_size((30, 45), 14) == (420, 630)  # CogVideoX 480x720: 60x90 latents, patch 2
     assert teacher_input_size((30, 45), 14, max_pixels=420 * 630) == (420, 630)
     # Budget one pixel short: the largest grid of aspect 2:3 below 30x45 is 28x42.
-    assert teacher_input_size((30, 45), 14, max_pixels=420 * 630 - 1) == (28 * 14, 42 * 14)
-    assert teacher_input_size((30, 45), 14, max_pixels=10 * 15 * 196) == (140, 210)
+    with pytest.warns(CoarseTeacherGridWarning):
+        assert teacher_input_size((30, 45), 14, max_pixels=420 * 630 - 1) == (28 * 14, 42 * 14)
+        assert teacher_input_size((30, 45), 14, max_pixels=10 * 15 * 196) == (140, 210)
     assert teacher_input_size((15, 22), 14, multiple=2) == (420, 616)  # LTX-Video's coarse grid, doubled
     assert teacher_input_size((16, 16), 16) == (256, 256)
     # 31x45 has no smaller grid of the same aspect: nearest aspect within 300 tokens.
-    rows, cols = (size // 14 for size in teacher_input_size((31, 45), 14, max_pixels=300 * 196))
+    with pytest.warns(CoarseTeacherGridWarning):
+        rows, cols = (size // 14 for size in teacher_input_size((31, 45), 14, max_pixels=300 * 196))
     assert rows * cols <= 300 and abs(cols / rows - 45 / 31) < 0.05 and rows * cols > 250
+
+
+# (family, patch (t, h, w), frames, height, width) -> the student's token grid, written out by hand
+STUDENT_GRIDS = [
+    ("cogvideox", (1, 2, 2), 49, 480, 720, (30, 45)),  # CogVideoX-5B
+    ("wan", (1, 2, 2), 81, 480, 832, (30, 52)),  # Wan 2.1 480P
+    ("hunyuanvideo", (1, 2, 2), 129, 544, 960, (34, 60)),
+    ("hunyuanvideo", (1, 2, 2), 129, 720, 1280, (45, 80)),
+    ("ltx_video", (1, 1, 1), 161, 512, 768, (16, 24)),
+]
+
+
+@pytest.mark.parametrize("family,patch,frames,height,width,expected", STUDENT_GRIDS)
+def test_default_teacher_grid_is_the_student_grid(family, patch, frames, height, width, expected) -> None:
+    """With the run file's default teacher settings, DINOv2/14 sees (14 H', 14 W') pixels: a patch per token."""
+    grid = student_grid(get_family(family), patch, frames, height, width)[1:]
+    assert grid == expected
+    settings = TeacherSection()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no coarse-grid warning with the defaults
+        size = teacher_input_size(grid, 14, settings.max_pixels)
+    assert size == (expected[0] * 14, expected[1] * 14)
+
+
+def test_capped_teacher_grid_warns_with_both_grids_and_memory() -> None:
+    """Wan 480x832 under the old 630x420 budget: 15x26 for a 30x52 student grid, and the warning says so."""
+    with pytest.warns(CoarseTeacherGridWarning) as caught:
+        size = teacher_input_size((30, 52), 14, max_pixels=630 * 420, teacher_dim=1536, chunk_size=16)
+    assert size == (15 * 14, 26 * 14)
+    message = str(caught[0].message)
+    assert "15x26" in message and "30x52" in message and "420x728" in message
+    # 1560 tokens, 1536-d, 24 heads, 16 frames: 16 * 4 * (6 * 1560 * 1536 + 24 * 1560**2) bytes = 4.3 GiB
+    expected_gib = 16 * 4 * (6 * 1560 * 1536 + 24 * 1560 * 1560) / 2**30
+    assert f"{expected_gib:.2g} GiB" in message and "4.3 GiB" in message
+    assert f">= {420 * 728}" in message
 
 
 class PatchMeans:
@@ -217,7 +259,8 @@ def test_clip_grid_with_a_real_teacher_matches_a_hand_computation(tower_dirs: di
     expected = torch.stack([per_frame[0], per_frame[1:].mean(0)])
     torch.testing.assert_close(grid, expected, atol=1e-5, rtol=1e-5)
     # Fewer pixels than 2x3 patches: the teacher runs on a 1x2 grid, resampled to the student's 2x3.
-    small = clip_teacher_grid(teacher, frames, (2, 2, 3), temporal_ratio=4, max_pixels=14 * 14 * 6 - 1)
+    with pytest.warns(CoarseTeacherGridWarning, match="1x2 for the student's 2x3"):
+        small = clip_teacher_grid(teacher, frames, (2, 2, 3), temporal_ratio=4, max_pixels=14 * 14 * 6 - 1)
     assert small.shape == (2, 2, 3, 32)
     with pytest.raises(ValueError, match="needs 9"):
         clip_teacher_grid(teacher, frames, (3, 2, 3), temporal_ratio=4)

@@ -76,7 +76,9 @@ class TeacherSection(_Section):
     name: str = "facebook/dinov2-giant"
     kind: Literal["auto", "dinov2", "timm", "clip", "siglip"] = "auto"
     reduce: Literal["mean", "first", "last", "center"] = "mean"
-    max_pixels: int = Field(default=630 * 420, ge=14 * 14)
+    max_pixels: int | None = Field(
+        default=None, ge=14 * 14, description="cap on teacher input pixels; none: the student's full grid"
+    )
     chunk_size: int = Field(default=16, ge=1)
 
 

@@ -63,6 +63,7 @@ from crepa.models.pipelines import (
 )
 from crepa.models.registry import ModelFamily
 from crepa.teachers import clip_teacher_grid, detect_teacher_kind, load_teacher
+from crepa.teachers.size import TEACHER_SIZE_RULE
 
 logger = logging.getLogger("crepa.precompute")
 
@@ -314,6 +315,7 @@ class _Identity:
                 "name": settings.name,
                 "kind": settings.kind,
                 "max_pixels": settings.max_pixels,
+                "size_rule": TEACHER_SIZE_RULE,
                 "reduce": settings.reduce,
                 "compute": "bf16-autocast" if device.type == "cuda" else "fp32",
             }

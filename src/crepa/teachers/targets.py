@@ -39,9 +39,11 @@ def clip_teacher_grid(
             f"{frames.shape[0]} pixel frames for {latent_frames} latent frames; with temporal "
             f"compression {temporal_ratio} the clip needs {expected}"
         )
-    size = teacher_input_size((rows, cols), teacher.patch_size, max_pixels, multiple)
     device = getattr(teacher, "device", frames.device)
     chunk_size = chunk_size or getattr(teacher, "chunk_size", None) or frames.shape[0]
+    size = teacher_input_size(
+        (rows, cols), teacher.patch_size, max_pixels, multiple, teacher_dim=teacher.dim, chunk_size=chunk_size
+    )
     features = torch.cat(
         [teacher(resize_frames(to_unit_float(chunk.to(device)), size)) for chunk in frames.split(chunk_size)]
     )  # (T, h, w, D)
