@@ -25,6 +25,7 @@ import inspect
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -304,3 +305,34 @@ def install_repvideo(
         raise ValueError(f"window: must be at least 1 (got {window})")
     family = detect_family(transformer)
     return RepVideoGates(transformer, family, window=window, gate_init=gate_init, include_text=include_text)
+
+
+def load(pipeline: Any, run_dir: str | Path, checkpoint: str | None = None) -> RepVideoGates:
+    """Install the RepVideo gates a crepa run trained on ``pipeline.transformer`` (or on a transformer).
+
+    Reads the run's settings (window, include_text) and its final gates, or those of ``checkpoint``
+    (e.g. ``"step-000750"``); the gates are frozen, on the transformer's device. Load the run's LoRA
+    into the pipeline as usual (``pipeline.load_lora_weights(run_dir)``); RepVideo changes the
+    transformer's forward, so only crepa-aware code applies it::
+
+        pipeline = WanPipeline.from_pretrained(base)
+        pipeline.load_lora_weights("runs/my_run")
+        crepa.repvideo.load(pipeline, "runs/my_run")
+    """
+    from crepa.runs import read_gates, read_run_config  # runs reads configs, which import this module
+
+    config = read_run_config(run_dir)
+    transformer = getattr(pipeline, "transformer", pipeline)
+    settings = config.repvideo
+    gates = install_repvideo(transformer, settings.window, settings.gate_init, settings.include_text)
+    state = {
+        "gate": read_gates(run_dir, config, checkpoint),
+        "window": torch.tensor(settings.window),
+        "include_text": torch.tensor(settings.include_text),
+    }
+    try:
+        gates.load_state_dict(state)
+    except RuntimeError as error:
+        gates.remove()
+        raise ValueError(f"{run_dir}: its RepVideo gates do not fit this transformer ({error})") from None
+    return gates.requires_grad_(False).to(next(transformer.parameters()).device)

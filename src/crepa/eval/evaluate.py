@@ -79,6 +79,7 @@ class ClipResult:
     width: int
     fps: float
     values: dict[str, float]
+    caption: str | None = None
 
 
 @dataclass
@@ -240,7 +241,9 @@ def evaluate_clips(
         if feature is not None:
             frechet_features.append(feature)
         height, width = frames.shape[1:3]
-        results.append(ClipResult(clip.name, str(clip.path), len(frames), height, width, fps, values))
+        results.append(
+            ClipResult(clip.name, str(clip.path), len(frames), height, width, fps, values, clip.caption)
+        )
 
     summary = summarize(results, [m for m in metrics if m in PER_CLIP_METRICS])
     reference_skipped: list[Skipped] = []

@@ -107,10 +107,11 @@ def write_eval_report(
     metrics = [m for m in PER_CLIP_METRICS if m in result.summary]
     write_csv(
         out / "per_video.csv",
-        ["name", "path", "frames", "height", "width", "fps", *metrics],
+        ["name", "path", "frames", "height", "width", "fps", *metrics, "caption"],
         [
             [clip.name, clip.path, clip.frames, clip.height, clip.width, round(clip.fps, 4)]
             + [clip.values[m] for m in metrics]
+            + [clip.caption or ""]
             for clip in result.clips
         ],
     )

@@ -1,7 +1,9 @@
-"""Finding and reading the clips to evaluate: video files (PyAV) and folders of frame images (OpenCV)."""
+"""Finding and reading the clips to evaluate: video files (PyAV), folders of frame images (OpenCV),
+and the clips a ``samples.jsonl`` manifest lists (``crepa sample``, training validation), with their prompts."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +15,15 @@ from crepa.io.video import read_video_frames
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+SAMPLES_MANIFEST = "samples.jsonl"
 
 
 @dataclass(frozen=True)
 class Clip:
-    """One clip to evaluate: a video file or a folder of frame images."""
+    """One clip to evaluate: a video file or a folder of frame images, and its caption or prompt."""
 
     path: Path
+    caption: str | None = None
 
     @property
     def name(self) -> str:
@@ -32,20 +36,50 @@ class Clip:
         return read_video_frames(self.path)
 
 
-def find_clips(directory: str | Path) -> list[Clip]:
-    """Video files (mp4, gif, webm, mov, mkv, avi) and sub-folders of ``directory``, sorted by name.
+def find_clips(path: str | Path) -> list[Clip]:
+    """The clips of a folder, or of a ``samples.jsonl`` manifest.
 
-    Other files (captions, prompts) are ignored; every sub-folder is taken as a frame folder.
+    A manifest (given, or in the folder) lists the clips to take (its ``file`` entries) with their
+    ``prompt`` as caption. Otherwise: video files (mp4, gif, webm, mov, mkv, avi) and sub-folders
+    (frame folders), sorted by name, each captioned by a ``.txt`` file of the same stem if there is one.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory: give the folder that holds the videos")
-    entries = sorted(directory.iterdir(), key=lambda p: natural_key(p.name))
+    path = Path(path)
+    if path.is_file() and path.suffix == ".jsonl":
+        return read_manifest(path)
+    if not path.is_dir():
+        raise ValueError(
+            f"{path} is not a directory: give the folder that holds the videos or a samples.jsonl"
+        )
+    if (path / SAMPLES_MANIFEST).is_file():
+        return read_manifest(path / SAMPLES_MANIFEST)
+    entries = sorted(path.iterdir(), key=lambda p: natural_key(p.name))
     return [
-        Clip(entry)
+        Clip(entry, _caption_beside(entry))
         for entry in entries
         if not entry.name.startswith(".") and (entry.is_dir() or entry.suffix.lower() in VIDEO_SUFFIXES)
     ]
+
+
+def _caption_beside(clip: Path) -> str | None:
+    text = clip.with_suffix(".txt") if clip.is_file() else clip.parent / f"{clip.name}.txt"
+    return text.read_text(encoding="utf-8").strip() if text.is_file() else None
+
+
+def read_manifest(path: Path) -> list[Clip]:
+    """Clips of a ``samples.jsonl``: one JSON object per line with ``file`` (relative to the manifest's
+    folder, or absolute) and ``prompt``."""
+    clips = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            clips.append(Clip(path.parent / record["file"], record.get("prompt")))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(
+                f"{path}:{number}: expected a JSON object with a 'file' entry (as crepa sample writes)"
+            ) from None
+    return clips
 
 
 def natural_key(name: str) -> list[int | str]:

@@ -42,6 +42,7 @@ from crepa.models.pipelines import load_components
 from crepa.models.pipelines import resolve_family as resolve_pipeline_family
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
+from crepa.runs import RUN_CONFIG_FILE
 from crepa.teacher_targets import teacher_targets
 from crepa.teachers import load_teacher
 from crepa.train import checkpoint as ckpt
@@ -381,6 +382,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_log, start_step)
+        atomic_write_json(output / RUN_CONFIG_FILE, json.loads(config.model_dump_json()))  # for crepa sample
         accelerator.init_trackers("crepa", config=_flat_hparams(config))
 
     stop = _StopFlag()

@@ -1,0 +1,105 @@
+"""``crepa sample RUN_DIR``: clips from a trained run (final weights or a checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+
+from crepa.cli import app
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1"`` -> [0, 1]; ``"0-3"`` -> [0, 1, 2, 3]."""
+    seeds: list[int] = []
+    for part in (piece.strip() for piece in text.split(",")):
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        try:
+            seeds.extend(range(int(first), int(last) + 1) if dash and first else [int(part)])
+        except ValueError:
+            raise ValueError(f"--seeds {text!r}: expected integers like 0,1,2 or a range 0-3") from None
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed, e.g. --seeds 0,1")
+    return seeds
+
+
+@app.command()
+def sample(
+    run_dir: Path = typer.Argument(..., help="Output folder of a `crepa train` run."),
+    prompts: Path = typer.Option(..., "--prompts", help="Text file, one prompt per line."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder; default RUN_DIR/samples[/CHECKPOINT]."
+    ),
+    seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds (or a range 0-3): one clip each."),
+    checkpoint: str | None = typer.Option(
+        None, "--checkpoint", help="A checkpoint of the run, e.g. step-000750; default the final weights."
+    ),
+    images: Path | None = typer.Option(
+        None, "--images", help="Folder of first frames, one per prompt in name order (image-to-video)."
+    ),
+    num_frames: int | None = typer.Option(None, "--frames", min=1, help="Frames per clip."),
+    height: int | None = typer.Option(None, "--height", min=8),
+    width: int | None = typer.Option(None, "--width", min=8),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Inference steps."),
+    guidance: float | None = typer.Option(
+        None, "--guidance", min=0.0, help="Classifier-free guidance scale."
+    ),
+    fps: float | None = typer.Option(None, "--fps", min=0.1, help="Frame rate of the written files."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt"),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Clips per pipeline call."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    offload: bool = typer.Option(
+        False, "--offload", help="Keep text encoder, transformer and VAE on the CPU until each runs (GPU)."
+    ),
+    vae_tiling: bool = typer.Option(
+        False, "--vae-tiling", help="Decode in tiles: less memory for large clips."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Generate one clip per (prompt, seed) with the run's LoRA and RepVideo gates; mp4 + GIF + contact
+    sheet + samples.jsonl (which `crepa eval` reads). Settings default to the run's [validation]."""
+    from crepa.runs import RunDirectoryError
+    from crepa.sample import first_frames, read_prompts, sample_run
+
+    console = Console(stderr=True)
+    try:
+        prompt_list = read_prompts(prompts)
+        seed_list = parse_seeds(seeds)
+        image_list = first_frames(images, len(prompt_list)) if images is not None else None
+        out = out or run_dir / "samples" / (checkpoint or "final")
+        sample_run(
+            run_dir,
+            prompt_list,
+            seed_list,
+            out,
+            checkpoint=checkpoint,
+            images=image_list,
+            batch_size=batch_size,
+            device=device,
+            offload=offload,
+            vae_tiling=vae_tiling,
+            progress=progress,
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            inference_steps=steps,
+            guidance_scale=guidance,
+            fps=fps,
+            negative_prompt=negative_prompt,
+        )
+    except (RunDirectoryError, FileNotFoundError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    except torch.OutOfMemoryError as error:
+        console.print(
+            f"[red]out of memory:[/red] {error}\nTo use less memory: --batch-size 1, --offload, --vae-tiling, "
+            "fewer --frames or a smaller --height / --width.",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    clips = len(prompt_list) * len(seed_list)
+    console.print(f"{clips} clips in {out}; `crepa eval {out} --out ...` measures them", highlight=False)

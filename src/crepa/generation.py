@@ -1,0 +1,279 @@
+"""Generating clips with a family's diffusers pipeline: the one path behind training validation and
+``crepa sample``.
+
+A clip is fixed by its :class:`ClipRequest` (prompt, seed, optional first frame) and the
+:class:`GenerationSettings`; its starting noise comes from a CPU ``torch.Generator`` seeded with the
+request's seed, so the same request gives the same clip on any device and in any batch position
+(bitwise when generated alone on the CPU; batched clips agree to float tolerance, since batched
+matrix products may sum in another order).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from crepa.cache.atomic import atomic_write_bytes
+from crepa.config import ModelSection, ValidationSection
+from crepa.io.video import write_video
+from crepa.models import ModelFamily
+from crepa.models.pipelines import _DTYPE_KWARG, text_length
+
+SAMPLES_FILE = "samples.jsonl"
+CONTACT_SHEET = "contact_sheet.png"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How every clip of one call is generated (a run's ``[validation]`` section by default)."""
+
+    num_frames: int
+    height: int
+    width: int
+    inference_steps: int
+    guidance_scale: float
+    fps: float
+    negative_prompt: str | None = None
+
+    @classmethod
+    def from_validation(cls, section: ValidationSection, **overrides: Any) -> GenerationSettings:
+        """The run's validation settings, with any non-None ``overrides`` (field name -> value)."""
+        settings = cls(
+            num_frames=section.num_frames,
+            height=section.height,
+            width=section.width,
+            inference_steps=section.inference_steps,
+            guidance_scale=section.guidance_scale,
+            fps=section.fps,
+        )
+        return replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+
+
+@dataclass(frozen=True)
+class ClipRequest:
+    """One clip to generate: ``prompt`` from the noise of ``seed``; ``image`` is the first frame (I2V)."""
+
+    prompt: str
+    seed: int
+    image: Path | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedClip:
+    """A generated clip, uint8 (T, H, W, 3) with even H and W, and the request it answers."""
+
+    request: ClipRequest
+    frames: np.ndarray
+
+
+def load_pipeline(
+    model: ModelSection,
+    family: ModelFamily,
+    transformer: nn.Module,
+    *,
+    device: str | torch.device | None = None,
+    offload: bool = False,
+    vae_tiling: bool = False,
+    **components: Any,
+):
+    """The family's diffusers pipeline from ``model.pretrained`` around ``transformer`` (as it is:
+    LoRA, RepVideo hooks and all), in the transformer's dtype, on ``device`` (the transformer's).
+
+    offload: diffusers' model CPU offload: text encoder, transformer and VAE wait on the CPU and move
+    to the GPU only while they run (needs an accelerator device). vae_tiling: decode in tiles.
+    ``components`` replace pipeline parts (e.g. a VAE class diffusers cannot import by name).
+    """
+    parameter = next(transformer.parameters())
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    pipeline = pipeline_class.from_pretrained(
+        model.pretrained,
+        transformer=transformer,
+        revision=model.revision,
+        **{_DTYPE_KWARG: parameter.dtype},
+        **components,
+    )
+    device = torch.device(device) if device is not None else parameter.device
+    if offload:
+        if device.type == "cpu":
+            raise ValueError(
+                "offload: CPU offload moves models between the CPU and a GPU; this run is on the CPU "
+                "already (drop --offload, or pass --device cuda)"
+            )
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+    if vae_tiling:
+        if not hasattr(pipeline.vae, "enable_tiling"):
+            raise ValueError(f"vae_tiling: {type(pipeline.vae).__name__} cannot decode in tiles")
+        pipeline.vae.enable_tiling()
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _call_options(pipeline, family: ModelFamily, settings: GenerationSettings) -> dict[str, Any]:
+    """Keyword arguments of ``pipeline.__call__`` that not every family's pipeline takes."""
+    accepted = inspect.signature(pipeline.__call__).parameters
+    options: dict[str, Any] = {}
+    if "max_sequence_length" in accepted:  # CogVideoX's positional embeddings fix the text length
+        options["max_sequence_length"] = text_length(family, pipeline.transformer.config)
+    if settings.negative_prompt is not None:
+        if "negative_prompt" not in accepted:
+            raise ValueError(f"negative_prompt: {type(pipeline).__name__} takes no negative prompt")
+        options["negative_prompt"] = settings.negative_prompt
+    return options
+
+
+def _images(pipeline, batch: Sequence[ClipRequest]) -> dict[str, Any]:
+    """``image=`` for the batch's first frames (all or none of the requests have one)."""
+    paths = [request.image for request in batch]
+    if all(path is None for path in paths):
+        return {}
+    if any(path is None for path in paths):
+        raise ValueError("images: give a first frame for every prompt or for none")
+    if "image" not in inspect.signature(pipeline.__call__).parameters:
+        raise ValueError(
+            f"images: {type(pipeline).__name__} generates from text only; this family has no "
+            "image-to-video pipeline in crepa (drop --images)"
+        )
+    from PIL import Image  # pillow comes with diffusers
+
+    images = [Image.open(path).convert("RGB") for path in paths if path is not None]
+    return {"image": images[0] if len(images) == 1 else images}
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Pipeline output in [0, 1], (T, H, W, 3) float -> uint8, cropped to even H and W (for mp4)."""
+    clip = (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)
+    return clip[:, : clip.shape[1] // 2 * 2, : clip.shape[2] // 2 * 2]
+
+
+@torch.no_grad()
+def generate_clips(
+    pipeline,
+    family: ModelFamily,
+    requests: Sequence[ClipRequest],
+    settings: GenerationSettings,
+    *,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> Iterator[GeneratedClip]:
+    """Generate one clip per request, ``batch_size`` requests per pipeline call, in request order.
+
+    The transformer is put in eval mode for the call and restored after.
+    """
+    transformer = pipeline.transformer
+    was_training = transformer.training
+    transformer.eval()
+    options = _call_options(pipeline, family, settings)
+    bar = tqdm(total=len(requests), desc="sample", unit="clip", disable=not progress)
+    try:
+        for start in range(0, len(requests), batch_size):
+            batch = list(requests[start : start + batch_size])
+            generators = [torch.Generator(device="cpu").manual_seed(request.seed) for request in batch]
+            output = pipeline(
+                prompt=[request.prompt for request in batch] if len(batch) > 1 else batch[0].prompt,
+                num_frames=settings.num_frames,
+                height=settings.height,
+                width=settings.width,
+                num_inference_steps=settings.inference_steps,
+                guidance_scale=settings.guidance_scale,
+                generator=generators if len(batch) > 1 else generators[0],
+                output_type="np",
+                **_images(pipeline, batch),
+                **options,
+            )
+            for request, frames in zip(batch, output.frames, strict=True):
+                yield GeneratedClip(request, to_uint8(frames))
+                bar.update(1)
+    finally:
+        bar.close()
+        transformer.train(was_training)
+
+
+def sheet_frames(count: int, columns: int = 8) -> np.ndarray:
+    """Indices of the ``min(columns, count)`` evenly spaced frames a contact sheet row shows."""
+    return np.linspace(0, count - 1, num=min(columns, count)).round().astype(int)
+
+
+def contact_sheet(clips: list[np.ndarray], columns: int = 8) -> np.ndarray:
+    """One image (rows = clips, columns = evenly spaced frames) from uint8 clips (T, H, W, 3)."""
+    height, width = clips[0].shape[1:3]
+    rows = []
+    for clip in clips:
+        picks = sheet_frames(len(clip), columns)
+        row = np.zeros((height, width * columns, 3), dtype=np.uint8)
+        for slot, index in enumerate(picks):
+            row[:, slot * width : (slot + 1) * width] = clip[index][:height, :width]
+        rows.append(row)
+    return np.concatenate(rows, axis=0)
+
+
+def write_contact_sheet(path: Path, clips: list[np.ndarray]) -> Path:
+    """:func:`contact_sheet` of ``clips`` as a PNG, written atomically."""
+    import cv2  # only needed here
+
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(contact_sheet(clips), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: OpenCV could not encode the contact sheet")
+    return atomic_write_bytes(path, encoded.tobytes())
+
+
+def write_clips(
+    directory: Path,
+    clips: Iterable[tuple[str, GeneratedClip]],
+    settings: GenerationSettings,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write each (stem, clip) as ``stem.mp4`` + ``stem.gif`` as it arrives, then a contact sheet and
+    ``samples.jsonl``; returns the manifest's path.
+
+    ``samples.jsonl`` has one line per clip: file (the mp4, relative to ``directory``), gif, prompt,
+    seed, image, settings, ``frames_sha256`` (of the uint8 frames before encoding) and ``extra``
+    (e.g. run directory and checkpoint). ``crepa eval`` reads it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    records, sheet_rows = [], []
+    for stem, clip in clips:
+        write_video(directory / f"{stem}.mp4", clip.frames, fps=settings.fps)
+        write_video(directory / f"{stem}.gif", clip.frames, fps=settings.fps)
+        request = clip.request
+        records.append(
+            {
+                "file": f"{stem}.mp4",
+                "gif": f"{stem}.gif",
+                "prompt": request.prompt,
+                "seed": request.seed,
+                "image": None if request.image is None else str(request.image),
+                "settings": asdict(settings),
+                "frames_sha256": frames_digest(clip.frames),
+                **(extra or {}),
+            }
+        )
+        sheet_rows.append(clip.frames[sheet_frames(len(clip.frames))])  # not every frame: memory
+    if sheet_rows:
+        write_contact_sheet(directory / CONTACT_SHEET, sheet_rows)
+    return write_records(directory / SAMPLES_FILE, records)
+
+
+def frames_digest(frames: np.ndarray) -> str:
+    """sha256 of uint8 frames (T, H, W, 3) and their shape: equal digests mean bitwise-equal clips."""
+    import hashlib
+
+    digest = hashlib.sha256(str(frames.shape).encode())
+    digest.update(np.ascontiguousarray(frames).tobytes())
+    return digest.hexdigest()
+
+
+def write_records(path: Path, records: Sequence[dict[str, Any]]) -> Path:
+    """JSON lines, written atomically."""
+    return atomic_write_bytes(path, "".join(json.dumps(record) + "\n" for record in records).encode())

@@ -1,0 +1,168 @@
+"""`crepa sample` on tiny saved pipelines: the clip of a (prompt, seed) is bitwise the clip training
+validation wrote at the same step (LoRA run, RepVideo run, final weights and checkpoints), and the
+samples.jsonl it writes feeds `crepa eval` unchanged."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import crepa.sample
+from crepa.config import load_config
+from crepa.generation import ClipRequest, GenerationSettings, generate_clips
+from crepa.io.video import read_video_frames
+from crepa.precompute import precompute
+from crepa.sample import load_run_pipeline, sample_run
+from crepa.train.recipe import train
+from test_train import write_world
+
+PROMPTS = ["a red stripe pattern", "a blue stripe pattern"]
+SEED = 5  # validation.seed: prompt K of [validation] starts from the noise of seed 5 + K
+
+
+def train_run(root: Path, overrides: list[str], four_blocks: bool = False) -> Path:
+    """Two training steps of a tiny Wan LoRA run, a checkpoint and a validation after each step."""
+    run = write_world(root, "wan", clips=2)
+    if four_blocks:  # with window 2, block 2 is gated
+        config = diffusers.WanTransformer3DModel.load_config(root / "pipe/transformer")
+        torch.manual_seed(0)
+        diffusers.WanTransformer3DModel.from_config({**config, "num_layers": 4}).save_pretrained(
+            root / "pipe/transformer"
+        )
+    settings = [
+        *("train.max_steps=2", "train.checkpoint_every=1", "train.batch_size=1", "validation.every=1"),
+        f"validation.prompts={json.dumps(PROMPTS)}",
+        f"validation.seed={SEED}",
+        "optim.lr=0.02",  # large steps: each step's LoRA visibly changes the clip
+        "crepa.enabled=false",
+        *overrides,
+    ]
+    config = load_config(run, settings)
+    precompute(config, progress=False)
+    train(config, progress=False)
+    return config.output.dir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    return train_run(tmp_path_factory.mktemp("lora-run"), [])
+
+
+def frames_of(path: Path) -> np.ndarray:
+    return read_video_frames(path)[0]
+
+
+def assert_same_clip(sampled: Path, validation: Path) -> None:
+    """Both files of a sampled clip decode to exactly the validation clip's frames."""
+    for suffix in (".gif", ".mp4"):
+        a, b = frames_of(sampled.with_suffix(suffix)), frames_of(validation.with_suffix(suffix))
+        assert a.shape == b.shape and np.array_equal(a, b), suffix
+
+
+def test_sample_reproduces_validation_of_a_lora_run(lora_run, tmp_path):
+    validation = lora_run / "validation"
+    # the two steps' validation clips differ, so loading the wrong weights cannot pass
+    assert not np.array_equal(
+        frames_of(validation / "step-000001/prompt-0.gif"), frames_of(validation / "step-000002/prompt-0.gif")
+    )
+    final = sample_run(lora_run, PROMPTS, [SEED, SEED + 1], tmp_path / "final")
+    assert_same_clip(tmp_path / "final/prompt-0-seed-5.mp4", validation / "step-000002/prompt-0.mp4")
+    assert_same_clip(tmp_path / "final/prompt-1-seed-6.mp4", validation / "step-000002/prompt-1.mp4")
+    early = sample_run(lora_run, PROMPTS[:1], [SEED], tmp_path / "early", checkpoint="step-000001")
+    assert_same_clip(tmp_path / "early/prompt-0-seed-5.mp4", validation / "step-000001/prompt-0.mp4")
+
+    records = [json.loads(line) for line in final.read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in records] == [(p, s) for p in PROMPTS for s in (SEED, SEED + 1)]
+    assert records[0]["settings"]["inference_steps"] == 2 and records[0]["checkpoint"] == "final"
+    assert json.loads(early.read_text())["checkpoint"] == "step-000001"
+    assert (tmp_path / "final/contact_sheet.png").stat().st_size > 0
+
+
+def test_batched_sampling_matches_one_at_a_time(lora_run):
+    run = load_run_pipeline(lora_run)
+    settings = GenerationSettings.from_validation(run.config.validation)
+    requests = [ClipRequest(PROMPTS[0], 3), ClipRequest(PROMPTS[1], 4), ClipRequest(PROMPTS[0], 4)]
+    alone = [clip.frames for clip in generate_clips(run.pipeline, run.family, requests, settings)]
+    batched = [
+        clip.frames for clip in generate_clips(run.pipeline, run.family, requests, settings, batch_size=2)
+    ]
+    for a, b in zip(alone, batched, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float summation order, then rounding
+    assert not np.array_equal(alone[1], alone[2])  # same seed, other prompt: the prompts reach the model
+
+
+def test_samples_jsonl_feeds_crepa_eval(lora_run, tmp_path):
+    manifest = sample_run(lora_run, PROMPTS, [0], tmp_path / "clips", fps=4.0)
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "crepa", "eval", str(manifest.parent), "--out", str(out)]
+    result = subprocess.run(
+        [*command, "--metrics", "temporal_flickering", "--no-progress"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(out / "per_video.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    # the manifest's mp4 files (not the GIFs next to them), captioned with their prompts
+    assert [(row["name"], row["caption"]) for row in rows] == [
+        ("prompt-0-seed-0.mp4", PROMPTS[0]),
+        ("prompt-1-seed-0.mp4", PROMPTS[1]),
+    ]
+    for row in rows:  # VBench's flicker score, computed here from the decoded frames
+        frames = frames_of(tmp_path / "clips" / row["name"]).astype(np.float64)
+        expected = (255 - np.abs(np.diff(frames, axis=0)).mean()) / 255
+        assert float(row["temporal_flickering"]) == pytest.approx(expected, abs=1e-9)
+        assert float(row["fps"]) == 4.0
+
+
+def test_sample_cli_reproduces_validation_of_a_repvideo_run(tmp_path, monkeypatch):
+    rep = ["repvideo.enabled=true", "repvideo.window=2", "repvideo.gate_init=0.5", "repvideo.lr=0.2"]
+    run_dir = train_run(tmp_path / "world", rep, four_blocks=True)
+    (tmp_path / "prompts.txt").write_text(f"# held-out\n{PROMPTS[1]}\n\n")
+    command = [
+        sys.executable,
+        "-m",
+        "crepa",
+        "sample",
+        str(run_dir),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+    ]
+    command += [
+        "--seeds",
+        str(SEED + 1),
+        "--checkpoint",
+        "step-000001",
+        "--out",
+        str(tmp_path / "s"),
+        "--no-progress",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    validation = run_dir / "validation/step-000001/prompt-1.mp4"
+    assert_same_clip(tmp_path / "s/prompt-0-seed-6.mp4", validation)
+    # without its gates the run's transformer gives another clip: the gates were applied
+    monkeypatch.setattr(crepa.sample.repvideo, "load", lambda *args, **kwargs: None)
+    sample_run(run_dir, PROMPTS[1:], [SEED + 1], tmp_path / "plain", checkpoint="step-000001")
+    assert not np.array_equal(
+        frames_of(tmp_path / "plain/prompt-0-seed-6.gif"), frames_of(validation.with_suffix(".gif"))
+    )
+
+
+def test_sample_explains_bad_input(lora_run, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a prompt\n")
+    base = [sys.executable, "-m", "crepa", "sample", "--prompts", str(tmp_path / "prompts.txt")]
+    cases = {
+        "not a crepa run directory": [str(tmp_path)],
+        "checkpoint step-000009: not in": [str(lora_run), "--checkpoint", "step-000009"],
+        "expected integers": [str(lora_run), "--seeds", "one"],
+    }
+    for message, args in cases.items():
+        result = subprocess.run([*base[:4], *args, *base[4:]], capture_output=True, text=True)
+        assert result.returncode == 2 and message in " ".join(result.stderr.split()), result.stderr
