@@ -11,7 +11,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from crepa.cli import app
-from crepa.demo.verdict import Aggregate, compare, summary_sentences, verdict
+from crepa.demo.verdict import QUALITY_METRICS, verdict
 from crepa.demo.world import (
     COLOURS,
     LABELS,
@@ -75,28 +75,36 @@ def test_world_is_written_as_mp4_with_captions_and_reused(tmp_path):
     assert (tmp_path / "world" / "demo-stamp.json").stat().st_mtime_ns == stamp
 
 
-def _entries(means: dict[str, tuple[float, ...]]) -> dict[str, dict[str, Aggregate]]:
-    metrics = ("subject_consistency", "temporal_flickering", "warping_error", "frechet_distance", "cknna")
-    motion = {"dynamic_degree": Aggregate((1.0, 1.0)), "flow_magnitude": Aggregate((1.0, 1.1))}
-    return {v: {m: Aggregate(values) for m in metrics} | motion for v, values in means.items()}
+def _rows(values: dict[str, tuple[float, ...]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Evaluation rows ``<variant>-seed<k>``: every quality metric equal to ``values[variant][k]``,
+    warping error and Frechet distance (lower is better) its negative, flow magnitude 1."""
+    lower = ("warping_error", "frechet_distance")
+    rows = {}
+    for variant, per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            entries = {m: {"value": -value if m in lower else value} for m in QUALITY_METRICS}
+            rows[f"{variant}-seed{seed}"] = entries | {"flow_magnitude": {"value": 1.0}}
+    return rows
 
 
-def test_verdict_separates_only_differences_larger_than_the_seed_spread():
-    apart = _entries({"none": (0.10, 0.11), "repa": (0.20, 0.21), "crepa": (0.30, 0.31)})
-    comparisons = compare(apart)
-    subject = next(c for c in comparisons if c.metric == "subject_consistency")
-    assert subject.order == ("crepa", "repa", "none") and subject.clearly_better("crepa", "repa")
-    warping = next(c for c in comparisons if c.metric == "warping_error")  # lower is better
-    assert warping.order == ("none", "repa", "crepa") and warping.clearly_better("none", "crepa")
-    text = " ".join(summary_sentences(comparisons, seeds=2))
-    assert "CREPA is better than no alignment on subject consistency, temporal flickering and CKNNA" in text
+def test_demo_verdict_uses_paired_differences():
+    # The seed effect (0.1 between seeds) is larger than the variant effect (0.01), but shared by the
+    # variants: unpaired spreads would overlap, the paired differences are constant.
+    apart = _rows({"none": (0.10, 0.20, 0.30), "repa": (0.11, 0.21, 0.31), "crepa": (0.12, 0.22, 0.32)})
+    paragraphs, comparisons = verdict(apart, seeds=3, clips=8, references={})
+    assert {c.outcome for c in comparisons if c.metric.key in QUALITY_METRICS} == {"better"}
+    text = " ".join(paragraphs["summary"])
+    assert "CREPA vs no alignment: better on subject consistency, temporal flickering, warping error" in text
     assert "cross-frame term itself (CREPA against REPA*, which differ only in it) helps on" in text
-    overlapping = _entries({"none": (0.1, 0.3), "repa": (0.15, 0.3), "crepa": (0.2, 0.3)})
-    paragraphs = verdict(overlapping, overlapping["none"], {}, seeds=2)
-    assert "within seed noise" in " ".join(paragraphs["summary"])
-    assert all("within the seed spread" in sentence for sentence in paragraphs["metrics"])
-    single = _entries({"none": (0.1,), "repa": (0.2,), "crepa": (0.3,)})
-    assert "no spread" in " ".join(verdict(single, single["none"], {}, seeds=1)["metrics"])
+    noisy = _rows({"none": (0.10, 0.20, 0.30), "repa": (0.12, 0.19, 0.30), "crepa": (0.09, 0.22, 0.29)})
+    paragraphs, comparisons = verdict(noisy, seeds=3, clips=8, references={})
+    assert {c.outcome for c in comparisons} == {"no difference"}
+    assert "no difference detectable with 3 seeds and 8 clips on any metric" in " ".join(
+        paragraphs["summary"]
+    )
+    single = _rows({"none": (0.1,), "repa": (0.2,), "crepa": (0.3,)})
+    paragraphs, _ = verdict(single, seeds=1, clips=8, references={})
+    assert "one seed per variant" in paragraphs["method"][0]
 
 
 def test_quick_demo_writes_the_report(tmp_path):

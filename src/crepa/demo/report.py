@@ -22,15 +22,14 @@ from crepa.demo.verdict import (
     METRIC_TITLES,
     QUALITY_METRICS,
     TABLE_METRICS,
-    Aggregate,
     aggregate,
-    fmt,
     fmt_aggregate,
     metric_value,
     verdict,
 )
 from crepa.demo.world import World
 from crepa.eval.report import write_json, write_png
+from crepa.experiment.verdict import Aggregate, PairedComparison, comparison_table, fmt
 from crepa.io.video import read_video_frames, write_video
 
 GRID_COLUMNS = 6
@@ -267,7 +266,12 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
     )
 
 
-def report_blocks(results: DemoResults, paragraphs: dict[str, list[str]], world: World) -> list[Block]:
+def report_blocks(
+    results: DemoResults,
+    paragraphs: dict[str, list[str]],
+    comparisons: list[PairedComparison],
+    world: World,
+) -> list[Block]:
     settings = results.settings
     world_settings, finetune = settings["world"], settings["finetune"]
     prompts = [spec.caption for spec in world.specs["heldout"][:GRID_COLUMNS]]
@@ -286,9 +290,12 @@ def report_blocks(results: DemoResults, paragraphs: dict[str, list[str]], world:
             f"{world_settings['size']}); the clips are measured with crepa eval against the held-out real clips.",
         ),
         ("h", 2, "Verdict"),
-        *(("p", sentence) for sentence in paragraphs["summary"]),
+        *(("p", sentence) for sentence in paragraphs["method"]),
+        ("list", paragraphs["summary"]),
         ("list", paragraphs["metrics"]),
         *(("p", sentence) for sentence in paragraphs["caveats"] + paragraphs["context"]),
+        ("h", 3, "Paired differences (later variant minus earlier, per seed)"),
+        ("table", *comparison_table(comparisons, VARIANT_LABELS)),
         ("h", 2, "Metrics (mean ± std over seeds)"),
         ("table", *summary_table(results)),
         (
@@ -354,10 +361,11 @@ def write_report(out: Path, results: DemoResults, world: World, runs_root: Path)
     """Write every report file into ``out``; returns the content of ``report.json``."""
     variants = variant_aggregates(results)
     base = aggregate(results.metrics, "base", results.seeds)
-    paragraphs = verdict(variants, base, reference_values(results), results.seeds)
+    clips = results.settings["world"]["clips"]["heldout"]
+    paragraphs, comparisons = verdict(results.metrics, results.seeds, clips, reference_values(results))
     write_png(out / "curves.png", curves_figure(runs_root, results.seeds))
     write_video(out / "samples.gif", sample_grid(grid_rows(out, world, results)), fps=4)
-    blocks = report_blocks(results, paragraphs, world)
+    blocks = report_blocks(results, paragraphs, comparisons, world)
     title = "crepa demo report"
     atomic_write_bytes(out / "report.md", to_markdown(blocks).encode())
     atomic_write_bytes(out / "report.html", to_html(blocks, title).encode())
@@ -368,6 +376,7 @@ def write_report(out: Path, results: DemoResults, world: World, runs_root: Path)
             for variant, entries in {**variants, "base": base}.items()
         },
         "verdict": paragraphs,
+        "comparisons": [c.record() for c in comparisons],
     }
     write_json(out / "report.json", content)
     return content

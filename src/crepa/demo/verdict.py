@@ -1,20 +1,30 @@
-"""From the numbers to the verdict: mean and spread over seeds, which variant leads on which
-metric, and whether the lead is larger than the seed spread. Every sentence is assembled from the
-measured values; none states a conclusion that the numbers did not produce.
-
-The rule: a difference between two variants counts when |difference of means| exceeds the sum of
-their standard deviations over seeds (their mean +- std intervals do not overlap). With one seed
-there is no spread, and no difference counts.
+"""From the demo's numbers to its verdict, with the paired statistics of :mod:`crepa.experiment.verdict`:
+at each seed the three variants share batches, noise and timesteps and sample from the same noise, so
+each pair is judged on its per-seed differences (mean, 95 % t interval, seeds needed). On top of the
+generic per-pair sentences, the demo says what the outcomes mean for alignment in general (REPA* or
+CREPA against none) and for CREPA's cross-frame term (CREPA against REPA*, which differ only in it),
+flags consistency gains that come with less motion, and gives the base model and VAE ceiling as
+context. Every sentence is assembled from the measured values.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from crepa.demo.experiment import VARIANT_LABELS
+from crepa.demo.experiment import VARIANT_LABELS, VARIANTS
+from crepa.experiment.verdict import (
+    Aggregate,
+    MetricSpec,
+    PairedComparison,
+    compare_all,
+    compare_pair,
+    fmt,
+    join_names,
+    method_sentence,
+    summary_sentences,
+)
 
 # Quality metrics and which direction is better; the motion measures give context, not quality.
 QUALITY_METRICS: dict[str, str] = {
@@ -36,26 +46,11 @@ METRIC_TITLES = {
     "dynamic_degree": "dynamic degree",
     "flow_magnitude": "flow magnitude",
 }
-
-
-@dataclass(frozen=True)
-class Aggregate:
-    """One metric of one variant over seeds."""
-
-    values: tuple[float, ...]
-
-    @property
-    def mean(self) -> float:
-        return sum(self.values) / len(self.values) if self.values else math.nan
-
-    @property
-    def std(self) -> float:
-        """Sample standard deviation (ddof 1); 0 for a single value."""
-        count = len(self.values)
-        if count < 2 or min(self.values) == max(self.values):
-            return 0.0  # exactly, not the rounding residue of equal values
-        mean = self.mean
-        return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (count - 1))
+METRICS = tuple(
+    MetricSpec(key, METRIC_TITLES[key], {"higher": True, "lower": False}.get(QUALITY_METRICS.get(key, "")))
+    for key in TABLE_METRICS
+)
+MORE_MOTION = MetricSpec("flow_magnitude", "flow magnitude", higher_is_better=True)
 
 
 def metric_value(metrics: Mapping[str, Mapping[str, Any]], row: str, metric: str) -> float | None:
@@ -74,162 +69,102 @@ def aggregate(metrics: Mapping[str, Mapping[str, Any]], prefix: str, seeds: int)
     return result
 
 
-def fmt(value: float, digits: int = 4) -> str:
-    """``digits`` significant digits; "n/a" for NaN or infinity."""
-    return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
-
-
 def fmt_aggregate(entry: Aggregate) -> str:
-    """Mean (4 significant digits) ± std (2), or the one value."""
-    return f"{fmt(entry.mean)} ± {fmt(entry.std, 2)}" if len(entry.values) > 1 else fmt(entry.mean)
+    return entry.text()
 
 
-def sentence_case(text: str) -> str:
-    return text[:1].upper() + text[1:]
+def seed_values(
+    metrics: Mapping[str, Mapping[str, Any]], variants: Sequence[str], seeds: int
+) -> dict[str, dict[str, dict[int, float | None]]]:
+    """``{metric: {variant: {seed: value}}}`` from rows named ``<variant>-seed<k>``."""
+    return {
+        metric: {
+            variant: {seed: metric_value(metrics, f"{variant}-seed{seed}", metric) for seed in range(seeds)}
+            for variant in variants
+        }
+        for metric in TABLE_METRICS
+    }
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """The variants on one quality metric, best first."""
-
-    metric: str
-    direction: str
-    order: tuple[str, ...]
-    entries: dict[str, Aggregate]
-
-    def advantage(self, first: str, second: str) -> float:
-        """How much better ``first`` is than ``second`` (negative: worse), in the metric's units."""
-        difference = self.entries[first].mean - self.entries[second].mean
-        return difference if self.direction == "higher" else -difference
-
-    def spread(self, first: str, second: str) -> float:
-        return self.entries[first].std + self.entries[second].std
-
-    def clearly_better(self, first: str, second: str) -> bool:
-        """``first`` beats ``second`` by more than their seed spread (needs two seeds or more)."""
-        enough = min(len(self.entries[first].values), len(self.entries[second].values)) > 1
-        return enough and self.advantage(first, second) > self.spread(first, second)
-
-
-def compare(variants: Mapping[str, Mapping[str, Aggregate]]) -> list[Comparison]:
-    """One :class:`Comparison` per quality metric measured for every variant."""
-    comparisons = []
-    for metric, direction in QUALITY_METRICS.items():
-        entries = {variant: variants[variant][metric] for variant in variants}
-        if any(not entry.values for entry in entries.values()):
-            continue
-        order = sorted(entries, key=lambda v: entries[v].mean, reverse=direction == "higher")
-        comparisons.append(Comparison(metric, direction, tuple(order), entries))
-    return comparisons
-
-
-def _names(metrics: list[str]) -> str:
-    titles = [METRIC_TITLES[m] for m in metrics]
-    if not titles:
-        return "no metric"
-    return titles[0] if len(titles) == 1 else ", ".join(titles[:-1]) + " and " + titles[-1]
-
-
-def metric_sentence(comparison: Comparison) -> str:
-    """Ranking on one metric and whether the leader's lead exceeds the seed spread."""
-    label = VARIANT_LABELS
-    ranking = "; ".join(f"{label[v]} {fmt_aggregate(comparison.entries[v])}" for v in comparison.order)
-    head = f"{sentence_case(METRIC_TITLES[comparison.metric])} ({comparison.direction} is better): {ranking}."
-    best, runner_up = comparison.order[0], comparison.order[1]
-    lead, spread = comparison.advantage(best, runner_up), comparison.spread(best, runner_up)
-    if min(len(comparison.entries[v].values) for v in (best, runner_up)) < 2:
-        return f"{head} {label[best]} leads by {fmt(lead, 3)}; with one seed there is no spread to compare it with."
-    judgement = "larger than" if comparison.clearly_better(best, runner_up) else "within"
-    return (
-        f"{head} {label[best]} leads {label[runner_up]} by {fmt(lead, 3)}, {judgement} the seed spread "
-        f"({fmt(spread, 3)})."
-    )
-
-
-def head_to_head(comparisons: list[Comparison], first: str, second: str) -> tuple[list[str], list[str]]:
-    """Metrics where ``first`` is clearly better than ``second``, and where it is clearly worse."""
-    better = [c.metric for c in comparisons if c.clearly_better(first, second)]
-    worse = [c.metric for c in comparisons if c.clearly_better(second, first)]
-    return better, worse
-
-
-def summary_sentences(comparisons: list[Comparison], seeds: int) -> list[str]:
-    """Each pair of variants head to head, then what the separations say about alignment in general
-    (REPA* or CREPA against none) and about CREPA's cross-frame term (CREPA against REPA*)."""
-    label = VARIANT_LABELS
-    if seeds < 2:
-        return [
-            "With a single seed there is no seed spread, so no difference below can be told apart from "
-            "noise; run with --seeds 2 or more for a verdict."
-        ]
-    sentences = [
-        f"Counting only differences larger than the seed spread (|difference of means| above the sum of "
-        f"the two standard deviations over {seeds} seeds):"
+def _outcomes(
+    comparisons: Sequence[PairedComparison], candidate: str, baseline: str, outcome: str
+) -> list[str]:
+    return [
+        c.metric.key
+        for c in comparisons
+        if (c.candidate, c.baseline) == (candidate, baseline) and c.outcome == outcome
     ]
-    for first, second in (("crepa", "none"), ("crepa", "repa"), ("repa", "none")):
-        better, worse = head_to_head(comparisons, first, second)
-        sentences.append(
-            f"{label[first]} is better than {label[second]} on {_names(better)} and worse on {_names(worse)}."
-        )
-    separated = [c for c in comparisons if any(c.clearly_better(a, b) for a in c.order for b in c.order)]
-    if not separated:
-        sentences.append(
-            "No variant separates from another beyond the seed spread on any metric: at this scale the "
-            "differences in the table are within seed noise, and this run shows no effect of alignment or "
-            "of CREPA's cross-frame term."
-        )
-        return sentences
-    aligned = sorted(
-        {m for variant in ("repa", "crepa") for m in head_to_head(comparisons, variant, "none")[0]},
-        key=list(QUALITY_METRICS).index,
-    )
+
+
+def _titles(keys: Sequence[str]) -> str:
+    return join_names([METRIC_TITLES[key] for key in keys])
+
+
+def interpretation(comparisons: Sequence[PairedComparison], seeds: int) -> list[str]:
+    """What the paired outcomes say about alignment in general and about the cross-frame term."""
+    if seeds < 2:
+        return []
+    detected = [c for c in comparisons if c.outcome != "no difference"]
+    if not detected:
+        return [
+            "No pair of variants differs detectably on any metric: at this scale the differences in the "
+            "table are within seed noise, and this run shows no effect of alignment or of CREPA's "
+            "cross-frame term."
+        ]
+    sentences = []
+    aligned = [
+        key
+        for key in QUALITY_METRICS
+        if any(key in _outcomes(comparisons, variant, "none", "better") for variant in ("repa", "crepa"))
+    ]
     if aligned:
-        sample_metrics = [m for m in aligned if m != "cknna"]
+        sample_metrics = [key for key in aligned if key != "cknna"]
         sentences.append(
-            f"Alignment (REPA* or CREPA) beats no alignment beyond the seed spread on {_names(aligned)}"
+            f"Alignment (REPA* or CREPA) beats no alignment on {_titles(aligned)}"
             + (
                 ": the block's representation moved towards the teacher, but no measure of the generated "
-                "clips separates beyond noise."
+                "clips changed detectably."
                 if not sample_metrics
                 else "."
             )
         )
     else:
-        sentences.append("Neither aligned variant beats no alignment beyond the seed spread on any metric.")
-    better, worse = head_to_head(comparisons, "crepa", "repa")
+        sentences.append("Neither aligned variant beats no alignment detectably on any metric.")
+    better = _outcomes(comparisons, "crepa", "repa", "better")
+    worse = _outcomes(comparisons, "crepa", "repa", "worse")
     if not better and not worse:
         sentences.append(
-            "The cross-frame term itself (CREPA against REPA*, which differ only in it) shows no effect "
-            "beyond the seed spread on any metric."
+            "The cross-frame term itself (CREPA against REPA*, which differ only in it) shows no detectable "
+            "effect on any metric."
         )
     else:
         sentences.append(
             f"The cross-frame term itself (CREPA against REPA*, which differ only in it) helps on "
-            f"{_names(better)} and hurts on {_names(worse)} beyond the seed spread."
+            f"{_titles(better)} and hurts on {_titles(worse)}."
         )
     return sentences
 
 
 def motion_caveats(
-    comparisons: list[Comparison], variants: Mapping[str, Mapping[str, Aggregate]]
+    comparisons: Sequence[PairedComparison],
+    values: Mapping[str, Mapping[str, Mapping[int, float | None]]],
+    clips: int,
 ) -> list[str]:
-    """A consistency leader that also moves clearly less than a variant it beats gets a caveat: a
-    frozen clip maximises every consistency score."""
+    """A consistency gain that comes with detectably less motion (paired flow magnitude) gets a
+    caveat: a frozen clip maximises every consistency score."""
     sentences = []
-    flow = {variant: entries["flow_magnitude"] for variant, entries in variants.items()}
     for comparison in comparisons:
-        if comparison.metric not in CONSISTENCY_METRICS:
+        if comparison.metric.key not in CONSISTENCY_METRICS or comparison.outcome != "better":
             continue
-        best = comparison.order[0]
-        for other in comparison.order[1:]:
-            slower = flow[other].mean - flow[best].mean > flow[other].std + flow[best].std
-            if comparison.clearly_better(best, other) and slower and len(flow[best].values) > 1:
-                sentences.append(
-                    f"{VARIANT_LABELS[best]}'s lead on {METRIC_TITLES[comparison.metric]} over "
-                    f"{VARIANT_LABELS[other]} comes with clearly less motion (flow magnitude "
-                    f"{fmt_aggregate(flow[best])} vs {fmt_aggregate(flow[other])} px per frame); less motion "
-                    "raises consistency scores by itself."
-                )
+        motion = compare_pair(
+            MORE_MOTION, comparison.candidate, comparison.baseline, values["flow_magnitude"], clips
+        )
+        if motion.outcome == "worse":
+            sentences.append(
+                f"{VARIANT_LABELS[comparison.candidate]}'s gain in {comparison.metric.title} over "
+                f"{VARIANT_LABELS[comparison.baseline]} comes with detectably less motion (flow magnitude "
+                f"{fmt(motion.mean, 3)} px per frame on average); less motion raises consistency scores by itself."
+            )
     return sentences
 
 
@@ -257,17 +192,36 @@ def context_sentences(
     return sentences
 
 
+def ranking_sentence(metric: str, variants: Mapping[str, Mapping[str, Aggregate]]) -> str:
+    """The variants on one quality metric, best mean first."""
+    higher = QUALITY_METRICS[metric] == "higher"
+    order = sorted(variants, key=lambda v: variants[v][metric].mean, reverse=higher)
+    ranking = "; ".join(f"{VARIANT_LABELS[v]} {variants[v][metric].text()}" for v in order)
+    title = METRIC_TITLES[metric]
+    return f"{title[:1].upper()}{title[1:]} ({QUALITY_METRICS[metric]} is better, mean ± std): {ranking}."
+
+
 def verdict(
-    variants: Mapping[str, Mapping[str, Aggregate]],
-    base: Mapping[str, Aggregate],
-    references: Mapping[str, Mapping[str, float | None]],
+    metrics: Mapping[str, Mapping[str, Any]],
     seeds: int,
-) -> dict[str, list[str]]:
-    """The verdict as paragraphs: per-metric rankings, the head-to-head summary, caveats, context."""
-    comparisons = compare(variants)
-    return {
-        "metrics": [metric_sentence(c) for c in comparisons],
-        "summary": summary_sentences(comparisons, seeds),
-        "caveats": motion_caveats(comparisons, variants),
-        "context": context_sentences(variants, base, references),
+    clips: int,
+    references: Mapping[str, Mapping[str, float | None]],
+) -> tuple[dict[str, list[str]], list[PairedComparison]]:
+    """The verdict as paragraphs (method, per-pair summary, interpretation, per-metric rankings,
+    caveats, context) and the paired comparisons behind it; ``metrics`` holds the evaluation rows
+    ``<variant>-seed<k>`` and ``base-seed<k>``."""
+    values = seed_values(metrics, VARIANTS, seeds)
+    comparisons = compare_all(METRICS, list(VARIANTS), values, clips)
+    variants = {variant: aggregate(metrics, variant, seeds) for variant in VARIANTS}
+    paragraphs = {
+        "method": [method_sentence(seeds, clips)],
+        "summary": summary_sentences(comparisons, VARIANT_LABELS) + interpretation(comparisons, seeds),
+        "metrics": [
+            ranking_sentence(metric, variants)
+            for metric in QUALITY_METRICS
+            if all(variants[v][metric].values for v in variants)
+        ],
+        "caveats": motion_caveats(comparisons, values, clips),
+        "context": context_sentences(variants, aggregate(metrics, "base", seeds), references),
     }
+    return paragraphs, comparisons
