@@ -14,8 +14,10 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import crepa.sample
+from crepa.cli import app
 from crepa.config import load_config
 from crepa.generation import ClipRequest, GenerationSettings, generate_clips
 from crepa.io.video import read_video_frames
@@ -123,6 +125,7 @@ def test_samples_jsonl_feeds_crepa_eval(lora_run, tmp_path):
 
 def test_sample_cli_reproduces_validation_of_a_repvideo_run(tmp_path, monkeypatch):
     rep = ["repvideo.enabled=true", "repvideo.window=2", "repvideo.gate_init=0.5", "repvideo.lr=0.2"]
+    rep.append("train.max_steps=1")  # the checkpoint and validation of step 1 are all this test reads
     run_dir = train_run(tmp_path / "world", rep, four_blocks=True)
     (tmp_path / "prompts.txt").write_text(f"# held-out\n{PROMPTS[1]}\n\n")
     command = [
@@ -157,12 +160,12 @@ def test_sample_cli_reproduces_validation_of_a_repvideo_run(tmp_path, monkeypatc
 
 def test_sample_explains_bad_input(lora_run, tmp_path):
     (tmp_path / "prompts.txt").write_text("a prompt\n")
-    base = [sys.executable, "-m", "crepa", "sample", "--prompts", str(tmp_path / "prompts.txt")]
     cases = {
         "not a crepa run directory": [str(tmp_path)],
         "checkpoint step-000009: not in": [str(lora_run), "--checkpoint", "step-000009"],
         "expected integers": [str(lora_run), "--seeds", "one"],
+        "on the CPU already": [str(lora_run), "--offload", "--device", "cpu"],
     }
     for message, args in cases.items():
-        result = subprocess.run([*base[:4], *args, *base[4:]], capture_output=True, text=True)
-        assert result.returncode == 2 and message in " ".join(result.stderr.split()), result.stderr
+        result = CliRunner().invoke(app, ["sample", *args, "--prompts", str(tmp_path / "prompts.txt")])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output

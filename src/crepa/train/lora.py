@@ -20,20 +20,26 @@ from crepa.models.registry import ModelFamily
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def add_lora(transformer: nn.Module, family: ModelFamily, settings: LoraSection) -> list[nn.Parameter]:
-    """Freeze ``transformer`` and add LoRA adapters to the family's attention projections.
-
-    Returns the trainable LoRA parameters. Transformers without diffusers' ``add_adapter`` (Allegro)
-    get peft's ``inject_adapter_in_model``. ``settings.targets`` overrides the family's regex.
-    """
+def lora_config(family: ModelFamily, settings: LoraSection) -> LoraConfig:
+    """The peft config of a run's LoRA: rank, alpha, dropout, and ``settings.targets`` or the family's regex."""
     targets = settings.targets if settings.targets is not None else family.lora_target_regex
-    config = LoraConfig(
+    return LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=targets,
         init_lora_weights=True,
     )
+
+
+def add_lora(transformer: nn.Module, family: ModelFamily, settings: LoraSection) -> list[nn.Parameter]:
+    """Freeze ``transformer`` and add LoRA adapters to the family's attention projections.
+
+    Returns the trainable LoRA parameters. Transformers without diffusers' ``add_adapter`` (Allegro)
+    get peft's ``inject_adapter_in_model``. ``settings.targets`` overrides the family's regex.
+    """
+    config = lora_config(family, settings)
+    targets = config.target_modules
     transformer.requires_grad_(False)
     try:
         if hasattr(transformer, "add_adapter"):
@@ -57,10 +63,25 @@ def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora(transformer: nn.Module, family: ModelFamily, directory: str | Path) -> Path:
     """Write the LoRA in the diffusers format of the family's pipeline; returns the file path."""
-    directory = Path(directory)
-    pipeline_class = getattr(diffusers, family.pipeline_class)
     state = {
         name: tensor.detach().to("cpu").contiguous() for name, tensor in lora_state_dict(transformer).items()
     }
-    pipeline_class.save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True)
+    config = getattr(transformer, "peft_config", {}).get("default")  # inject_adapter_in_model keeps none
+    return save_lora_tensors(state, family, config, directory)
+
+
+def save_lora_tensors(
+    tensors: dict[str, torch.Tensor], family: ModelFamily, config: LoraConfig | None, directory: str | Path
+) -> Path:
+    """LoRA tensors (peft names, no adapter name) in the diffusers format of the family's pipeline,
+    with the LoRA config as metadata: without it ``load_lora_weights`` takes alpha = rank and
+    scales the LoRA by 1 instead of alpha / rank. Returns the file path."""
+    directory = Path(directory)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    pipeline_class.save_lora_weights(
+        directory,
+        transformer_lora_layers=tensors,
+        safe_serialization=True,
+        transformer_lora_adapter_metadata=None if config is None else config.to_dict(),
+    )
     return directory / LORA_FILE
