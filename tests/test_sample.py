@@ -10,15 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import diffusers
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import crepa.sample
 from crepa.cli import app
 from crepa.config import load_config
+from crepa.export import export_run
 from crepa.generation import ClipRequest, GenerationSettings, generate_clips
 from crepa.io.video import read_video_frames
 from crepa.precompute import precompute
@@ -86,6 +89,26 @@ def test_sample_reproduces_validation_of_a_lora_run(lora_run, tmp_path):
     assert records[0]["settings"]["inference_steps"] == 2 and records[0]["checkpoint"] == "final"
     assert json.loads(early.read_text())["checkpoint"] == "step-000001"
     assert (tmp_path / "final/contact_sheet.png").stat().st_size > 0
+
+
+def test_sample_and_export_a_full_fine_tuning_run(tmp_path):
+    overrides = ["lora.enabled=false", "optim.lr=0.001", f"validation.prompts={json.dumps(PROMPTS[:1])}"]
+    run_dir = train_run(tmp_path / "world", overrides)
+    validation = run_dir / "validation"
+    assert not np.array_equal(
+        frames_of(validation / "step-000001/prompt-0.gif"), frames_of(validation / "step-000002/prompt-0.gif")
+    )
+    sample_run(run_dir, PROMPTS[:1], [SEED], tmp_path / "final")  # the saved transformer/ folder
+    assert_same_clip(tmp_path / "final/prompt-0-seed-5.mp4", validation / "step-000002/prompt-0.mp4")
+    sample_run(run_dir, PROMPTS[:1], [SEED], tmp_path / "early", checkpoint="1")  # checkpoint parameters
+    assert_same_clip(tmp_path / "early/prompt-0-seed-5.mp4", validation / "step-000001/prompt-0.mp4")
+    # a full fine-tune exports its transformer: the checkpoint's parameters, loadable with from_pretrained
+    export_run(run_dir, tmp_path / "merged", "merged", checkpoint="step-000001")
+    exported = diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "merged").state_dict()
+    saved = load_file(run_dir / "checkpoints/step-000001/trainable.safetensors")
+    assert len(saved) == len(dict(exported.items()))
+    for key, tensor in saved.items():
+        assert torch.equal(exported[key.removeprefix("transformer.")], tensor), key
 
 
 def test_batched_sampling_matches_one_at_a_time(lora_run):
@@ -160,11 +183,14 @@ def test_sample_cli_reproduces_validation_of_a_repvideo_run(tmp_path, monkeypatc
 
 def test_sample_explains_bad_input(lora_run, tmp_path):
     (tmp_path / "prompts.txt").write_text("a prompt\n")
+    (tmp_path / "frames").mkdir()
+    cv2.imwrite(str(tmp_path / "frames/first.png"), np.zeros((32, 32, 3), np.uint8))
     cases = {
         "not a crepa run directory": [str(tmp_path)],
         "checkpoint step-000009: not in": [str(lora_run), "--checkpoint", "step-000009"],
         "expected integers": [str(lora_run), "--seeds", "one"],
         "on the CPU already": [str(lora_run), "--offload", "--device", "cpu"],
+        "generates from text only": [str(lora_run), "--images", str(tmp_path / "frames")],
     }
     for message, args in cases.items():
         result = CliRunner().invoke(app, ["sample", *args, "--prompts", str(tmp_path / "prompts.txt")])
