@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from typer.testing import CliRunner
 
 from crepa.cli import app
-from crepa.demo.verdict import QUALITY_METRICS, verdict
+from crepa.demo.verdict import METRICS, QUALITY_METRICS, demo_verdict
 from crepa.demo.world import (
     COLOURS,
     LABELS,
@@ -23,6 +24,9 @@ from crepa.demo.world import (
     split_arrays,
     write_world,
 )
+from crepa.experiment.report import comparisons, verdict_paragraphs
+from crepa.experiment.runfiles import VARIANT_LABELS
+from crepa.experiment.runner import ExperimentResults
 from crepa.io.video import probe_video, read_video_frames
 
 SMALL = WorldSettings(seed=3, clips={"generic": 4, "attribute": 3, "heldout": 2})
@@ -87,24 +91,47 @@ def _rows(values: dict[str, tuple[float, ...]]) -> dict[str, dict[str, dict[str,
     return rows
 
 
+def _results(values: dict[str, tuple[float, ...]]) -> ExperimentResults:
+    rows = _rows(values)
+    return ExperimentResults(
+        variants=[{"name": name, "label": VARIANT_LABELS[name]} for name in values],
+        seeds=list(range(len(values["none"]))),
+        prompts=["a prompt"] * 8,
+        metrics=list(METRICS),
+        rows=rows,
+        runs=list(rows),
+        base=False,
+        stage_seconds={},
+        work={},
+        machine={},
+        out=Path("."),
+    )
+
+
+def _verdict_text(results: ExperimentResults) -> tuple[str, list]:
+    found = comparisons(results)
+    paragraphs = verdict_paragraphs(results, found)
+    extra = [block[1] for block in demo_verdict(results, found, {})]
+    return " ".join(paragraphs["method"] + paragraphs["summary"] + extra), found
+
+
 def test_demo_verdict_uses_paired_differences():
     # The seed effect (0.1 between seeds) is larger than the variant effect (0.01), but shared by the
     # variants: unpaired spreads would overlap, the paired differences are constant.
-    apart = _rows({"none": (0.10, 0.20, 0.30), "repa": (0.11, 0.21, 0.31), "crepa": (0.12, 0.22, 0.32)})
-    paragraphs, comparisons = verdict(apart, seeds=3, clips=8, references={})
-    assert {c.outcome for c in comparisons if c.metric.key in QUALITY_METRICS} == {"better"}
-    text = " ".join(paragraphs["summary"])
+    text, found = _verdict_text(
+        _results({"none": (0.10, 0.20, 0.30), "repa": (0.11, 0.21, 0.31), "crepa": (0.12, 0.22, 0.32)})
+    )
+    assert {c.outcome for c in found} == {"better"}
     assert "CREPA vs no alignment: better on subject consistency, temporal flickering, warping error" in text
     assert "cross-frame term itself (CREPA against REPA*, which differ only in it) helps on" in text
-    noisy = _rows({"none": (0.10, 0.20, 0.30), "repa": (0.12, 0.19, 0.30), "crepa": (0.09, 0.22, 0.29)})
-    paragraphs, comparisons = verdict(noisy, seeds=3, clips=8, references={})
-    assert {c.outcome for c in comparisons} == {"no difference"}
-    assert "no difference detectable with 3 seeds and 8 clips on any metric" in " ".join(
-        paragraphs["summary"]
+    text, found = _verdict_text(
+        _results({"none": (0.10, 0.20, 0.30), "repa": (0.12, 0.19, 0.30), "crepa": (0.09, 0.22, 0.29)})
     )
-    single = _rows({"none": (0.1,), "repa": (0.2,), "crepa": (0.3,)})
-    paragraphs, _ = verdict(single, seeds=1, clips=8, references={})
-    assert "one seed per variant" in paragraphs["method"][0]
+    assert {c.outcome for c in found} == {"no difference"}
+    assert "no difference detectable with 3 seeds and 8 clips on any metric" in text
+    assert "this run shows no effect of alignment" in text
+    text, _ = _verdict_text(_results({"none": (0.1,), "repa": (0.2,), "crepa": (0.3,)}))
+    assert "one seed per variant" in text
 
 
 def test_quick_demo_writes_the_report(tmp_path):
@@ -116,7 +143,7 @@ def test_quick_demo_writes_the_report(tmp_path):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_video_frames(out / "samples.gif")[0].shape[0] == SMALL.num_frames
     report = json.loads((out / "report.json").read_text())
-    seeds = report["seeds"]
+    seeds = len(report["seeds"])
     for variant in ("none", "repa", "crepa"):
         for metric, entry in report["aggregates"][variant].items():
             assert len(entry["values"]) == seeds, (variant, metric)

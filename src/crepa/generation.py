@@ -233,9 +233,10 @@ def write_clips(
     clips: Iterable[tuple[str, GeneratedClip]],
     settings: GenerationSettings,
     extra: dict[str, Any] | None = None,
+    crf: int = 18,
 ) -> Path:
-    """Write each (stem, clip) as ``stem.mp4`` + ``stem.gif`` as it arrives, then a contact sheet and
-    ``samples.jsonl``; returns the manifest's path.
+    """Write each (stem, clip) as ``stem.mp4`` (H.264 at ``crf``; 0 is lossless) + ``stem.gif`` as it
+    arrives, then a contact sheet and ``samples.jsonl``; returns the manifest's path.
 
     ``samples.jsonl`` has one line per clip: file (the mp4, relative to ``directory``), gif, prompt,
     seed, image, settings, ``frames_sha256`` (of the uint8 frames before encoding) and ``extra``
@@ -244,7 +245,7 @@ def write_clips(
     directory.mkdir(parents=True, exist_ok=True)
     records, sheet_rows = [], []
     for stem, clip in clips:
-        write_video(directory / f"{stem}.mp4", clip.frames, fps=settings.fps)
+        write_video(directory / f"{stem}.mp4", clip.frames, fps=settings.fps, crf=crf)
         write_video(directory / f"{stem}.gif", clip.frames, fps=settings.fps)
         request = clip.request
         records.append(

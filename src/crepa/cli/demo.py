@@ -34,15 +34,15 @@ def demo(
     """Run CREPA vs REPA* vs no alignment on a synthetic world and write report.md / report.html."""
     import torch
 
-    from crepa.demo.report import terminal_table
     from crepa.demo.run import DemoSettings, run_demo
+    from crepa.experiment.report import terminal_table
 
-    torch.set_num_threads(1)  # tiny models: threads cost more than they give (see crepa.demo.workers)
+    torch.set_num_threads(1)  # tiny models: threads cost more than they give (see crepa.experiment.workers)
     settings = DemoSettings.quick() if quick else DemoSettings()
     if seeds is not None:
         settings = replace(settings, seeds=seeds)
-    results = run_demo(out, settings, workers=workers, progress=progress)
+    results, extras = run_demo(out, settings, workers=workers, progress=progress)
     console = Console()
-    console.print(terminal_table(results))
-    total = sum(results.stage_seconds.values())
+    console.print(terminal_table(results, extras))
+    total = sum(extras.stage_seconds.values()) + sum(results.stage_seconds.values())
     console.print(f"report: {out / 'report.md'} and {out / 'report.html'} ({total:.0f} s in all)")

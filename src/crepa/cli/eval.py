@@ -13,8 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 from crepa.cli import app
-from crepa.eval.evaluate import DEFAULT_EXTRACTORS, METRICS, evaluate_clips, resolve_metrics
-from crepa.eval.extractors import EXTRACTOR_KINDS, FeatureExtractor, load_extractor
+from crepa.eval.evaluate import (
+    DEFAULT_EXTRACTORS,
+    METRICS,
+    evaluate_clips,
+    extractor_specs,
+    load_extractors,
+    resolve_metrics,
+)
+from crepa.eval.extractors import EXTRACTOR_KINDS
 from crepa.eval.flow import FLOW_METHODS
 from crepa.eval.report import write_comparison, write_eval_report, write_layer_report
 from crepa.eval.videos import find_clips
@@ -30,40 +37,6 @@ EXTRACTOR_HELP = (
 def split_values(values: list[str] | None) -> list[str]:
     """Repeated and comma-separated option values, flattened."""
     return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
-
-
-def extractor_specs(values: list[str], metrics: tuple[str, ...]) -> dict[str, str]:
-    """Extractor spec per feature metric in ``metrics``: the defaults, replaced by one bare SPEC
-    (for every feature metric), then by METRIC=SPEC entries."""
-    specs = {metric: spec for metric, spec in DEFAULT_EXTRACTORS.items() if metric in metrics}
-    per_metric: dict[str, str] = {}
-    everywhere: list[str] = []
-    for value in values:
-        name, separator, spec = value.partition("=")
-        if separator and name in DEFAULT_EXTRACTORS:
-            per_metric[name] = spec
-        elif separator and name in METRICS:
-            raise ValueError(
-                f"--extractor {value}: {name} uses no extractor (these do: {', '.join(DEFAULT_EXTRACTORS)})"
-            )
-        else:
-            everywhere.append(value)
-    if len(everywhere) > 1:
-        raise ValueError(
-            f"give one --extractor SPEC for all metrics, or METRIC=SPEC each; got {', '.join(everywhere)}"
-        )
-    if everywhere:
-        specs = dict.fromkeys(specs, everywhere[0])
-    specs.update({metric: spec for metric, spec in per_metric.items() if metric in specs})
-    return specs
-
-
-def load_extractors(specs: dict[str, str], device: str, batch_size: int) -> dict[str, FeatureExtractor]:
-    """One extractor instance per distinct spec, shared by the metrics that use it."""
-    loaded: dict[str, FeatureExtractor] = {}
-    for spec in dict.fromkeys(specs.values()):
-        loaded[spec] = load_extractor(spec, device=device, batch_size=batch_size)
-    return {metric: loaded[spec] for metric, spec in specs.items()}
 
 
 def _number(value: Any, digits: int = 4) -> str:

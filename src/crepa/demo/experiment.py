@@ -1,32 +1,33 @@
-"""The experiment: fine-tune the base model with LoRA on the attribute split three ways (no
-alignment, REPA*, CREPA), same steps, for each seed, through ``crepa precompute`` and ``crepa train``.
+"""The demo's experiment, run by ``crepa experiment``'s code: the one run file every variant starts
+from (LoRA fine-tuning of the base model on the attribute split, alignment on block ``block_index``),
+and the demo's evaluator (crepa eval metrics with the attribute classifier as extractor, plus CKNNA of
+the aligned block against the teacher on the held-out clips).
 
-Each run is a run file ``runs/<variant>-seed<k>/run.toml`` (reproducible with ``crepa train``) and
-its output folder: ``metrics.jsonl``, ``training_summary.json``, the LoRA in diffusers format and,
-for the aligned variants, ``projector.safetensors``. All runs share one precompute cache, filled
-with the CREPA run file: it holds everything the other variants read (latents, captions, teacher grids).
+The variants are ``crepa experiment``'s built-in none / repa / crepa: each run is a run file
+``runs/<variant>-seed<k>/run.toml`` (reproducible with ``crepa train``) and its output folder. All runs
+share one precompute cache.
 """
 
 from __future__ import annotations
 
-import shutil
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from crepa.config import RunConfig, load_config
+import crepa.demo.latent  # noqa: F401  (the base pipeline's VAE class, loaded by name in every process)
+from crepa.config import RunConfig
 from crepa.demo.base import data_section
-from crepa.demo.runfile import write_run_file
+from crepa.demo.evaluate import SamplingSettings, evaluate_folder, heldout_cknna
+from crepa.demo.extractor import load_attribute_extractor
+from crepa.demo.verdict import METRICS
 from crepa.demo.world import WorldSettings
+from crepa.experiment.runfiles import write_run_file
+from crepa.experiment.runner import LoadedModel, ModelJob
+from crepa.experiment.verdict import MetricSpec
 from crepa.precompute import PrecomputeSummary, precompute
-from crepa.train.recipe import train
 
-VARIANTS: dict[str, dict[str, Any]] = {
-    "none": {"enabled": False},
-    "repa": {"mode": "repa"},
-    "crepa": {"mode": "crepa", "distance": 1, "tau": 1.0},
-}
-VARIANT_LABELS = {"none": "no alignment", "repa": "REPA*", "crepa": "CREPA"}
+STAMP_FILE = "demo-stamp.json"
 
 
 @dataclass(frozen=True)
@@ -44,23 +45,6 @@ class FinetuneSettings:
     projector_hidden_dim: int = 128
 
 
-@dataclass(frozen=True)
-class Run:
-    """One fine-tuning run: its variant, seed, run file and output folder."""
-
-    variant: str
-    seed: int
-    directory: Path
-
-    @property
-    def name(self) -> str:
-        return f"{self.variant}-seed{self.seed}"
-
-    @property
-    def run_file(self) -> Path:
-        return self.directory / "run.toml"
-
-
 def run_sections(
     pipeline: Path,
     source: Path,
@@ -68,80 +52,87 @@ def run_sections(
     teacher: Path,
     world: WorldSettings,
     settings: FinetuneSettings,
-    variant: str,
-    seed: int,
+    sampling: SamplingSettings,
     output: Path,
 ) -> dict[str, dict[str, Any]]:
-    """The run file of ``variant`` at ``seed`` (see :data:`VARIANTS`)."""
-    alignment = {
-        "block_index": settings.block_index,
-        "weight": settings.weight,
-        "projector_hidden_dim": settings.projector_hidden_dim,
-        **VARIANTS[variant],
-    }
+    """The run file (CREPA: own frame plus neighbours at distance 1, tau 1); its ``[validation]``
+    section (never run during training) holds the sampling settings of the evaluation."""
     return {
         "model": {"pretrained": pipeline, "gradient_checkpointing": False},
         "data": data_section(world, source),
         "cache": {"dir": cache_dir},
         "teacher": {"name": teacher},
-        "crepa": alignment,
+        "crepa": {
+            "block_index": settings.block_index,
+            "weight": settings.weight,
+            "projector_hidden_dim": settings.projector_hidden_dim,
+            "mode": "crepa",
+            "distance": 1,
+            "tau": 1.0,
+        },
         "lora": {"rank": settings.rank, "alpha": settings.rank, "targets": settings.lora_targets},
         "optim": {"lr": settings.lr, "weight_decay": 0.0},
         "train": {
             "max_steps": settings.steps,
             "batch_size": settings.batch_size,
-            "seed": seed,
             "checkpoint_every": settings.steps,
             "keep_checkpoints": 1,
         },
         "logging": {"every": 5, "tensorboard": False},
+        # No classifier-free guidance: training never drops captions.
+        "validation": {
+            "every": 0,
+            "num_frames": world.num_frames,
+            "height": world.size,
+            "width": world.size,
+            "inference_steps": sampling.inference_steps,
+            "guidance_scale": 1.0,
+            "fps": sampling.fps,
+        },
         "output": {"dir": output},
     }
 
 
-def prepare_runs(
-    root: Path,
-    pipeline: Path,
-    attribute_dir: Path,
-    cache_dir: Path,
-    teacher: Path,
-    world: WorldSettings,
-    settings: FinetuneSettings,
-    seeds: int,
-) -> list[tuple[Run, RunConfig]]:
-    """Write the run file of every (variant, seed) under ``root`` (previous outputs are removed)."""
-    runs = []
-    for variant in VARIANTS:
-        for seed in range(seeds):
-            run = Run(variant, seed, root / f"{variant}-seed{seed}")
-            shutil.rmtree(run.directory, ignore_errors=True)
-            sections = run_sections(
-                pipeline, attribute_dir, cache_dir, teacher, world, settings, variant, seed, run.directory
-            )
-            comment = (
-                f"crepa demo: {VARIANT_LABELS[variant]}, seed {seed}, LoRA fine-tuning of the base model on "
-                "the attribute split.\nReproduce with: crepa precompute run.toml && crepa train run.toml"
-            )
-            runs.append((run, write_run_file(run.run_file, sections, comment)))
-    return runs
+def write_experiment_file(path: Path, sections: dict[str, dict[str, Any]]) -> RunConfig:
+    comment = (
+        "crepa demo: LoRA fine-tuning of the base model on the attribute split; crepa experiment makes the\n"
+        "no alignment / REPA* / CREPA variants of it. Reproduce with:\n"
+        "crepa experiment experiment.toml --variants none,repa,crepa --prompts ... --reference world/heldout"
+    )
+    return write_run_file(path, sections, comment)
 
 
 def precompute_heldout(
-    root: Path, pipeline: Path, heldout_dir: Path, cache_dir: Path, teacher: Path, world: WorldSettings
+    path: Path, sections: dict[str, dict[str, Any]]
 ) -> tuple[RunConfig, PrecomputeSummary]:
-    """Latents, captions and teacher grids of the held-out clips (for CKNNA), via a precompute-only run file."""
-    sections = run_sections(
-        pipeline, heldout_dir, cache_dir, teacher, world, FinetuneSettings(), "crepa", 0, root / "unused"
-    )
-    del sections["output"]
-    config = write_run_file(
-        root / "heldout.toml", sections, "crepa demo: the held-out clips, precompute only."
-    )
+    """Latents, captions and teacher grids of the held-out clips (for CKNNA and the VAE reconstructions),
+    via a precompute-only run file at ``path``."""
+    sections = {key: value for key, value in sections.items() if key != "output"}
+    config = write_run_file(path, sections, "crepa demo: the held-out clips, precompute only.")
     return config, precompute(config, progress=False)
 
 
-def train_run(run_file: Path) -> str:
-    """``crepa train RUN_FILE`` without progress bars; returns the run file's folder name. A top-level
-    function, so worker processes can run it."""
-    train(load_config(run_file), progress=False)
-    return run_file.parent.name
+@dataclass(frozen=True)
+class DemoEvaluator:
+    """crepa eval's subject consistency, flicker, warping error, motion and Frechet distance, with the
+    attribute classifier (trained on the world's ground truth, not the training teacher) as feature
+    extractor, and CKNNA between block ``block_index`` (no projector) and the teacher's patch features of
+    the held-out clips."""
+
+    extractor_dir: Path
+    heldout_dir: Path
+    heldout_cache: Path
+    block_index: int
+
+    def metrics(self, with_reference: bool) -> tuple[MetricSpec, ...]:
+        return METRICS
+
+    def describe(self) -> dict[str, Any]:
+        stamp = json.loads((self.extractor_dir / STAMP_FILE).read_text(encoding="utf-8"))
+        return {"evaluator": "crepa demo", **asdict(self), "extractor_digest": stamp.get("digest")}
+
+    def __call__(self, job: ModelJob, model: LoadedModel) -> dict[str, dict[str, Any]]:
+        extractor = load_attribute_extractor(self.extractor_dir)
+        metrics = evaluate_folder(job.samples_dir, job.eval_dir, extractor, self.heldout_dir)
+        metrics["cknna"] = {"value": heldout_cknna(model.pipeline(), self.heldout_cache, self.block_index)}
+        return metrics

@@ -1,36 +1,40 @@
-"""``crepa demo`` end to end: world -> teacher and extractor -> base model -> precompute ->
-fine-tuning (3 variants x seeds) -> sampling and evaluation -> report. Pre-trained artefacts are
-cached under the output folder and reused while their settings are unchanged."""
+"""``crepa demo`` end to end: world -> teacher and extractor -> base model -> the held-out clips
+(real and through the VAE, measured) -> ``crepa experiment`` (precompute, 3 variants x seeds, sampling,
+evaluation, report with verdict). Pre-trained artefacts are cached under the output folder and reused
+while their settings are unchanged; the experiment skips what an earlier run finished."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
 from rich.console import Console
 
 from crepa.demo.base import PIPELINE_DIR, BaseSettings, build_base_model, build_initial_pipeline
 from crepa.demo.evaluate import (
-    EvalJob,
     SamplingSettings,
     evaluate_folder,
     load_pipeline,
     reconstruct_clips,
-    run_eval_job,
     write_clips,
 )
-from crepa.demo.experiment import VARIANTS, FinetuneSettings, Run, precompute_heldout, prepare_runs, train_run
+from crepa.demo.experiment import (
+    DemoEvaluator,
+    FinetuneSettings,
+    precompute_heldout,
+    run_sections,
+    write_experiment_file,
+)
 from crepa.demo.extractor import ExtractorSettings, build_extractor, load_attribute_extractor
-from crepa.demo.report import DemoResults, write_report
+from crepa.demo.report import demo_extras
 from crepa.demo.teacher import TeacherSettings, build_teacher
-from crepa.demo.workers import quiet_libraries, run_jobs, worker_pool
-from crepa.demo.world import WORLD_VERSION, RenderedSplit, World, WorldSettings, write_world
+from crepa.demo.verdict import VARIANTS
+from crepa.demo.world import WORLD_VERSION, RenderedSplit, WorldSettings, write_world
 from crepa.eval.evaluate import StageTimer
-from crepa.precompute import precompute
+from crepa.experiment.report import ReportExtras, write_report
+from crepa.experiment.runfiles import parse_variants
+from crepa.experiment.runner import ExperimentResults, ExperimentSpec, run_experiment
+from crepa.experiment.workers import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,9 @@ class DemoSettings:
         )
 
 
-def run_demo(out: Path, settings: DemoSettings, workers: int = 1, progress: bool = True) -> DemoResults:
+def run_demo(
+    out: Path, settings: DemoSettings, workers: int = 1, progress: bool = True
+) -> tuple[ExperimentResults, ReportExtras]:
     """Run the whole demo into ``out``; returns what the report shows (also written to ``out``).
 
     ``workers`` processes (one torch thread each) run the fine-tuning runs and evaluations side by side;
@@ -70,8 +76,6 @@ def run_demo(out: Path, settings: DemoSettings, workers: int = 1, progress: bool
     out = out.resolve()
     timer = StageTimer()
     reused: dict[str, bool] = {}
-    load_before = os.getloadavg()
-    threads = torch.get_num_threads()
     world_record = {"world": asdict(settings.world), "world_version": WORLD_VERSION}
 
     def stage(name: str, text: str):
@@ -105,115 +109,65 @@ def run_demo(out: Path, settings: DemoSettings, workers: int = 1, progress: bool
         )
     pipeline_dir = models / "base" / PIPELINE_DIR
     teacher_dir = models / "teacher"
-
-    runs_root = out / "runs"
-    runs = prepare_runs(
-        runs_root,
-        pipeline_dir,
-        world.split_dir("attribute"),
-        out / "cache" / "attribute",
-        teacher_dir,
-        settings.world,
-        settings.finetune,
-        settings.seeds,
-    )
-    with stage("precompute", "latents, captions and teacher grids of the attribute and held-out clips"):
-        crepa_config = next(config for run, config in runs if run.variant == "crepa")
-        summaries = [precompute(crepa_config, progress=progress)]  # the superset every variant reads
-        heldout_cache = out / "cache" / "heldout"
-        summaries.append(
-            precompute_heldout(
-                runs_root,
-                pipeline_dir,
-                world.split_dir("heldout"),
-                heldout_cache,
-                teacher_dir,
-                settings.world,
-            )[1]
-        )
-        reused["precompute"] = not any(count for summary in summaries for count in summary.computed.values())
-    with worker_pool(workers, threads) as pool:
-        with stage(
-            "fine-tune", f"{len(VARIANTS)} variants x {settings.seeds} seeds, LoRA, {workers} worker(s)"
-        ):
-            run_jobs(pool, train_run, [config_run.run_file for config_run, _ in runs], "fine-tune", progress)
-        with stage("sample + eval", "held-out prompts, crepa eval metrics, CKNNA"):
-            evaluation = evaluate_everything(
-                out, world, [run for run, _ in runs], pipeline_dir, heldout_cache, settings, pool, progress
-            )
-
-    results = DemoResults(
-        settings=asdict(settings),
-        runs=[run.name for run, _ in runs],
-        seeds=settings.seeds,
-        metrics=evaluation,
-        reused=reused,
-        stage_seconds=dict(timer.seconds),
-        machine={
-            "cpus": os.cpu_count(),
-            "torch_threads": threads,
-            "workers": workers,
-            "load_average_before": [round(v, 2) for v in load_before],
-            "load_average_after": [round(v, 2) for v in os.getloadavg()],
-        },
-    )
-    with stage("report", "report.md, report.html, GIF grid, curves"):
-        write_report(out, results, world, runs_root)
-    results.stage_seconds["report"] = timer.seconds["report"]
-    return results
-
-
-def evaluate_everything(
-    out: Path,
-    world: World,
-    runs: list[Run],
-    pipeline_dir: Path,
-    heldout_cache: Path,
-    settings: DemoSettings,
-    pool,
-    progress: bool,
-) -> dict[str, dict[str, Any]]:
-    """Metrics by row name: each run, the base model per seed, the real held-out clips and their VAE
-    reconstructions. Sample clips go to ``out/samples/<row>``, ``crepa eval`` reports to ``out/eval/<row>``."""
     heldout_dir = world.split_dir("heldout")
     prompts = tuple(spec.caption for spec in world.specs["heldout"])
-    samples_root, eval_root = out / "samples", out / "eval"
-    shutil.rmtree(samples_root, ignore_errors=True)
-    shutil.rmtree(eval_root, ignore_errors=True)
-    extractor_dir = out / "models" / "extractor"
-    extractor = load_attribute_extractor(extractor_dir)
-    reconstruction = write_clips(
-        samples_root / "reconstruction",
-        reconstruct_clips(load_pipeline(pipeline_dir), heldout_cache),
-        list(prompts),
-        settings.sampling.fps,
-    )
-    metrics: dict[str, dict[str, Any]] = {
-        "real": evaluate_folder(heldout_dir, eval_root / "real", extractor, None),
-        "reconstruction": evaluate_folder(
-            reconstruction, eval_root / "reconstruction", extractor, heldout_dir
-        ),
-    }
-    models = [(f"base-seed{seed}", None, seed) for seed in range(settings.seeds)]
-    models += [(run.name, run.directory, run.seed) for run in runs]
-    jobs = [
-        EvalJob(
-            name=name,
-            pipeline_dir=pipeline_dir,
-            lora_dir=lora_dir,
-            seed=seed,
-            prompts=prompts,
-            size=world.settings.size,
-            num_frames=world.settings.num_frames,
-            sampling=settings.sampling,
-            block_index=settings.finetune.block_index,
-            extractor_dir=extractor_dir,
-            heldout_dir=heldout_dir,
-            heldout_cache=heldout_cache,
-            samples_dir=samples_root / name,
-            eval_dir=eval_root / name,
+
+    def sections(source: Path, cache: Path, output: Path):
+        return run_sections(
+            pipeline_dir,
+            source,
+            cache,
+            teacher_dir,
+            settings.world,
+            settings.finetune,
+            settings.sampling,
+            output,
         )
-        for name, lora_dir, seed in models
-    ]
-    metrics.update(run_jobs(pool, run_eval_job, jobs, "sample + eval", progress))
-    return metrics
+
+    run_file = out / "experiment.toml"
+    write_experiment_file(
+        run_file, sections(world.split_dir("attribute"), out / "cache" / "attribute", out / "runs")
+    )
+    heldout_cache = out / "cache" / "heldout"
+    with stage("held-out clips", "latents and teacher grids; real clips and VAE reconstructions measured"):
+        summary = precompute_heldout(
+            out / "heldout.toml", sections(heldout_dir, heldout_cache, out / "runs")
+        )[1]
+        reused["held-out clips"] = not any(summary.computed.values())
+        extractor = load_attribute_extractor(models / "extractor")
+        reconstruction = write_clips(
+            out / "reconstruction" / "clips",
+            reconstruct_clips(load_pipeline(pipeline_dir), heldout_cache),
+            list(prompts),
+            settings.sampling.fps,
+        )
+        references = {
+            "real": evaluate_folder(heldout_dir, out / "reconstruction" / "eval-real", extractor, None),
+            "reconstruction": evaluate_folder(
+                reconstruction, out / "reconstruction" / "eval", extractor, heldout_dir
+            ),
+        }
+    spec = ExperimentSpec(
+        run_file=run_file,
+        out=out,
+        variants=parse_variants(",".join(VARIANTS))[0],
+        seeds=tuple(range(settings.seeds)),
+        prompts=prompts,
+        reference=heldout_dir,
+        evaluator=DemoEvaluator(
+            models / "extractor", heldout_dir, heldout_cache, settings.finetune.block_index
+        ),
+        workers=workers,
+        sample_batch_size=len(prompts),
+    )
+    console.rule(
+        f"[bold]experiment[/bold]: {len(VARIANTS)} variants x {settings.seeds} seeds, {workers} worker(s)"
+    )
+    results = run_experiment(spec, progress=progress, log=lambda text: console.rule(text, style="dim"))
+    extras = demo_extras(
+        asdict(settings), settings.seeds, world, references, reconstruction, dict(timer.seconds), reused
+    )
+    with stage("report", "report.md, report.html, GIF grid, curves"):
+        write_report(results, extras)
+    results.stage_seconds["report"] = timer.seconds["report"]
+    return results, extras

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-from crepa.demo.experiment import VARIANT_LABELS, VARIANTS
+from crepa.experiment.report import Block, aggregates, seed_values
+from crepa.experiment.runfiles import VARIANT_LABELS
+from crepa.experiment.runner import ExperimentResults
 from crepa.experiment.verdict import (
     Aggregate,
     MetricSpec,
     PairedComparison,
-    compare_all,
     compare_pair,
     fmt,
     join_names,
-    method_sentence,
-    summary_sentences,
 )
 
+VARIANTS = ("none", "repa", "crepa")
 # Quality metrics and which direction is better; the motion measures give context, not quality.
 QUALITY_METRICS: dict[str, str] = {
     "subject_consistency": "higher",
@@ -46,44 +45,25 @@ METRIC_TITLES = {
     "dynamic_degree": "dynamic degree",
     "flow_magnitude": "flow magnitude",
 }
+SHORT_TITLES = {
+    "subject_consistency": "subject",
+    "temporal_flickering": "flicker",
+    "warping_error": "warp err",
+    "frechet_distance": "FD",
+    "cknna": "CKNNA",
+    "dynamic_degree": "dyn. deg",
+    "flow_magnitude": "flow px",
+}
 METRICS = tuple(
-    MetricSpec(key, METRIC_TITLES[key], {"higher": True, "lower": False}.get(QUALITY_METRICS.get(key, "")))
+    MetricSpec(
+        key,
+        METRIC_TITLES[key],
+        {"higher": True, "lower": False}.get(QUALITY_METRICS.get(key, "")),
+        SHORT_TITLES[key],
+    )
     for key in TABLE_METRICS
 )
 MORE_MOTION = MetricSpec("flow_magnitude", "flow magnitude", higher_is_better=True)
-
-
-def metric_value(metrics: Mapping[str, Mapping[str, Any]], row: str, metric: str) -> float | None:
-    """The value of ``metric`` in row ``row`` of the evaluation, None when absent or not finite."""
-    entry = metrics.get(row, {}).get(metric)
-    value = entry.get("value") if isinstance(entry, Mapping) else None
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def aggregate(metrics: Mapping[str, Mapping[str, Any]], prefix: str, seeds: int) -> dict[str, Aggregate]:
-    """Every table metric of rows ``<prefix>-seed0`` .. ``<prefix>-seed{seeds - 1}``."""
-    result = {}
-    for metric in TABLE_METRICS:
-        values = [metric_value(metrics, f"{prefix}-seed{seed}", metric) for seed in range(seeds)]
-        result[metric] = Aggregate(tuple(v for v in values if v is not None))
-    return result
-
-
-def fmt_aggregate(entry: Aggregate) -> str:
-    return entry.text()
-
-
-def seed_values(
-    metrics: Mapping[str, Mapping[str, Any]], variants: Sequence[str], seeds: int
-) -> dict[str, dict[str, dict[int, float | None]]]:
-    """``{metric: {variant: {seed: value}}}`` from rows named ``<variant>-seed<k>``."""
-    return {
-        metric: {
-            variant: {seed: metric_value(metrics, f"{variant}-seed{seed}", metric) for seed in range(seeds)}
-            for variant in variants
-        }
-        for metric in TABLE_METRICS
-    }
 
 
 def _outcomes(
@@ -192,36 +172,16 @@ def context_sentences(
     return sentences
 
 
-def ranking_sentence(metric: str, variants: Mapping[str, Mapping[str, Aggregate]]) -> str:
-    """The variants on one quality metric, best mean first."""
-    higher = QUALITY_METRICS[metric] == "higher"
-    order = sorted(variants, key=lambda v: variants[v][metric].mean, reverse=higher)
-    ranking = "; ".join(f"{VARIANT_LABELS[v]} {variants[v][metric].text()}" for v in order)
-    title = METRIC_TITLES[metric]
-    return f"{title[:1].upper()}{title[1:]} ({QUALITY_METRICS[metric]} is better, mean ± std): {ranking}."
-
-
-def verdict(
-    metrics: Mapping[str, Mapping[str, Any]],
-    seeds: int,
-    clips: int,
+def demo_verdict(
+    results: ExperimentResults,
+    comparisons: list[PairedComparison],
     references: Mapping[str, Mapping[str, float | None]],
-) -> tuple[dict[str, list[str]], list[PairedComparison]]:
-    """The verdict as paragraphs (method, per-pair summary, interpretation, per-metric rankings,
-    caveats, context) and the paired comparisons behind it; ``metrics`` holds the evaluation rows
-    ``<variant>-seed<k>`` and ``base-seed<k>``."""
-    values = seed_values(metrics, VARIANTS, seeds)
-    comparisons = compare_all(METRICS, list(VARIANTS), values, clips)
-    variants = {variant: aggregate(metrics, variant, seeds) for variant in VARIANTS}
-    paragraphs = {
-        "method": [method_sentence(seeds, clips)],
-        "summary": summary_sentences(comparisons, VARIANT_LABELS) + interpretation(comparisons, seeds),
-        "metrics": [
-            ranking_sentence(metric, variants)
-            for metric in QUALITY_METRICS
-            if all(variants[v][metric].values for v in variants)
-        ],
-        "caveats": motion_caveats(comparisons, values, clips),
-        "context": context_sentences(variants, aggregate(metrics, "base", seeds), references),
-    }
-    return paragraphs, comparisons
+) -> list[Block]:
+    """The demo's paragraphs after the generic verdict: interpretation, motion caveats, context
+    (``references``: the metrics of the real held-out clips and of their VAE reconstructions)."""
+    values = {"flow_magnitude": {v: seed_values(results, v, "flow_magnitude") for v in VARIANTS}}
+    variants = {v: aggregates(results, v) for v in VARIANTS}
+    sentences = interpretation(comparisons, len(results.seeds))
+    sentences += motion_caveats(comparisons, values, results.clips)
+    sentences += context_sentences(variants, aggregates(results, "base"), references)
+    return [("p", sentence) for sentence in sentences]

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from crepa.eval.consistency import consistency_score
-from crepa.eval.extractors import FeatureExtractor
+from crepa.eval.extractors import FeatureExtractor, load_extractor
 from crepa.eval.flicker import temporal_flickering
 from crepa.eval.flow import FlowMethod, clip_motion
 from crepa.eval.frechet import MIN_STABLE_CLIPS, frechet_distance
@@ -153,6 +153,40 @@ def check_extractors(metrics: Sequence[str], extractors: Mapping[str, FeatureExt
                 "clip; use a per-frame extractor (dino, clip, dinov2, teacher), or give the video model to "
                 "the Frechet distance only (--extractor frechet_distance=SPEC)"
             )
+
+
+def extractor_specs(values: list[str], metrics: tuple[str, ...]) -> dict[str, str]:
+    """Extractor spec per feature metric in ``metrics``: the defaults, replaced by one bare SPEC
+    (for every feature metric), then by METRIC=SPEC entries."""
+    specs = {metric: spec for metric, spec in DEFAULT_EXTRACTORS.items() if metric in metrics}
+    per_metric: dict[str, str] = {}
+    everywhere: list[str] = []
+    for value in values:
+        name, separator, spec = value.partition("=")
+        if separator and name in DEFAULT_EXTRACTORS:
+            per_metric[name] = spec
+        elif separator and name in METRICS:
+            raise ValueError(
+                f"--extractor {value}: {name} uses no extractor (these do: {', '.join(DEFAULT_EXTRACTORS)})"
+            )
+        else:
+            everywhere.append(value)
+    if len(everywhere) > 1:
+        raise ValueError(
+            f"give one --extractor SPEC for all metrics, or METRIC=SPEC each; got {', '.join(everywhere)}"
+        )
+    if everywhere:
+        specs = dict.fromkeys(specs, everywhere[0])
+    specs.update({metric: spec for metric, spec in per_metric.items() if metric in specs})
+    return specs
+
+
+def load_extractors(specs: dict[str, str], device: str, batch_size: int) -> dict[str, FeatureExtractor]:
+    """One extractor instance per distinct spec, shared by the metrics that use it."""
+    loaded: dict[str, FeatureExtractor] = {}
+    for spec in dict.fromkeys(specs.values()):
+        loaded[spec] = load_extractor(spec, device=device, batch_size=batch_size)
+    return {metric: loaded[spec] for metric, spec in specs.items()}
 
 
 def per_clip_feature(features: torch.Tensor) -> np.ndarray:

@@ -42,6 +42,11 @@ class MetricSpec:
     key: str
     title: str
     higher_is_better: bool | None
+    short: str = ""  # for narrow (terminal) tables; the title when empty
+
+    @property
+    def arrow(self) -> str:
+        return {True: " ↑", False: " ↓", None: ""}[self.higher_is_better]
 
     @property
     def direction(self) -> str:
@@ -355,6 +360,17 @@ def comparison_table(
     confidence = f"{comparisons[0].confidence:.0%}" if comparisons else f"{CONFIDENCE:.0%}"
     header = ["pair", "metric", "mean paired diff.", f"{confidence} CI", "p", "verdict", "seeds needed"]
     return header, rows
+
+
+def ranking_sentence(
+    metric: MetricSpec, aggregates: Mapping[str, Aggregate], labels: Mapping[str, str] | None = None
+) -> str:
+    """The variants on one judged metric, best mean first, as mean ± std over seeds."""
+    labels = labels or {}
+    order = sorted(aggregates, key=lambda v: aggregates[v].mean, reverse=bool(metric.higher_is_better))
+    ranking = "; ".join(f"{labels.get(v, v)} {aggregates[v].text()}" for v in order)
+    title = metric.title[:1].upper() + metric.title[1:]
+    return f"{title} ({metric.direction} is better, mean ± std): {ranking}."
 
 
 def method_sentence(seeds: int, clips: int, confidence: float = CONFIDENCE, power: float = POWER) -> str:

@@ -1,0 +1,99 @@
+"""``crepa experiment RUN_FILE``: does alignment help on my data? Variants x seeds of one run file,
+trained, sampled and evaluated alike, with a verdict from paired per-seed statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from crepa.cli import app
+from crepa.config import ConfigError
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"3"`` -> (0, 1, 2); ``"0,4,7"`` -> (0, 4, 7)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected a count (3) or a list of seeds (0,4,7), got {text!r}") from None
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise ConfigError(f"--seeds: the count must be 1 or more, got {values[0]}")
+        return tuple(range(values[0]))
+    if not values or len(set(values)) != len(values):
+        raise ConfigError(f"--seeds: give distinct seeds, got {text!r}")
+    return tuple(values)
+
+
+@app.command()
+def experiment(
+    run_file: Path = typer.Argument(..., help="The run file (TOML) every variant starts from."),
+    variants: str = typer.Option(
+        "none,repa,crepa",
+        "--variants",
+        help="Comma-separated: none, repa, crepa, crepa+repvideo, or NAME=BUILTIN for a variant defined by "
+        "its own --set NAME.section.key=value. The first is the baseline of the comparisons.",
+    ),
+    seeds: str = typer.Option("3", "--seeds", help="Number of seeds (3 = seeds 0,1,2) or a list (0,4,7)."),
+    prompts: Path = typer.Option(..., "--prompts", help="Text file, one prompt per line (held-out prompts)."),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="Folder of real held-out clips: adds the Frechet distance to them."
+    ),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Override for every variant (train.max_steps=500) or one (crepa.crepa.weight=1.0). Sampling uses "
+        "the run file's [validation] settings: --set validation.inference_steps=25 etc.",
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default runs/experiment-<run file name>)."
+    ),
+    metrics: list[str] | None = typer.Option(None, "--metrics", help="crepa eval metrics (default: all)."),
+    extractor: list[str] | None = typer.Option(
+        None,
+        "--extractor",
+        help="crepa eval --extractor values (SPEC or METRIC=SPEC); never the training teacher.",
+    ),
+    base: bool = typer.Option(True, "--base/--no-base", help="Also sample and evaluate the base model."),
+    workers: int = typer.Option(
+        1, "--workers", min=1, help="Processes for training runs and evaluations (1: one after the other)."
+    ),
+    sample_batch_size: int = typer.Option(1, "--sample-batch-size", min=1, help="Prompts per pipeline call."),
+    device: str = typer.Option("cpu", "--device", help="Device of the evaluation's feature extractors."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train variants x seeds from RUN_FILE, sample the same prompts and seeds, evaluate, and report a verdict."""
+    from crepa.cli.eval import split_values
+    from crepa.experiment.report import terminal_table, write_report
+    from crepa.experiment.runfiles import parse_variants
+    from crepa.experiment.runner import CrepaEvaluator, ExperimentSpec, read_prompt_file, run_experiment
+
+    console = Console(stderr=True)
+    try:
+        chosen, shared = parse_variants(variants, set_)
+        spec = ExperimentSpec(
+            run_file=run_file,
+            out=(out or Path("runs") / f"experiment-{run_file.stem}").resolve(),
+            variants=chosen,
+            seeds=parse_seeds(seeds),
+            prompts=read_prompt_file(prompts),
+            reference=reference.resolve() if reference is not None else None,
+            evaluator=CrepaEvaluator(
+                metrics_requested=tuple(split_values(metrics)) or None,
+                extractors=tuple(split_values(extractor)),
+                device=device,
+            ),
+            shared_overrides=shared,
+            base=base,
+            workers=workers,
+            sample_batch_size=sample_batch_size,
+        )
+        results = run_experiment(spec, progress=progress, log=lambda text: console.rule(text, style="dim"))
+    except (ConfigError, ValueError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    write_report(results)
+    Console().print(terminal_table(results))
+    console.print(f"report: {spec.out / 'report.md'} and {spec.out / 'report.html'}", highlight=False)

@@ -1,0 +1,145 @@
+"""``crepa experiment`` on a tiny Wan pipeline, 2 variants x 2 seeds: a run killed midway with SIGKILL
+(a real subprocess) and rerun gives the same report as an uninterrupted run, and a rerun of a finished
+experiment trains, samples and evaluates nothing. Plus the variant run files and option parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crepa.cli import app
+from crepa.cli.experiment import parse_seeds
+from crepa.config import ConfigError, load_config
+from crepa.experiment.report import TIMING_HEADING
+from crepa.experiment.runfiles import parse_variants, write_runs
+from test_train import write_world
+
+TIMING_KEYS = ("stage_seconds", "work", "machine")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("experiment-world")
+    run = write_world(root, "wan")
+    (root / "prompts.txt").write_text(
+        "# held-out prompts\na red stripe pattern moves left\na blue stripe pattern\n"
+    )
+    return run
+
+
+def experiment_args(world: Path, out: Path) -> list[str]:
+    root = world.parent
+    return [
+        "experiment",
+        str(world),
+        "--variants",
+        "none,crepa",
+        "--seeds",
+        "2",
+        "--prompts",
+        str(root / "prompts.txt"),
+        "--reference",
+        str(root / "clips"),
+        "--metrics",
+        "temporal_flickering,warping_error,flow_magnitude",
+        "--no-base",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.checkpoint_every=1",
+        "--sample-batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+
+
+def report_without_timing(out: Path) -> tuple[str, dict]:
+    markdown = (out / "report.md").read_text()
+    content = json.loads((out / "report.json").read_text())
+    return markdown.split(f"## {TIMING_HEADING}")[0], {
+        k: v for k, v in content.items() if k not in TIMING_KEYS
+    }
+
+
+def test_killed_experiment_resumes_to_the_same_report(world, tmp_path):
+    runner = CliRunner()
+    straight = tmp_path / "straight"
+    result = runner.invoke(app, experiment_args(world, straight))
+    assert result.exit_code == 0, result.output
+
+    resumed = tmp_path / "resumed"
+    command = [sys.executable, "-m", "crepa", *experiment_args(world, resumed)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    first = resumed / "runs" / "none-seed0" / "training_summary.json"
+    deadline = time.monotonic() + 600
+    while not first.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # midway: the first run is done, the second is training
+    assert process.wait() == -signal.SIGKILL
+    assert first.is_file() and not (resumed / "report.json").exists()
+    assert not (resumed / "runs" / "crepa-seed1" / "training_summary.json").exists()
+
+    result = runner.invoke(app, experiment_args(world, resumed))
+    assert result.exit_code == 0, result.output
+    markdown, content = report_without_timing(resumed)
+    assert (markdown, content) == report_without_timing(straight)
+    work = json.loads((resumed / "report.json").read_text())["work"]
+    assert work["none-seed0"]["trained"] is False and work["crepa-seed1"]["trained"] is True
+    assert "| CREPA vs no alignment | warping error (↓) |" in markdown
+    assert "## Verdict" in markdown and "no difference detectable with 2 seeds and 2 clips" in markdown
+    for name in ("report.html", "curves.png", "samples.gif"):
+        assert (resumed / name).stat().st_size > 0
+
+    result = runner.invoke(app, experiment_args(world, resumed))  # finished: nothing is redone
+    assert result.exit_code == 0, result.output
+    work = json.loads((resumed / "report.json").read_text())["work"]
+    assert not any(done for entry in work.values() for done in entry.values()), work
+    assert report_without_timing(resumed) == report_without_timing(straight)
+
+
+def test_variant_run_files_differ_only_in_the_variant(world, tmp_path):
+    variants, shared = parse_variants(
+        "none,repa,crepa,wide=crepa", ["train.max_steps=3", "wide.crepa.weight=2.0", "crepa.tau=0.5"]
+    )
+    assert [v.name for v in variants] == ["none", "repa", "crepa", "wide"]
+    assert shared == ("train.max_steps=3", "crepa.tau=0.5")  # section.key applies to all
+    runs = write_runs(world, variants, shared, (0, 5), tmp_path / "runs")
+    assert [run.name for run, _ in runs][:2] == ["none-seed0", "none-seed5"]
+    for run, config in runs:
+        again = load_config(run.run_file)  # a complete run file on its own, paths absolute
+        assert again == config and again.output.dir == run.directory and again.train.seed == run.seed
+        assert again.cache.dir == (world.parent / "cache").resolve() and again.train.max_steps == 3
+    by_variant = {run.variant: config.crepa for run, config in runs}
+    assert not by_variant["none"].enabled
+    assert by_variant["repa"].mode == "repa" and by_variant["repa"].distance == 0
+    assert by_variant["crepa"].mode == "crepa" and by_variant["crepa"].distance == 1
+    assert by_variant["crepa"].weight == 0.5 and by_variant["wide"].weight == 2.0
+    assert by_variant["crepa"].tau == 0.5
+    with pytest.raises(ConfigError, match="unknown variant 'crepaa'"):
+        parse_variants("none,crepaa")
+    with pytest.raises(ConfigError, match="two variants or more"):
+        parse_variants("crepa")
+    assert parse_seeds("3") == (0, 1, 2) and parse_seeds("0,4,7") == (0, 4, 7)
+    with pytest.raises(ConfigError, match="--seeds"):
+        parse_seeds("two")
+
+
+def test_experiment_refuses_the_training_teacher_as_extractor(world, tmp_path):
+    teacher = world.parent / "dino"
+    args = experiment_args(world, tmp_path / "out")
+    args[args.index("--metrics") + 1] = "subject_consistency"
+    result = CliRunner().invoke(app, [*args, "--extractor", f"dinov2:{teacher}"])
+    assert result.exit_code == 2
+    assert "training teacher" in result.output
