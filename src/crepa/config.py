@@ -140,6 +140,17 @@ class ValidationSection(_Section):
     guidance_scale: float = Field(default=6.0, ge=0)
     fps: float = Field(default=8.0, gt=0)
     seed: int = 0
+    images: list[Path] = Field(
+        default_factory=list, description="image-to-video models: the first frame of each prompt, in order"
+    )
+
+    @model_validator(mode="after")
+    def _one_image_per_prompt(self) -> ValidationSection:
+        if self.images and len(self.images) != len(self.prompts):
+            raise ValueError(
+                f"images: {len(self.images)} image(s) for {len(self.prompts)} prompt(s); give one per prompt"
+            )
+        return self
 
 
 class OutputSection(_Section):
@@ -189,13 +200,24 @@ def check_against_family(
     spatial_multiples: tuple[int, int],
     causal_vae: bool = True,
     depth: int | None = None,
+    temporal_patch: int = 1,
 ) -> None:
     """Shape checks that need the model family but no weights: frame counts 1 + r*m (r*m for
-    non-causal VAEs), resolutions divisible by VAE stride x patch size (per axis: (height, width)),
-    block indices inside ``depth``. Shared by precompute and train."""
+    non-causal VAEs) giving latent frames in whole ``temporal_patch``es, resolutions divisible by
+    VAE stride x patch size (per axis: (height, width)), block indices inside ``depth``. Shared by
+    precompute and train."""
     problems = []
     for count in config.data.num_frames:
-        if causal_vae and (count - 1) % temporal_ratio:
+        latent_frames = 1 + (count - 1) // temporal_ratio
+        if causal_vae and not (count - 1) % temporal_ratio and latent_frames % temporal_patch:
+            near = " or ".join(
+                map(str, valid_frame_counts_near(count, temporal_ratio, latent_multiple=temporal_patch))
+            )
+            problems.append(
+                f"data.num_frames: {count} frames give {latent_frames} latent frames, but this model patches "
+                f"{temporal_patch} latent frames per token; use {near}"
+            )
+        elif causal_vae and (count - 1) % temporal_ratio:
             near = " or ".join(map(str, valid_frame_counts_near(count, temporal_ratio)))
             problems.append(
                 f"data.num_frames: {count} frames cannot be encoded, this model needs 1 + {temporal_ratio}*m "
@@ -297,6 +319,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if local.exists():
             setattr(section, key, str(local.resolve()))
     config.data.source = (base / config.data.source).resolve()
+    config.validation.images = [(base / image).resolve() for image in config.validation.images]
     config.cache.dir = (base / config.cache.dir).resolve()
     config.output.dir = (base / config.output.dir).resolve()
     return config

@@ -51,6 +51,7 @@ from crepa.cache.manifest import SHARDS_DIR, CacheEntry, Manifest
 from crepa.cache.shards import PART_KINDS, ShardIndex, ShardWriter, to_storage
 from crepa.config import ConfigError, RunConfig, check_against_family
 from crepa.data import DataReport, SamplingConfig, VideoSample, iter_decoded, scan_dataset
+from crepa.models.image_conditioning import IMAGE_ENCODERS
 from crepa.models.pipelines import (
     encode_latents,
     encode_prompts,
@@ -62,6 +63,7 @@ from crepa.models.pipelines import (
     text_length,
 )
 from crepa.models.registry import ModelFamily
+from crepa.models.support import check_supported
 from crepa.teachers import clip_teacher_grid, detect_teacher_kind, load_teacher
 from crepa.teachers.size import TEACHER_SIZE_RULE
 
@@ -77,6 +79,8 @@ _SAMPLING_KEYS = {
     "start": "data.start",
 }
 STAGES = ("decode", "vae", "text", "teacher")
+IMAGE_INPUT_FOLDERS = ("vae", "image_encoder", "image_processor")
+"""Pipeline folders the latents part depends on (the image ones exist only in image-to-video pipelines)."""
 
 
 @dataclass
@@ -191,13 +195,10 @@ def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], Samp
     except (OSError, ValueError) as error:
         key = "model.family" if model.family else "model.pretrained"
         raise ConfigError(f"{key}: {error}") from None
-    if not family.causal_vae:
-        raise ConfigError(
-            f"model.family: {family.name} has a non-causal VAE, which precompute does not support yet"
-        )
-    _, patch_h, patch_w = patch_sizes_from_config(family, transformer_config)
+    check_supported(config, family)
+    patch_t, patch_h, patch_w = patch_sizes_from_config(family, transformer_config)
     multiples = (family.spatial_ratio * patch_h, family.spatial_ratio * patch_w)
-    check_against_family(config, family.temporal_ratio, multiples, family.causal_vae)
+    check_against_family(config, family.temporal_ratio, multiples, family.causal_vae, temporal_patch=patch_t)
     sampling = sampling_config(config, family)
     if uses_cached_teacher(config):
         _check_local_path("teacher.name", config.teacher.name)
@@ -302,7 +303,8 @@ class _Identity:
         self.patch_sizes = patch_sizes_from_config(family, transformer_config)
         self.dtype = str(dtype).removeprefix("torch.")
         tiling = "+tiled" if config.cache.vae_tiling else ""  # tiled encoding gives other latents
-        self.vae = source_fingerprint(model.pretrained, model.revision, ("vae",)) + tiling
+        # I2V families store their image conditioning with the latents: the image encoder joins the key.
+        self.vae = source_fingerprint(model.pretrained, model.revision, IMAGE_INPUT_FOLDERS) + tiling
         self.text_encoders = source_fingerprint(
             model.pretrained, model.revision, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
         )
@@ -415,6 +417,10 @@ class _Worker:
             clock = time.perf_counter()
             if kind == "latents":
                 part = {"latents": self._latents(plan, frames)}
+                if (
+                    self.family.name in IMAGE_ENCODERS
+                ):  # image-to-video: what the pipeline takes from the image
+                    part |= IMAGE_ENCODERS[self.family.name](self.components, frames)
             elif kind == "text":
                 part = _first(encode_prompts(self.components, [plan.caption]))
             else:

@@ -44,10 +44,18 @@ def resample_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return maps.permute(0, 2, 3, 1).reshape(batch, frames, target_h, target_w, dim)
 
 
-def valid_frame_counts_near(num_frames: int, temporal_ratio: int, count: int = 2) -> list[int]:
-    """Lengths 1 + r*m closest to ``num_frames`` (for error messages)."""
+def valid_frame_counts_near(
+    num_frames: int, temporal_ratio: int, count: int = 2, latent_multiple: int = 1
+) -> list[int]:
+    """Lengths 1 + r*m closest to ``num_frames`` whose 1 + m latent frames are a multiple of
+    ``latent_multiple`` (a temporal patch, e.g. 2 for CogVideoX 1.5: 81 -> 77, 85); for error messages."""
     m = max(0, (num_frames - 1) // temporal_ratio)
-    candidates = {1 + temporal_ratio * k for k in range(max(0, m - count + 1), m + count + 1)}
+    window = (count + 1) * latent_multiple
+    candidates = {
+        1 + temporal_ratio * k
+        for k in range(max(0, m - window), m + window + 1)
+        if (1 + k) % latent_multiple == 0
+    }
     return sorted(candidates, key=lambda t: (abs(t - num_frames), t))[:count]
 
 

@@ -17,6 +17,7 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from torch import nn
 
+from crepa.models.image_conditioning import IMAGE_INPUTS, IMAGE_KEYS
 from crepa.models.registry import ModelFamily
 
 
@@ -110,6 +111,8 @@ def _cosmos(transformer, family, text, context) -> dict[str, Any]:
 
 CONDITIONING: dict[str, Builder] = {
     "cogvideox": _cogvideox,
+    "cogvideox_i2v": _cogvideox,
+    "wan_i2v": _text_only,
     "hunyuanvideo": _hunyuanvideo,
     "wan": _text_only,
     "wan2_2_ti2v": _text_only,
@@ -131,18 +134,32 @@ def transformer_inputs(
     *,
     frame_rate: float = 25.0,
     guidance: float = 1.0,
+    image: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Forward kwargs for ``transformer`` from latents (B, C, F, H, W), timesteps (B,) and text states."""
+    """Forward kwargs for ``transformer`` from latents (B, C, F, H, W), timesteps (B,) and text states.
+
+    image: the cached image conditioning of image-to-video families
+    (:mod:`crepa.models.image_conditioning`), joined to the latents as the family's pipeline does.
+    """
     if family.name not in CONDITIONING:
         raise ValueError(
             f"no conditioning builder for family {family.name!r}; known: {', '.join(CONDITIONING)}"
         )
     _, _, frames, height, width = noisy_latents.shape
     context = ConditioningContext(frames, height, width, frame_rate, guidance)
+    latents, extra = noisy_latents, {}
+    if family.name in IMAGE_INPUTS:
+        if not image:
+            raise ValueError(
+                f"{family.name} is image-to-video: the batch needs its image conditioning "
+                f"({', '.join(IMAGE_KEYS)}); precompute the cache with this model"
+            )
+        latents, extra = IMAGE_INPUTS[family.name](transformer, image, noisy_latents)
     return {
-        **family.latent_kwargs(transformer, noisy_latents),
+        **family.latent_kwargs(transformer, latents),
         "timestep": timesteps,
         **CONDITIONING[family.name](transformer, family, text, context),
+        **extra,
         "return_dict": False,
     }
 

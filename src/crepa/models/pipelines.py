@@ -50,7 +50,10 @@ _NO_CFG = {"do_classifier_free_guidance": False}
 
 PROMPT_ENCODINGS: dict[str, PromptEncoding] = {
     "cogvideox": PromptEncoding(("prompt_embeds", None), 226, _NO_CFG, "max_text_seq_length"),
+    "cogvideox_i2v": PromptEncoding(("prompt_embeds", None), 226, _NO_CFG, "max_text_seq_length"),
     "wan": PromptEncoding(("prompt_embeds", None), 512, _NO_CFG),
+    "wan_i2v": PromptEncoding(("prompt_embeds", None), 512, _NO_CFG),
+    "wan2_2_ti2v": PromptEncoding(("prompt_embeds", None), 512, _NO_CFG),
     "skyreels_v2": PromptEncoding(("prompt_embeds", None), 512, _NO_CFG),
     "hunyuanvideo": PromptEncoding(("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"), 256),
     "ltx_video": PromptEncoding(("prompt_embeds", "prompt_attention_mask", None, None), 128, _NO_CFG),

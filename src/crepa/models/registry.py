@@ -157,6 +157,23 @@ FAMILIES: dict[str, ModelFamily] = {
             lora_target_regex=_anchored("transformer_blocks"),
         ),
         ModelFamily(
+            # CogVideoX-5B-I2V / 1.5-5B-I2V: the first frame's latents concatenated on the channels
+            # (in_channels = 2 x 16), fed as CogVideoXImageToVideoPipeline does.
+            name="cogvideox_i2v",
+            class_names=("CogVideoXTransformer3DModel",),
+            block_lists=("transformer_blocks",),
+            layout="BFCHW",
+            temporal_ratio=4,
+            spatial_ratio=8,
+            latent_channels=16,
+            default_block_index=8,
+            objective="v_prediction",
+            pipeline_class="CogVideoXImageToVideoPipeline",
+            vae_class="AutoencoderKLCogVideoX",
+            lora_target_regex=_anchored("transformer_blocks"),
+            config_match=(("in_channels", 32),),
+        ),
+        ModelFamily(
             # 20 dual-stream blocks then 40 single-stream blocks (no to_out: their attention
             # output goes through proj_out with the MLP), 3072-d.
             name="hunyuanvideo",
@@ -186,6 +203,24 @@ FAMILIES: dict[str, ModelFamily] = {
             pipeline_class="WanPipeline",
             vae_class="AutoencoderKLWan",
             lora_target_regex=_anchored("blocks"),
+        ),
+        ModelFamily(
+            # Wan 2.1 I2V 14B (480P / 720P) and Wan 2.2 I2V A14B: latents + 4 first-frame mask channels
+            # + 16 channels of the encoded [image, black frames] video (in_channels 36); 2.1 also
+            # cross-attends to CLIP image states (image_dim 1280).
+            name="wan_i2v",
+            class_names=("WanTransformer3DModel",),
+            block_lists=("blocks",),
+            layout="BCFHW",
+            temporal_ratio=4,
+            spatial_ratio=8,
+            latent_channels=16,
+            default_block_index=8,
+            objective="flow_matching",
+            pipeline_class="WanImageToVideoPipeline",
+            vae_class="AutoencoderKLWan",
+            lora_target_regex=_anchored("blocks"),
+            config_match=(("in_channels", 36),),
         ),
         ModelFamily(
             # Wan 2.2 TI2V-5B: same transformer class, its own 48-channel 4x16 VAE.

@@ -17,8 +17,11 @@ import diffusers
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
+    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     LlamaConfig,
     LlamaModel,
     PreTrainedTokenizerFast,
@@ -28,7 +31,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from crepa.models.registry import get_family
+from crepa.models.registry import family_of
 from crepa.models.tiny import TINY_MODELS
 
 # Words the tiny tokenizer knows; any other word becomes <unk>. Lower-cased, split on whitespace
@@ -158,6 +161,60 @@ def _wan() -> dict[str, Any]:
     )
 
 
+def _rebuilt(model: torch.nn.Module, **changes: Any) -> torch.nn.Module:
+    """A new model of ``model``'s class from its config with ``changes`` (private keys such as
+    ``_use_default_values`` dropped: from_config would reset those entries to the class defaults)."""
+    config = {key: value for key, value in model.config.items() if not key.startswith("_")}
+    return type(model).from_config({**config, **changes})
+
+
+def _cogvideox_i2v() -> dict[str, Any]:
+    """CogVideoX-5B-I2V in small: the transformer reads [latents, image latents] (2 x 16 channels)."""
+    components = _cogvideox()
+    torch.manual_seed(0)
+    components["transformer"] = _rebuilt(components["transformer"], in_channels=32, out_channels=16)
+    components["vae"] = _rebuilt(components["vae"], latent_channels=16)
+    return components
+
+
+def _cogvideox_1_5() -> dict[str, Any]:
+    """CogVideoX 1.5 in small: 2 latent frames per token and 3-D RoPE sliced from the sample grid."""
+    components = _cogvideox()
+    torch.manual_seed(0)
+    changes = {**TINY_MODELS["cogvideox_1_5"].config, "text_embed_dim": 32, "max_text_seq_length": 16}
+    components["transformer"] = _rebuilt(components["transformer"], **changes)
+    return components
+
+
+def _wan_i2v() -> dict[str, Any]:
+    """Wan 2.1 I2V in small: 16 latent + 4 mask + 16 condition channels in, CLIP image states beside the text."""
+    components = _wan()
+    torch.manual_seed(0)
+    inner = TINY_MODELS["wan"].config["num_attention_heads"] * TINY_MODELS["wan"].config["attention_head_dim"]
+    components["transformer"] = diffusers.WanTransformer3DModel(
+        **{
+            **TINY_MODELS["wan"].config,
+            "in_channels": 36,
+            "out_channels": 16,
+            "text_dim": 32,
+            "image_dim": 32,
+            "added_kv_proj_dim": inner,
+        }
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    components["image_encoder"] = CLIPVisionModel(vision)
+    components["image_processor"] = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
+    return components
+
+
 def _hunyuanvideo() -> dict[str, Any]:
     torch.manual_seed(0)
     transformer = diffusers.HunyuanVideoTransformer3DModel(
@@ -271,21 +328,28 @@ def _ltx_video() -> dict[str, Any]:
 
 TINY_PIPELINES: dict[str, Callable[[], dict[str, Any]]] = {
     "cogvideox": _cogvideox,
+    "cogvideox_1_5": _cogvideox_1_5,
+    "cogvideox_i2v": _cogvideox_i2v,
     "wan": _wan,
+    "wan_i2v": _wan_i2v,
     "hunyuanvideo": _hunyuanvideo,
     "ltx_video": _ltx_video,
 }
 
 
 def save_tiny_pipeline(family: str, directory: str | Path) -> Path:
-    """Build the tiny pipeline of ``family`` (weights fixed by seed 0) and save it to ``directory``."""
+    """Build the tiny pipeline ``family`` (a key of :data:`TINY_PIPELINES`, weights fixed by seed 0) and
+    save it to ``directory`` with its registry family's pipeline class."""
     if family not in TINY_PIPELINES:
         raise ValueError(f"no tiny pipeline for {family!r}; available: {', '.join(TINY_PIPELINES)}")
     components = TINY_PIPELINES[family]()
     for component in components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
-    pipeline_class = getattr(diffusers, get_family(family).pipeline_class)
+    transformer = components["transformer"]
+    pipeline_class = getattr(
+        diffusers, family_of(type(transformer).__name__, transformer.config).pipeline_class
+    )
     pipeline = pipeline_class(**components)
     directory = Path(directory)
     pipeline.save_pretrained(directory)

@@ -2,18 +2,23 @@
 
 The saved file is what ``pipeline.load_lora_weights(path)`` of the family's pipeline reads (and what
 ComfyUI-style loaders convert from): ``pytorch_lora_weights.safetensors`` with ``transformer.``-prefixed
-peft keys, written by the pipeline class's own ``save_lora_weights``.
+peft keys, written by the pipeline class's own ``save_lora_weights`` (or, for pipelines without one,
+the same file plus peft's ``adapter_config.json``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import diffusers
 import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from safetensors.torch import save
 from torch import nn
 
+from crepa.cache.atomic import atomic_write_bytes
 from crepa.config import LoraSection
 from crepa.models.registry import ModelFamily
 
@@ -78,10 +83,36 @@ def save_lora_tensors(
     scales the LoRA by 1 instead of alpha / rank. Returns the file path."""
     directory = Path(directory)
     pipeline_class = getattr(diffusers, family.pipeline_class)
+    if not hasattr(pipeline_class, "save_lora_weights"):  # e.g. AllegroPipeline, the Cosmos pipelines
+        return _save_generic_lora(tensors, config, directory)
     pipeline_class.save_lora_weights(
         directory,
         transformer_lora_layers=tensors,
         safe_serialization=True,
         transformer_lora_adapter_metadata=None if config is None else config.to_dict(),
     )
+    return directory / LORA_FILE
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _save_generic_lora(tensors: dict[str, torch.Tensor], config: LoraConfig | None, directory: Path) -> Path:
+    """The same file for pipelines without a LoRA loader: ``transformer.``-prefixed peft keys with the
+    LoRA config in the safetensors metadata (``lora_adapter_metadata``, as diffusers writes it), so
+    ``transformer.load_lora_adapter(directory, prefix="transformer")`` reads it; plus peft's
+    ``adapter_config.json`` for peft's own loaders (``set_peft_model_state_dict``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt"}
+    if config is not None:
+        settings = config.to_dict()
+        settings["target_modules"] = (
+            sorted(settings["target_modules"])
+            if isinstance(settings["target_modules"], (set, list, tuple))
+            else settings["target_modules"]
+        )
+        metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(settings, sort_keys=True, default=str)
+        atomic_write_bytes(directory / ADAPTER_CONFIG, metadata[LORA_ADAPTER_METADATA_KEY].encode())
+    prefixed = {f"transformer.{name}": tensor for name, tensor in tensors.items()}
+    atomic_write_bytes(directory / LORA_FILE, save(prefixed, metadata=metadata))
     return directory / LORA_FILE

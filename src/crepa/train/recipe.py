@@ -38,8 +38,10 @@ from crepa.cache.dataset import CachedDataset
 from crepa.config import ConfigError, RunConfig, check_against_family
 from crepa.models import ModelFamily
 from crepa.models.conditioning import prediction_to_latents, transformer_inputs
+from crepa.models.image_conditioning import image_parts
 from crepa.models.pipelines import load_components
 from crepa.models.pipelines import resolve_family as resolve_pipeline_family
+from crepa.models.support import check_supported
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
 from crepa.runs import RUN_CONFIG_FILE
@@ -90,7 +92,9 @@ def resolve_family(config: RunConfig) -> ModelFamily:
 
 
 def check_model(config: RunConfig, family: ModelFamily) -> None:
-    """Impossible combinations found from the configs alone (objective, frame counts, sizes, block indices)."""
+    """Impossible combinations found from the configs alone (support matrix, objective, frame counts,
+    sizes, block indices)."""
+    check_supported(config, family)
     if family.objective not in TRAINABLE_OBJECTIVES:
         raise ConfigError(
             f"model.family: training {family.name} needs the {family.objective!r} objective, which crepa "
@@ -107,10 +111,15 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
         ) from None
     with torch.device("meta"):
         skeleton = transformer_class.from_config(transformer_config)
-    _, patch_h, patch_w = family.patch_sizes(skeleton)
+    patch_t, patch_h, patch_w = family.patch_sizes(skeleton)
     multiples = (family.spatial_ratio * patch_h, family.spatial_ratio * patch_w)
     check_against_family(
-        config, family.temporal_ratio, multiples, family.causal_vae, len(family.blocks(skeleton))
+        config,
+        family.temporal_ratio,
+        multiples,
+        family.causal_vae,
+        len(family.blocks(skeleton)),
+        temporal_patch=patch_t,
     )
 
 
@@ -262,7 +271,13 @@ def step_loss(
     noised = noise_batch(config, family, latents, generator, parts.alphas_cumprod)
     text = batch_text(batch, parts.dtype)
     inputs = transformer_inputs(
-        parts.model, family, noised.noisy, noised.timesteps, text, frame_rate=config.data.fps or 25.0
+        parts.model,
+        family,
+        noised.noisy,
+        noised.timesteps,
+        text,
+        frame_rate=config.data.fps or 25.0,
+        image=image_parts(batch),
     )
     with parts.autocast():
         prediction = parts.transformer(**inputs)[0]

@@ -13,9 +13,14 @@ from crepa.models import ModelFamily
 
 
 def validation_requests(config: RunConfig) -> list[ClipRequest]:
-    """Prompt K of ``[validation]`` starts from the noise of seed ``validation.seed + K``."""
+    """Prompt K of ``[validation]`` starts from the noise of seed ``validation.seed + K`` (and, for
+    image-to-video models, from the first frame ``validation.images[K]``)."""
     settings = config.validation
-    return [ClipRequest(prompt, settings.seed + index) for index, prompt in enumerate(settings.prompts)]
+    images = settings.images or [None] * len(settings.prompts)
+    return [
+        ClipRequest(prompt, settings.seed + index, image)
+        for index, (prompt, image) in enumerate(zip(settings.prompts, images, strict=True))
+    ]
 
 
 def run_validation(
