@@ -195,3 +195,12 @@ def test_sample_explains_bad_input(lora_run, tmp_path):
     for message, args in cases.items():
         result = CliRunner().invoke(app, ["sample", *args, "--prompts", str(tmp_path / "prompts.txt")])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_every_command_renders_its_help():
+    """Rich markup in help texts (a bracketed word) breaks --help; every command's help must render."""
+    commands = [info.name or info.callback.__name__ for info in app.registered_commands]
+    assert {"sample", "export", "eval", "train"} <= set(commands)
+    for command in commands:
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output, (command, result.output[-500:])

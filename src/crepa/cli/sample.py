@@ -32,7 +32,7 @@ def sample(
     run_dir: Path = typer.Argument(..., help="Output folder of a `crepa train` run."),
     prompts: Path = typer.Option(..., "--prompts", help="Text file, one prompt per line."),
     out: Path | None = typer.Option(
-        None, "--out", help="Output folder; default RUN_DIR/samples[/CHECKPOINT]."
+        None, "--out", help="Output folder; default RUN_DIR/samples/final (or /CHECKPOINT)."
     ),
     seeds: str = typer.Option("0", "--seeds", help="Comma-separated seeds (or a range 0-3): one clip each."),
     checkpoint: str | None = typer.Option(
@@ -61,7 +61,7 @@ def sample(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Generate one clip per (prompt, seed) with the run's LoRA and RepVideo gates; mp4 + GIF + contact
-    sheet + samples.jsonl (which `crepa eval` reads). Settings default to the run's [validation]."""
+    sheet + samples.jsonl (which `crepa eval` reads). Settings default to the run's validation settings."""
     from crepa.runs import RunDirectoryError
     from crepa.sample import first_frames, read_prompts, sample_run
 
