@@ -127,11 +127,17 @@ def test_batched_sampling_matches_one_at_a_time(lora_run):
 def test_samples_jsonl_feeds_crepa_eval(lora_run, tmp_path):
     manifest = sample_run(lora_run, PROMPTS, [0], tmp_path / "clips", fps=4.0)
     out = tmp_path / "eval"
-    command = [sys.executable, "-m", "crepa", "eval", str(manifest.parent), "--out", str(out)]
-    result = subprocess.run(
-        [*command, "--metrics", "temporal_flickering", "--no-progress"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    arguments = [
+        "eval",
+        str(manifest.parent),
+        "--out",
+        str(out),
+        "--metrics",
+        "temporal_flickering",
+        "--no-progress",
+    ]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output[-2000:]
     with open(out / "per_video.csv") as handle:
         rows = list(csv.DictReader(handle))
     # the manifest's mp4 files (not the GIFs next to them), captioned with their prompts
