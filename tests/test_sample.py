@@ -210,3 +210,26 @@ def test_every_command_renders_its_help():
     for command in commands:
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output, (command, result.output[-500:])
+
+
+@pytest.mark.parametrize("name", ["cogvideox_i2v", pytest.param("wan_i2v", marks=pytest.mark.slow)])
+def test_sample_with_first_frames_reproduces_image_to_video_validation(tmp_path, name):
+    """--images: the first frame of prompt K is the K-th image of the folder, as validation.images[K]."""
+    from test_families import write_world as write_family_world
+
+    run = write_family_world(tmp_path, name)
+    config = load_config(run)
+    precompute(config, progress=False)
+    train(config, progress=False)
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames/0.png").write_bytes((tmp_path / "first.png").read_bytes())
+    (tmp_path / "prompts.txt").write_text("a red stripe pattern\n")
+    arguments = ["sample", str(config.output.dir), "--prompts", str(tmp_path / "prompts.txt"), "--seeds", "0"]
+    result = CliRunner().invoke(
+        app, [*arguments, "--images", str(tmp_path / "frames"), "--out", str(tmp_path / "s")]
+    )
+    assert result.exit_code == 0, result.output
+    validation = config.output.dir / "validation/step-000002/prompt-0.mp4"
+    assert_same_clip(tmp_path / "s/prompt-0-seed-0.mp4", validation)
+    record = json.loads((tmp_path / "s/samples.jsonl").read_text())
+    assert Path(record["image"]).name == "0.png"
