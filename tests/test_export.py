@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from crepa.cli import app
 from crepa.config import LoraSection
-from crepa.export import comfyui_state_dict
+from crepa.export import COMFYUI_LAYOUTS, comfyui_state_dict
 from crepa.models import get_family
-from crepa.models.tiny import tiny_inputs, tiny_transformer
+from crepa.models.tiny import TINY_MODELS, tiny_inputs, tiny_transformer
 from crepa.runs import read_run_config
 from crepa.sample import load_run_transformer
 from crepa.train.lora import add_lora, lora_state_dict
@@ -196,3 +196,40 @@ def _check_rows(delta: torch.Tensor, parts: list[str], lora: dict, linears: dict
         row += linears[part]
     assert row == delta.shape[0]
     return found
+
+
+@pytest.mark.parametrize(
+    "name", [name for name, tiny in TINY_MODELS.items() if tiny.family in COMFYUI_LAYOUTS]
+)
+def test_comfyui_layout_covers_the_default_lora_and_keeps_every_update(name):
+    """Every module the family's default LoRA targets gets a ComfyUI name, and the weight updates
+    (alpha / rank) B A keep their total size: the sum of squared norms is the same on both sides."""
+    tiny = TINY_MODELS[name]
+    family = get_family(tiny.family)
+    transformer = tiny_transformer(name)
+    linears = {n: m.out_features for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    add_lora(transformer, family, LoraSection(rank=2, alpha=5.0))
+    generator = torch.Generator().manual_seed(0)
+    for parameter_name, param in transformer.named_parameters():
+        if "lora_B" in parameter_name:
+            param.data = torch.randn(param.shape, generator=generator)
+    lora = lora_state_dict(transformer)
+    exported = comfyui_state_dict(lora, family, 5.0, linears, key_style="kohya")
+
+    def squared(down: torch.Tensor, up: torch.Tensor, scale: float) -> float:
+        return float(((scale * up.double() @ down.double()) ** 2).sum())
+
+    expected = sum(
+        squared(lora[key], lora[key.replace("lora_A", "lora_B")], 5.0 / 2) for key in lora if "lora_A" in key
+    )
+    prefixes = [key.removesuffix(".alpha") for key in exported if key.endswith(".alpha")]
+    found = sum(
+        squared(
+            exported[f"{p}.lora_down.weight"],
+            exported[f"{p}.lora_up.weight"],
+            exported[f"{p}.alpha"].item() / exported[f"{p}.lora_down.weight"].shape[0],
+        )
+        for p in prefixes
+    )
+    assert all(p.startswith("diffusion_model.") for p in prefixes) and len(exported) == 3 * len(prefixes)
+    assert found == pytest.approx(expected, rel=1e-9) and expected > 0

@@ -110,6 +110,7 @@ _HUNYUANVIDEO = (
 # Module names of the original models, as ComfyUI's model classes name them, per family.
 COMFYUI_LAYOUTS: dict[str, tuple[ModuleRule, ...]] = {
     "wan": _WAN,
+    "wan_i2v": _WAN,
     "wan2_2_ti2v": _WAN,
     "skyreels_v2": _WAN,
     "ltx_video": _LTX_VIDEO,
@@ -330,7 +331,8 @@ def model_card(
     """README.md in the hub's model card format: YAML front matter, then what the model is and how to load it."""
     base = config.model.pretrained
     lora = config.lora.enabled
-    tags = ["crepa", "video", "text-to-video", family.name, "diffusers", *(["lora"] if lora else [])]
+    task = "image-to-video" if "ImageToVideo" in family.pipeline_class else "text-to-video"
+    tags = ["crepa", "video", task, family.name, "diffusers", *(["lora"] if lora else [])]
     if config.repvideo.enabled:
         tags.append("repvideo")
     front = [
@@ -338,7 +340,7 @@ def model_card(
         f"base_model: {json.dumps(base)}",
         *([f"base_model_relation: {'adapter' if lora and export_format != 'merged' else 'finetune'}"]),
         "library_name: diffusers",
-        "pipeline_tag: text-to-video",
+        f"pipeline_tag: {task}",
         "tags:",
         *(f"- {tag}" for tag in tags),
         "---",
