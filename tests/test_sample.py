@@ -5,6 +5,7 @@ samples.jsonl it writes feeds `crepa eval` unchanged."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import subprocess
 import sys
@@ -111,17 +112,32 @@ def test_sample_and_export_a_full_fine_tuning_run(tmp_path):
         assert torch.equal(exported[key.removeprefix("transformer.")], tensor), key
 
 
-def test_batched_sampling_matches_one_at_a_time(lora_run):
+def test_batched_sampling_matches_one_at_a_time(lora_run, monkeypatch):
     run = load_run_pipeline(lora_run)
     settings = GenerationSettings.from_validation(run.config.validation)
     requests = [ClipRequest(PROMPTS[0], 3), ClipRequest(PROMPTS[1], 4), ClipRequest(PROMPTS[0], 4)]
-    alone = [clip.frames for clip in generate_clips(run.pipeline, run.family, requests, settings)]
-    batched = [
-        clip.frames for clip in generate_clips(run.pipeline, run.family, requests, settings, batch_size=2)
-    ]
+
+    def clips(batch_size: int) -> list[np.ndarray]:
+        generated = generate_clips(run.pipeline, run.family, requests, settings, batch_size=batch_size)
+        return [clip.frames for clip in generated]
+
+    alone, batched = clips(1), clips(2)
     for a, b in zip(alone, batched, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float summation order, then rounding
     assert not np.array_equal(alone[1], alone[2])  # same seed, other prompt: the prompts reach the model
+
+    # a GPU with room for two clips per call: 4 fails, 3 fails, then 2 + 1 (the same calls as above)
+    pipeline_call = type(run.pipeline).__call__
+
+    @functools.wraps(pipeline_call)
+    def two_fit(self, *args, **kwargs):
+        if isinstance(kwargs["prompt"], list) and len(kwargs["prompt"]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return pipeline_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(run.pipeline), "__call__", two_fit)
+    fallback = clips(4)
+    assert all(np.array_equal(a, b) for a, b in zip(fallback, [*batched[:2], alone[2]], strict=True))
 
 
 def test_samples_jsonl_feeds_crepa_eval(lora_run, tmp_path):

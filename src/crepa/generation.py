@@ -169,35 +169,52 @@ def generate_clips(
 ) -> Iterator[GeneratedClip]:
     """Generate one clip per request, ``batch_size`` requests per pipeline call, in request order.
 
-    The transformer is put in eval mode for the call and restored after.
+    When a batch runs out of GPU memory, the batch size is halved and the batch retried (down to
+    one clip per call, which then raises). The transformer is in eval mode for the call, restored after.
     """
     transformer = pipeline.transformer
     was_training = transformer.training
     transformer.eval()
     options = _call_options(pipeline, family, settings)
     bar = tqdm(total=len(requests), desc="sample", unit="clip", disable=not progress)
+    start = 0
     try:
-        for start in range(0, len(requests), batch_size):
+        while start < len(requests):
             batch = list(requests[start : start + batch_size])
-            generators = [torch.Generator(device="cpu").manual_seed(request.seed) for request in batch]
-            output = pipeline(
-                prompt=[request.prompt for request in batch] if len(batch) > 1 else batch[0].prompt,
-                num_frames=settings.num_frames,
-                height=settings.height,
-                width=settings.width,
-                num_inference_steps=settings.inference_steps,
-                guidance_scale=settings.guidance_scale,
-                generator=generators if len(batch) > 1 else generators[0],
-                output_type="np",
-                **_images(pipeline, batch),
-                **options,
-            )
+            try:
+                output = _call(pipeline, batch, settings, options)
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                bar.write(f"out of memory: {len(batch)} clips per call is too many, trying {batch_size}")
+                continue
             for request, frames in zip(batch, output.frames, strict=True):
                 yield GeneratedClip(request, to_uint8(frames))
                 bar.update(1)
+            start += len(batch)
     finally:
         bar.close()
         transformer.train(was_training)
+
+
+def _call(pipeline, batch: list[ClipRequest], settings: GenerationSettings, options: dict[str, Any]):
+    """One pipeline call for ``batch``: one CPU generator per clip, seeded with its seed."""
+    generators = [torch.Generator(device="cpu").manual_seed(request.seed) for request in batch]
+    return pipeline(
+        prompt=[request.prompt for request in batch] if len(batch) > 1 else batch[0].prompt,
+        num_frames=settings.num_frames,
+        height=settings.height,
+        width=settings.width,
+        num_inference_steps=settings.inference_steps,
+        guidance_scale=settings.guidance_scale,
+        generator=generators if len(batch) > 1 else generators[0],
+        output_type="np",
+        **_images(pipeline, batch),
+        **options,
+    )
 
 
 def sheet_frames(count: int, columns: int = 8) -> np.ndarray:

@@ -23,6 +23,7 @@ from crepa.config import RunConfig
 from crepa.eval.videos import IMAGE_SUFFIXES, natural_key
 from crepa.generation import ClipRequest, GenerationSettings, generate_clips, load_pipeline, write_clips
 from crepa.models import ModelFamily
+from crepa.models.pipelines import _DTYPE_KWARG
 from crepa.runs import RunDirectoryError, read_run_config, read_transformer_weights
 
 
@@ -56,7 +57,7 @@ def load_run_transformer(
     tensors = read_transformer_weights(run_dir, config, checkpoint)
     if tensors is None:  # finished full fine-tuning: the saved folder
         transformer_class = getattr(diffusers, family.class_names[0])
-        transformer = transformer_class.from_pretrained(run_dir / "transformer", torch_dtype=dtype)
+        transformer = transformer_class.from_pretrained(run_dir / "transformer", **{_DTYPE_KWARG: dtype})
     else:
         transformer = load_transformer(config, family, dtype)
         if config.lora.enabled:
@@ -69,7 +70,7 @@ def load_run_transformer(
                     f"unexpected {list(result.unexpected_keys)[:3]})"
                 )
         else:
-            missing, unexpected = transformer.load_state_dict(tensors, strict=False)
+            _, unexpected = transformer.load_state_dict(tensors, strict=False)  # buffers are not saved
             if unexpected or not tensors:
                 raise RunDirectoryError(
                     f"{run_dir}: checkpoint tensors do not fit the transformer ({unexpected[:3]})"
