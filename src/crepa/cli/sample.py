@@ -50,7 +50,9 @@ def sample(
     ),
     fps: float | None = typer.Option(None, "--fps", min=0.1, help="Frame rate of the written files."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt"),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Clips per pipeline call; halved when GPU memory runs out."),
+    batch_size: int = typer.Option(
+        1, "--batch-size", min=1, help="Clips per pipeline call; halved when GPU memory runs out."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     offload: bool = typer.Option(
         False, "--offload", help="Keep text encoder, transformer and VAE on the CPU until each runs (GPU)."
