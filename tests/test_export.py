@@ -136,7 +136,8 @@ def test_export_writes_gates_and_a_hub_model_card(wan_run, tmp_path):
     assert f'base_model: "{read_run_config(wan_run).model.pretrained}"' in front
     assert "library_name: diffusers" in front and "- lora" in front and "- wan" in front
     assert "2 training steps" in body and "rank 4, alpha 8" in body and "only crepa-aware" in body
-    assert "- a red stripe pattern" in body  # sample captions: the validation prompts
+    assert "Training captions (sample)\n\n- a red stripe pattern moves left\n" in body  # the data's captions
+    assert "Validation prompts\n\n- a red stripe pattern\n" in body
     assert "| temporal_flickering | 0.9512 | 0.01 | 4 |" in body
     result = export(wan_run, tmp_path / "lora.safetensors", "--format", "comfyui")
     assert result.exit_code == 2 and "--overwrite" in result.output

@@ -371,9 +371,12 @@ def model_card(
     if config.repvideo.enabled:
         lines += ["", REPVIDEO_NOTE.format(gates=files["RepVideo gates"])]
     lines += ["", "## Use", "", *_usage(family, export_format, files)]
+    captions = training_captions(config)
+    if captions:
+        lines += ["", "## Training captions (sample)", "", *(f"- {caption}" for caption in captions)]
     prompts = config.validation.prompts
     if prompts:
-        lines += ["", "## Sample captions", "", *(f"- {prompt}" for prompt in prompts[:8])]
+        lines += ["", "## Validation prompts", "", *(f"- {prompt}" for prompt in prompts[:8])]
     if eval_rows:
         lines += [
             "",
@@ -384,6 +387,20 @@ def model_card(
         ]
         lines += [f"| {name} | {_number(v)} | {_number(s)} | {_number(n)} |" for name, v, s, n in eval_rows]
     return "\n".join([*front, "", *lines]) + "\n"
+
+
+def training_captions(config: RunConfig, count: int = 5) -> list[str]:
+    """The first ``count`` captions of the run's training data (its trigger words), if it is still readable."""
+    from crepa.data.report import DataReport
+    from crepa.data.sources import list_source
+
+    try:
+        entries = list_source(
+            config.data.source, DataReport(), config.data.video_column, config.data.caption_column
+        )
+    except (OSError, ValueError):  # the data moved or is not on this machine: the card goes without
+        return []
+    return [" ".join(entry.caption.split()) for entry in entries[:count]]
 
 
 def _usage(family: ModelFamily, export_format: str, files: dict[str, str]) -> list[str]:
