@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import crepa.repvideo
 import crepa.sample
 from crepa.cli import app
 from crepa.config import load_config
@@ -26,6 +27,7 @@ from crepa.export import export_run
 from crepa.generation import ClipRequest, GenerationSettings, generate_clips
 from crepa.io.video import read_video_frames
 from crepa.precompute import precompute
+from crepa.runs import RunDirectoryError, read_run_config
 from crepa.sample import load_run_pipeline, sample_run
 from crepa.train.recipe import train
 from test_train import write_world
@@ -217,6 +219,12 @@ def test_sample_explains_bad_input(lora_run, tmp_path):
     for message, args in cases.items():
         result = CliRunner().invoke(app, ["sample", *args, "--prompts", str(tmp_path / "prompts.txt")])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    transformer = diffusers.WanTransformer3DModel.from_pretrained(
+        read_run_config(lora_run).model.pretrained, subfolder="transformer"
+    )
+    with pytest.raises(RunDirectoryError, match="did not train RepVideo"):
+        crepa.repvideo.load(transformer, lora_run)
+    assert not transformer._forward_pre_hooks  # nothing was installed
 
 
 def test_every_command_renders_its_help():

@@ -322,14 +322,14 @@ def load(pipeline: Any, run_dir: str | Path, checkpoint: str | None = None) -> R
     from crepa.runs import read_gates, read_run_config  # runs reads configs, which import this module
 
     config = read_run_config(run_dir)
-    transformer = getattr(pipeline, "transformer", pipeline)
     settings = config.repvideo
-    gates = install_repvideo(transformer, settings.window, settings.gate_init, settings.include_text)
     state = {
-        "gate": read_gates(run_dir, config, checkpoint),
+        "gate": read_gates(run_dir, config, checkpoint),  # before any hook goes in: it may raise
         "window": torch.tensor(settings.window),
         "include_text": torch.tensor(settings.include_text),
     }
+    transformer = getattr(pipeline, "transformer", pipeline)
+    gates = install_repvideo(transformer, settings.window, settings.gate_init, settings.include_text)
     try:
         gates.load_state_dict(state)
     except RuntimeError as error:
