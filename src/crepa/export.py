@@ -6,7 +6,7 @@
   (the names ComfyUI's model classes use), prefixed ``diffusion_model.``, with ``lora_A`` / ``lora_B``
   (or ``lora_down`` / ``lora_up``, the kohya-style names) and one ``alpha`` per module; ComfyUI and
   kohya-style tools scale by alpha / rank. Where the original model fuses projections that diffusers
-  splits (HunyuanVideo's ``img_attn_qkv``), the split LoRAs are stacked exactly: A's rows stacked, B
+  splits (HunyuanVideo's ``img_attn_qkv``, Mochi's ``qkv_x``), the split LoRAs are stacked exactly: A's rows stacked, B
   block-diagonal (zero rows for parts without a LoRA), alpha scaled with the stacked rank.
 - ``merged``: the transformer with the LoRA folded into its weights, a ``from_pretrained`` folder.
 
@@ -107,6 +107,19 @@ _HUNYUANVIDEO = (
         "single_blocks.{i}.linear1", (*(_SINGLE + f"attn.to_{p}" for p in "qkv"), _SINGLE + "proj_mlp")
     ),
 )
+_MOCHI_BLOCK = "transformer_blocks.{i}."
+_MOCHI = (  # Genmo's checkpoint layout: fused visual (x) and text (y) qkv projections
+    ModuleRule("blocks.{i}.attn.qkv_x", tuple(_MOCHI_BLOCK + f"attn1.to_{p}" for p in "qkv")),
+    ModuleRule("blocks.{i}.attn.qkv_y", tuple(_MOCHI_BLOCK + f"attn1.add_{p}_proj" for p in "qkv")),
+    *_renames(
+        {
+            _MOCHI_BLOCK + "attn1.to_out.0": "blocks.{i}.attn.proj_x",
+            _MOCHI_BLOCK + "attn1.to_add_out": "blocks.{i}.attn.proj_y",
+            _MOCHI_BLOCK + "ff.net.2": "blocks.{i}.mlp_x.w2",
+            _MOCHI_BLOCK + "ff_context.net.2": "blocks.{i}.mlp_y.w2",
+        }
+    ),
+)
 # Module names of the original models, as ComfyUI's model classes name them, per family.
 COMFYUI_LAYOUTS: dict[str, tuple[ModuleRule, ...]] = {
     "wan": _WAN,
@@ -115,6 +128,7 @@ COMFYUI_LAYOUTS: dict[str, tuple[ModuleRule, ...]] = {
     "skyreels_v2": _WAN,
     "ltx_video": _LTX_VIDEO,
     "hunyuanvideo": _HUNYUANVIDEO,
+    "mochi": _MOCHI,
 }
 
 
