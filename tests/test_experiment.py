@@ -111,9 +111,10 @@ def test_killed_experiment_resumes_to_the_same_report(world, tmp_path):
 
 def test_variant_run_files_differ_only_in_the_variant(world, tmp_path):
     variants, shared = parse_variants(
-        "none,repa,crepa,wide=crepa", ["train.max_steps=3", "wide.crepa.weight=2.0", "crepa.tau=0.5"]
+        "none,repa,crepa,crepa+repvideo,wide=crepa",
+        ["train.max_steps=3", "wide.crepa.weight=2.0", "crepa.tau=0.5"],
     )
-    assert [v.name for v in variants] == ["none", "repa", "crepa", "wide"]
+    assert [v.name for v in variants] == ["none", "repa", "crepa", "crepa+repvideo", "wide"]
     assert shared == ("train.max_steps=3", "crepa.tau=0.5")  # section.key applies to all
     runs = write_runs(world, variants, shared, (0, 5), tmp_path / "runs")
     assert [run.name for run, _ in runs][:2] == ["none-seed0", "none-seed5"]
@@ -122,6 +123,7 @@ def test_variant_run_files_differ_only_in_the_variant(world, tmp_path):
         assert again == config and again.output.dir == run.directory and again.train.seed == run.seed
         assert again.cache.dir == (world.parent / "cache").resolve() and again.train.max_steps == 3
     by_variant = {run.variant: config.crepa for run, config in runs}
+    assert [run.variant for run, config in runs if config.repvideo.enabled] == ["crepa+repvideo"] * 2
     assert not by_variant["none"].enabled
     assert by_variant["repa"].mode == "repa" and by_variant["repa"].distance == 0
     assert by_variant["crepa"].mode == "crepa" and by_variant["crepa"].distance == 1

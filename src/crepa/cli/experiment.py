@@ -61,14 +61,21 @@ def experiment(
         1, "--workers", min=1, help="Processes for training runs and evaluations (1: one after the other)."
     ),
     sample_batch_size: int = typer.Option(1, "--sample-batch-size", min=1, help="Prompts per pipeline call."),
-    device: str = typer.Option("cpu", "--device", help="Device of the evaluation's feature extractors."),
+    device: str = typer.Option("auto", "--device", help="Device of the evaluation's feature extractors."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train variants x seeds from RUN_FILE, sample the same prompts and seeds, evaluate, and report a verdict."""
     from crepa.cli.eval import split_values
     from crepa.experiment.report import terminal_table, write_report
     from crepa.experiment.runfiles import parse_variants
-    from crepa.experiment.runner import CrepaEvaluator, ExperimentSpec, read_prompt_file, run_experiment
+    from crepa.experiment.runner import (
+        CrepaEvaluator,
+        ExperimentSpec,
+        ExperimentStopped,
+        read_prompt_file,
+        run_experiment,
+    )
+    from crepa.train.recipe import TrainingStopped
 
     console = Console(stderr=True)
     try:
@@ -94,6 +101,13 @@ def experiment(
     except (ConfigError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
+    except (ExperimentStopped, TrainingStopped) as error:
+        console.print(
+            f"[red]stopped:[/red] {error}\nFinished runs, samples and evaluations are kept; the same command "
+            "continues from there.",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
     write_report(results)
     Console().print(terminal_table(results))
     console.print(f"report: {spec.out / 'report.md'} and {spec.out / 'report.html'}", highlight=False)

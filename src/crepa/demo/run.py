@@ -5,11 +5,13 @@ while their settings are unchanged; the experiment skips what an earlier run fin
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
+from crepa.demo.artefacts import STAMP_FILE, build_once
 from crepa.demo.base import PIPELINE_DIR, BaseSettings, build_base_model, build_initial_pipeline
 from crepa.demo.evaluate import (
     SamplingSettings,
@@ -31,6 +33,7 @@ from crepa.demo.teacher import TeacherSettings, build_teacher
 from crepa.demo.verdict import VARIANTS
 from crepa.demo.world import WORLD_VERSION, RenderedSplit, WorldSettings, write_world
 from crepa.eval.evaluate import StageTimer
+from crepa.eval.report import write_json
 from crepa.experiment.report import ReportExtras, write_report
 from crepa.experiment.runfiles import parse_variants
 from crepa.experiment.runner import ExperimentResults, ExperimentSpec, run_experiment
@@ -61,6 +64,11 @@ class DemoSettings:
             finetune=FinetuneSettings(steps=12, batch_size=4),
             sampling=SamplingSettings(inference_steps=8),
         )
+
+
+def stamp_digest(artefact: Path) -> str | None:
+    """The settings digest a cached demo artefact was built with."""
+    return json.loads((artefact / STAMP_FILE).read_text(encoding="utf-8")).get("digest")
 
 
 def run_demo(
@@ -133,20 +141,31 @@ def run_demo(
         summary = precompute_heldout(
             out / "heldout.toml", sections(heldout_dir, heldout_cache, out / "runs")
         )[1]
-        reused["held-out clips"] = not any(summary.computed.values())
-        extractor = load_attribute_extractor(models / "extractor")
-        reconstruction = write_clips(
-            out / "reconstruction" / "clips",
-            reconstruct_clips(load_pipeline(pipeline_dir), heldout_cache),
-            list(prompts),
-            settings.sampling.fps,
-        )
-        references = {
-            "real": evaluate_folder(heldout_dir, out / "reconstruction" / "eval-real", extractor, None),
-            "reconstruction": evaluate_folder(
-                reconstruction, out / "reconstruction" / "eval", extractor, heldout_dir
-            ),
+        computed = any(summary.computed.values())
+        # The real clips and their VAE reconstructions, measured once per world, base model and extractor.
+        record = {
+            **world_record,
+            **{name: stamp_digest(models / name) for name in ("base", "extractor")},
+            "sampling": asdict(settings.sampling),
         }
+        reconstruction = out / "reconstruction"
+
+        def measure(staging: Path) -> None:
+            extractor = load_attribute_extractor(models / "extractor")
+            clips = write_clips(
+                staging / "clips",
+                reconstruct_clips(load_pipeline(pipeline_dir), heldout_cache),
+                list(prompts),
+                settings.sampling.fps,
+            )
+            measured = {
+                "real": evaluate_folder(heldout_dir, staging / "eval-real", extractor, None),
+                "reconstruction": evaluate_folder(clips, staging / "eval", extractor, heldout_dir),
+            }
+            write_json(staging / "references.json", measured)
+
+        reused["held-out clips"] = build_once(reconstruction, record, measure) and not computed
+        references = json.loads((reconstruction / "references.json").read_text(encoding="utf-8"))
     spec = ExperimentSpec(
         run_file=run_file,
         out=out,
@@ -165,7 +184,13 @@ def run_demo(
     )
     results = run_experiment(spec, progress=progress, log=lambda text: console.rule(text, style="dim"))
     extras = demo_extras(
-        asdict(settings), settings.seeds, world, references, reconstruction, dict(timer.seconds), reused
+        asdict(settings),
+        settings.seeds,
+        world,
+        references,
+        reconstruction / "clips",
+        dict(timer.seconds),
+        reused,
     )
     with stage("report", "report.md, report.html, GIF grid, curves"):
         write_report(results, extras)

@@ -72,7 +72,6 @@ class ModelJob:
     run_dir: Path | None
     seed: int
     prompts: tuple[str, ...]
-    generation: tuple[tuple[str, Any], ...]  # overrides of the run's [validation] settings
     batch_size: int
     samples_dir: Path
     eval_dir: Path
@@ -132,7 +131,7 @@ class CrepaEvaluator:
     metrics_requested: tuple[str, ...] | None = None
     extractors: tuple[str, ...] = ()
     flow: str = "dis"
-    device: str = "cpu"
+    device: str = "auto"
     batch_size: int = 32
 
     def chosen(self, with_reference: bool) -> tuple[str, ...]:
@@ -154,7 +153,8 @@ class CrepaEvaluator:
 
         with_reference = job.reference is not None
         chosen = self.chosen(with_reference)
-        extractors = load_extractors(self.extractor_specs(with_reference), self.device, self.batch_size)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        extractors = load_extractors(self.extractor_specs(with_reference), device, self.batch_size)
         reference = find_clips(job.reference) if job.reference is not None else []
         result = evaluate_clips(
             find_clips(job.samples_dir / SAMPLES_FILE),
@@ -221,12 +221,39 @@ def load_model_pipeline(job: ModelJob, config: RunConfig):
     return load_pipeline(config.model, family, transformer.eval(), device=device), family
 
 
+def evaluation_stamp(job: ModelJob) -> dict[str, Any]:
+    """What an evaluation must match to be reused: the manifest's digest and the evaluator's settings,
+    as JSON reads them back (paths as strings, tuples as lists)."""
+    manifest = hashlib.sha256((job.samples_dir / SAMPLES_FILE).read_bytes()).hexdigest()
+    return json.loads(
+        json.dumps({"samples_sha256": manifest, "evaluator": job.evaluator.describe()}, default=str)
+    )
+
+
+def current_evaluation(job: ModelJob, stamp: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The metrics of ``job.eval_dir`` when they were computed with ``stamp``, else None."""
+    try:
+        previous = json.loads((job.eval_dir / EVAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return previous["metrics"] if {key: previous.get(key) for key in stamp} == stamp else None
+
+
+def finished_metrics(job: ModelJob) -> dict[str, dict[str, Any]] | None:
+    """The job's metrics when its samples and their evaluation are current (reads a few files only,
+    so the experiment checks this before starting any worker)."""
+    settings = GenerationSettings.from_validation(load_config(job.run_file).validation)
+    if not samples_current(job, settings, weights_stamp(job.run_dir)):
+        return None
+    return current_evaluation(job, evaluation_stamp(job))
+
+
 def sample_and_evaluate(job: ModelJob) -> tuple[str, dict[str, dict[str, Any]], dict[str, bool]]:
     """Sample the job's model (unless its samples are current), evaluate them (unless that evaluation
     is current); returns (name, metrics, {"sampled": ..., "evaluated": ...}). A top-level function, so
     worker processes can run it."""
     model = LoadedModel(job)
-    settings = GenerationSettings.from_validation(model.config.validation, **dict(job.generation))
+    settings = GenerationSettings.from_validation(model.config.validation)
     stamp = weights_stamp(job.run_dir)
     done = {"sampled": False, "evaluated": False}
     if not samples_current(job, settings, stamp):
@@ -238,24 +265,21 @@ def sample_and_evaluate(job: ModelJob) -> tuple[str, dict[str, dict[str, Any]], 
         extra = {"model": job.name, "weights": stamp}
         write_clips(job.samples_dir, zip(stems, clips, strict=True), settings, extra=extra, crf=LOSSLESS_CRF)
         done["sampled"] = True
-    manifest = hashlib.sha256((job.samples_dir / SAMPLES_FILE).read_bytes()).hexdigest()
-    # as JSON reads it back (paths as strings, tuples as lists), to compare with the file
-    stamp_record = json.loads(
-        json.dumps({"samples_sha256": manifest, "evaluator": job.evaluator.describe()}, default=str)
-    )
-    final = job.eval_dir / EVAL_FILE
-    if final.is_file():
-        previous = json.loads(final.read_text(encoding="utf-8"))
-        if {key: previous.get(key) for key in stamp_record} == stamp_record:
-            return job.name, previous["metrics"], done
-    shutil.rmtree(job.eval_dir, ignore_errors=True)
-    metrics = job.evaluator(job, model)
-    atomic_write_json(final, {**stamp_record, "metrics": metrics})
-    done["evaluated"] = True
+    record = evaluation_stamp(job)
+    metrics = current_evaluation(job, record)
+    if metrics is None:
+        shutil.rmtree(job.eval_dir, ignore_errors=True)
+        metrics = job.evaluator(job, model)
+        atomic_write_json(job.eval_dir / EVAL_FILE, {**record, "metrics": metrics})
+        done["evaluated"] = True
     return job.name, metrics, done
 
 
 # ---------------------------------------------------------------- training
+class ExperimentStopped(RuntimeError):
+    """A run stopped before its last step (Ctrl-C / SIGTERM): the experiment stops too, resumable."""
+
+
 def training_finished(config: RunConfig) -> bool:
     """A run is finished when its summary (written last) says it ran all steps with this config."""
     try:
@@ -285,7 +309,11 @@ def train_run(run_file: Path) -> bool:
         for path in output.iterdir():
             if path != run_file:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    train(config, resume=resume, progress=False)
+    if train(config, resume=resume, progress=False).interrupted:
+        raise ExperimentStopped(
+            f"{config.output.dir.name}: training was interrupted (checkpoint saved); rerun the same command to "
+            "resume the experiment"
+        )
     return True
 
 
@@ -294,8 +322,7 @@ def train_run(run_file: Path) -> bool:
 class ExperimentSpec:
     """Everything ``crepa experiment`` needs.
 
-    generation: overrides of the run file's ``[validation]`` sampling settings (num_frames, height,
-    width, inference_steps, guidance_scale, fps). base: also sample and evaluate the base model at
+    Sampling uses the run file's ``[validation]`` settings. base: also sample and evaluate the base model at
     every seed (a table row; not part of the verdict). workers: processes for the runs and the
     evaluations (1: everything in this process, one run after the other)."""
 
@@ -307,7 +334,6 @@ class ExperimentSpec:
     reference: Path | None
     evaluator: Evaluator = field(default_factory=CrepaEvaluator)
     shared_overrides: tuple[str, ...] = ()
-    generation: tuple[tuple[str, Any], ...] = ()
     base: bool = True
     workers: int = 1
     sample_batch_size: int = 1
@@ -380,7 +406,6 @@ def model_jobs(spec: ExperimentSpec, runs: Sequence[tuple[Run, RunConfig]]) -> l
             run_dir=run_dir,
             seed=seed,
             prompts=spec.prompts,
-            generation=spec.generation,
             batch_size=spec.sample_batch_size,
             samples_dir=spec.out / "samples" / name,
             eval_dir=spec.out / "eval" / name,
@@ -405,22 +430,32 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
     log(f"precompute: one shared cache in {configs[0].cache.dir}")
     with timer.stage("precompute"):
         precompute(superset_config(configs), progress=progress)
-    work: dict[str, dict[str, bool]] = {}
+    # Finished work is found here, from a few files, so a finished experiment starts no worker.
+    work = {run.name: {"trained": False} for run, _ in runs}
+    pending_runs = [run for run, config in runs if not training_finished(config)]
+    jobs = model_jobs(spec, runs)
+    rows: dict[str, dict[str, Any]] = {}
     with worker_pool(spec.workers, threads) as pool:
-        log(f"fine-tune: {len(spec.variants)} variants x {len(spec.seeds)} seeds ({spec.workers} worker(s))")
-        run_files = [run.run_file for run, _ in runs]
+        log(
+            f"fine-tune: {len(spec.variants)} variants x {len(spec.seeds)} seeds, {len(pending_runs)} to train "
+            f"({spec.workers} worker(s))"
+        )
         with timer.stage("fine-tune"):
-            trained = run_jobs(pool, train_run, run_files, "fine-tune", progress)
-        for (run, _), did in zip(runs, trained, strict=True):
-            work[run.name] = {"trained": did}
-        jobs = model_jobs(spec, runs)
-        log(f"sample + eval: {len(jobs)} models x {len(spec.prompts)} prompts")
+            run_jobs(pool, train_run, [run.run_file for run in pending_runs], "fine-tune", progress)
+        for run in pending_runs:
+            work[run.name]["trained"] = True
+        for job in jobs:
+            metrics = finished_metrics(job)
+            if metrics is not None:
+                rows[job.name] = metrics
+        pending_jobs = [job for job in jobs if job.name not in rows]
+        log(f"sample + eval: {len(jobs)} models x {len(spec.prompts)} prompts, {len(pending_jobs)} to do")
         with timer.stage("sample + eval"):
-            evaluated = run_jobs(pool, sample_and_evaluate, jobs, "sample + eval", progress)
-    rows = {}
+            evaluated = run_jobs(pool, sample_and_evaluate, pending_jobs, "sample + eval", progress)
     for name, metrics, done in evaluated:
         rows[name] = metrics
         work.setdefault(name, {}).update(done)
+    rows = {job.name: rows[job.name] for job in jobs}  # in job order, however the workers finished
     return ExperimentResults(
         variants=[{"name": v.name, "label": v.label} for v in spec.variants],
         seeds=list(spec.seeds),
