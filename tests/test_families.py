@@ -34,7 +34,12 @@ from test_train import write_clips
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # tiny pipeline -> (frames, height, width) of its clips; 13 frames give CogVideoX 1.5 4 latent frames
-SHAPES = {"cogvideox_1_5": (13, 32, 32), "cogvideox_i2v": (9, 32, 32), "wan_i2v": (9, 32, 32)}
+SHAPES = {
+    "cogvideox_1_5": (13, 32, 32),
+    "cogvideox_i2v": (9, 32, 32),
+    "wan_i2v": (9, 32, 32),
+    "wan_a14b": (9, 32, 32),  # trains the low-noise expert, transformer_2
+}
 IMAGE_TO_VIDEO = {"cogvideox_i2v", "wan_i2v"}
 
 
@@ -71,11 +76,13 @@ def write_world(root: Path, name: str) -> Path:
         pixels[:, : width // 2, 0] = 200
         Image.fromarray(pixels).save(root / "first.png")
         images = 'images = ["first.png"]'
+    expert = 'expert = "transformer_2"' if name == "wan_a14b" else ""
     run = root / "run.toml"
     run.write_text(
         f"""
 [model]
 pretrained = "pipe"
+{expert}
 [data]
 source = "clips"
 resolutions = [[{height}, {width}]]
@@ -123,11 +130,11 @@ def test_precompute_train_load_lora_and_validate(tmp_path: Path, name: str) -> N
     assert np.isfinite(summary.final_metrics["loss/total"]) and summary.final_metrics["crepa/weight"] == 0.5
     index = json.loads((tmp_path / "pipe/model_index.json").read_text())
     pipeline = getattr(diffusers, index["_class_name"]).from_pretrained(tmp_path / "pipe")
-    pipeline.load_lora_weights(tmp_path / "out")
+    expert = load_config(run).model.expert
+    pipeline.load_lora_weights(tmp_path / "out", load_into_transformer_2=expert == "transformer_2")
     saved = load_file(tmp_path / "out/pytorch_lora_weights.safetensors")
-    loaded = {
-        name.replace(".default_0", ""): param for name, param in pipeline.transformer.named_parameters()
-    }
+    trained_module = getattr(pipeline, expert or "transformer")
+    loaded = {name.replace(".default_0", ""): param for name, param in trained_module.named_parameters()}
     trained_b = {key.removeprefix("transformer."): value for key, value in saved.items() if "lora_B" in key}
     assert trained_b and all(value.abs().sum() > 0 for value in trained_b.values())  # lora_B starts at 0
     for key, value in trained_b.items():  # (Wan I2V's loader adds zero LoRAs on the image projections)
@@ -302,3 +309,30 @@ def test_lora_of_a_pipeline_without_a_lora_loader_is_saved_in_peft_and_diffusers
         torch.testing.assert_close(fresh(**inputs)[0], trained(**inputs)[0])
         base = tiny_transformer("allegro")(**inputs)[0]
     assert not torch.allclose(base, trained(**inputs)[0])  # the LoRA changes the output
+
+
+def test_two_expert_pipeline_needs_an_expert_and_each_trains_on_its_noise_range(tmp_path: Path) -> None:
+    """Wan 2.2 A14B: without model.expert the run stops at config time; with it, flow-matching noise
+    levels are mapped into the expert's side of boundary_ratio = 0.875 (timestep 875 of 1000)."""
+    from crepa.models.pipelines import expert_noise_range
+    from crepa.train.recipe import noise_batch
+
+    run = write_world(tmp_path, "wan_a14b")
+    text = run.read_text().replace('expert = "transformer_2"', "")
+    run.write_text(text)
+    result = CliRunner().invoke(app, ["precompute", str(run)])
+    assert result.exit_code == 2 and "model.expert" in result.output and "Traceback" not in result.output
+    pipe = tmp_path / "pipe"
+    assert expert_noise_range(pipe, "transformer") == (0.875, 1.0)
+    assert expert_noise_range(pipe, "transformer_2") == (0.0, 0.875)
+    assert expert_noise_range(pipe, None) == (0.0, 1.0)
+    config = load_config(run, ['train.timestep_sampling="uniform"'])
+    latents = torch.zeros(4096, 1, 1, 1, 1)
+    for expert, (low, high) in (("transformer", (875, 1000)), ("transformer_2", (0, 875))):
+        generator = torch.Generator().manual_seed(0)
+        noised = noise_batch(
+            config, get_family("wan"), latents, generator, None, expert_noise_range(pipe, expert)
+        )
+        timesteps = noised.timesteps
+        assert timesteps.min() >= low and timesteps.max() <= high
+        assert timesteps.min() < low + 5 and timesteps.max() > high - 5  # the whole range is used

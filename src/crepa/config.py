@@ -36,6 +36,10 @@ class ModelSection(_Section):
         default=None, description="registry name; detected from the transformer when omitted"
     )
     revision: str | None = None
+    expert: Literal["transformer", "transformer_2"] | None = Field(
+        default=None,
+        description="two-expert pipelines (Wan 2.2 A14B): the expert this run trains, on its own noise range",
+    )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
 

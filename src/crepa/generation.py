@@ -97,7 +97,7 @@ def load_pipeline(
     pipeline_class = getattr(diffusers, family.pipeline_class)
     pipeline = pipeline_class.from_pretrained(
         model.pretrained,
-        transformer=transformer,
+        **{model.expert or "transformer": transformer},  # Wan 2.2 A14B: the trained expert's slot
         revision=model.revision,
         **{_DTYPE_KWARG: parameter.dtype},
         **components,
@@ -172,7 +172,8 @@ def generate_clips(
     When a batch runs out of GPU memory, the batch size is halved and the batch retried (down to
     one clip per call, which then raises). The transformer is in eval mode for the call, restored after.
     """
-    transformer = pipeline.transformer
+    experts = [m for m in (pipeline.transformer, getattr(pipeline, "transformer_2", None)) if m is not None]
+    transformer = next((model for model in experts if model.training), experts[0])  # the one being trained
     was_training = transformer.training
     transformer.eval()
     options = _call_options(pipeline, family, settings)

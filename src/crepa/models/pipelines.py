@@ -284,3 +284,18 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     if getattr(vae.config, "timestep_conditioning", False):
         options["temb"] = torch.zeros(raw.shape[0], device=raw.device, dtype=raw.dtype)  # clean latents
     return vae.decode(raw, **options).sample.clamp(-1, 1)
+
+
+def expert_noise_range(
+    source: str | Path, expert: str | None, revision: str | None = None
+) -> tuple[float, float]:
+    """Noise levels s in [lo, hi] the pipeline gives ``expert`` (``model.expert``): Wan 2.2 A14B runs
+    ``transformer`` at timesteps >= boundary_ratio * 1000, i.e. s >= boundary_ratio, and
+    ``transformer_2`` below; (0, 1) for single-transformer pipelines."""
+    if expert is None:
+        return 0.0, 1.0
+    index = diffusers.DiffusionPipeline.load_config(str(source), revision=revision)
+    boundary = index.get("boundary_ratio")
+    if boundary is None:
+        raise ValueError(f"{source}: model_index.json has no boundary_ratio between its two experts")
+    return (float(boundary), 1.0) if expert == "transformer" else (0.0, float(boundary))

@@ -97,13 +97,12 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "wan",
-        "Wan2.2-T2V-A14B (two experts)",
+        "Wan2.2-T2V-A14B (one expert per run: model.expert)",
         "T2V",
         "WanPipeline",
         "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        tiny="wan_a14b",
         expert_pair=True,
-        unsupported="two experts (transformer for high noise, transformer_2 for low noise): training one "
-        "expert on its own timestep range is not implemented yet",
     ),
     Variant(
         "wan_i2v",
@@ -115,13 +114,11 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant(
         "wan_i2v",
-        "Wan2.2-I2V-A14B (two experts)",
+        "Wan2.2-I2V-A14B (one expert per run: model.expert)",
         "I2V",
         "WanImageToVideoPipeline",
         "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
         expert_pair=True,
-        unsupported="two experts (transformer for high noise, transformer_2 for low noise): training one "
-        "expert on its own timestep range is not implemented yet",
     ),
     Variant(
         "wan2_2_ti2v",
@@ -216,6 +213,14 @@ def check_supported(config: RunConfig, family: ModelFamily) -> None:
     reason = unsupported_reason(family, index)
     if reason is not None:
         raise ConfigError(f"model.pretrained: {reason}")
+    two_experts = bool((index.get("transformer_2") or [None, None])[1])
+    if two_experts and model.expert is None:
+        raise ConfigError(
+            f"model.expert: {model.pretrained} has two experts; train one per run: 'transformer' (high noise, "
+            f"s >= boundary_ratio {index.get('boundary_ratio')}) or 'transformer_2' (low noise, below it)"
+        )
+    if not two_experts and model.expert == "transformer_2":
+        raise ConfigError(f"model.expert: {model.pretrained} has no transformer_2; leave model.expert unset")
     validation = config.validation
     if family.name in IMAGE_INPUTS and validation.every and validation.prompts and not validation.images:
         raise ConfigError(

@@ -215,6 +215,15 @@ def _wan_i2v() -> dict[str, Any]:
     return components
 
 
+def _wan_a14b() -> dict[str, Any]:
+    """Wan 2.2 A14B in small: a high-noise ``transformer`` and a low-noise ``transformer_2`` (other
+    weights), switched at the pipeline's boundary_ratio (0.875 for T2V A14B)."""
+    components = _wan()
+    torch.manual_seed(1)
+    components["transformer_2"] = _rebuilt(components["transformer"])
+    return {**components, "boundary_ratio": 0.875}
+
+
 def _hunyuanvideo() -> dict[str, Any]:
     torch.manual_seed(0)
     transformer = diffusers.HunyuanVideoTransformer3DModel(
@@ -332,6 +341,7 @@ TINY_PIPELINES: dict[str, Callable[[], dict[str, Any]]] = {
     "cogvideox_i2v": _cogvideox_i2v,
     "wan": _wan,
     "wan_i2v": _wan_i2v,
+    "wan_a14b": _wan_a14b,
     "hunyuanvideo": _hunyuanvideo,
     "ltx_video": _ltx_video,
 }

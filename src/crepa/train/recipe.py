@@ -39,7 +39,7 @@ from crepa.config import ConfigError, RunConfig, check_against_family
 from crepa.models import ModelFamily
 from crepa.models.conditioning import prediction_to_latents, transformer_inputs
 from crepa.models.image_conditioning import image_parts
-from crepa.models.pipelines import load_components
+from crepa.models.pipelines import expert_noise_range, load_components
 from crepa.models.pipelines import resolve_family as resolve_pipeline_family
 from crepa.models.support import check_supported
 from crepa.regularizer import CrepaRegularizer
@@ -103,7 +103,9 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
     transformer_class = getattr(diffusers, family.class_names[0])
     try:
         transformer_config = transformer_class.load_config(
-            config.model.pretrained, subfolder="transformer", revision=config.model.revision
+            config.model.pretrained,
+            subfolder=config.model.expert or "transformer",
+            revision=config.model.revision,
         )
     except OSError as error:
         raise ConfigError(
@@ -146,7 +148,10 @@ def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool)
 def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype) -> nn.Module:
     transformer_class = getattr(diffusers, family.class_names[0])
     transformer = transformer_class.from_pretrained(
-        config.model.pretrained, subfolder="transformer", revision=config.model.revision, torch_dtype=dtype
+        config.model.pretrained,
+        subfolder=config.model.expert or "transformer",
+        revision=config.model.revision,
+        torch_dtype=dtype,
     )
     if config.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -154,15 +159,23 @@ def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype)
 
 
 def noise_batch(
-    config: RunConfig, family: ModelFamily, latents: torch.Tensor, generator: torch.Generator, alphas_cumprod
+    config: RunConfig,
+    family: ModelFamily,
+    latents: torch.Tensor,
+    generator: torch.Generator,
+    alphas_cumprod,
+    noise_range: tuple[float, float] = (0.0, 1.0),
 ) -> NoisedBatch:
-    """The family's objective applied to clean latents (B, C, F, H, W)."""
+    """The family's objective applied to clean latents (B, C, F, H, W); flow-matching noise levels are
+    mapped into ``noise_range`` (one expert of a two-expert pipeline, :func:`expert_noise_range`)."""
     if family.objective in ("v_prediction", "epsilon"):
         return ddpm(latents, alphas_cumprod, generator, family.objective)
     train = config.train
     levels = sample_noise_level(
         latents.shape[0], generator, train.timestep_sampling, train.logit_mean, train.logit_std, train.shift
     )
+    low, high = noise_range
+    levels = low + (high - low) * levels
     objective = flow_matching if family.objective == "flow_matching" else flow_matching_reversed
     return objective(latents, levels, generator, family.timestep_scale)
 
@@ -223,6 +236,7 @@ class StepParts:
     dtype: torch.dtype
     alphas_cumprod: torch.Tensor | None
     autocast: Callable[[], AbstractContextManager] = nullcontext
+    noise_range: tuple[float, float] = (0.0, 1.0)
 
 
 def batch_text(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -268,7 +282,7 @@ def step_loss(
     teacher_grid = None
     if config.crepa.enabled:  # before the forward: no activations wait on the teacher
         teacher_grid = batch_teacher_grid(config, family, parts.model, batch, parts.teacher, parts.vae)
-    noised = noise_batch(config, family, latents, generator, parts.alphas_cumprod)
+    noised = noise_batch(config, family, latents, generator, parts.alphas_cumprod, parts.noise_range)
     text = batch_text(batch, parts.dtype)
     inputs = transformer_inputs(
         parts.model,
@@ -371,6 +385,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         dtype=dtype,
         alphas_cumprod=scheduler_alphas(config, family),
         autocast=accelerator.autocast,
+        noise_range=expert_noise_range(config.model.pretrained, config.model.expert, config.model.revision),
     )
     order = BucketedBatchOrder(
         dataset.buckets,
