@@ -39,7 +39,10 @@ SHAPES = {
     "cogvideox_i2v": (9, 32, 32),
     "wan_i2v": (9, 32, 32),
     "wan_a14b": (9, 32, 32),  # trains the low-noise expert, transformer_2
+    "skyreels_v2": (9, 32, 32),
+    "mochi": (13, 32, 32),  # 6x temporal compression: 3 latent frames
 }
+SLOW = {"cogvideox_1_5", "wan_a14b", "skyreels_v2", "mochi"}  # ~30 s each on 2 cores: the slow suite
 IMAGE_TO_VIDEO = {"cogvideox_i2v", "wan_i2v"}
 
 
@@ -121,7 +124,9 @@ dir = "out"
     return run
 
 
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in SHAPES]
+)
 def test_precompute_train_load_lora_and_validate(tmp_path: Path, name: str) -> None:
     run = write_world(tmp_path, name)
     precompute(load_config(run), progress=False)

@@ -135,6 +135,7 @@ VARIANTS: tuple[Variant, ...] = (
         "T2V",
         "SkyReelsV2Pipeline",
         "Skywork/SkyReels-V2-T2V-14B-540P-Diffusers",
+        tiny="skyreels_v2",
     ),
     Variant("ltx_video", "LTX-Video", "T2V", "LTXPipeline", "Lightricks/LTX-Video", tiny="ltx_video"),
     Variant(
@@ -145,7 +146,7 @@ VARIANTS: tuple[Variant, ...] = (
         "Lightricks/LTX-Video",
         unsupported="per-token timesteps for the conditioning frame are not implemented; train the T2V model",
     ),
-    Variant("mochi", "Mochi 1", "T2V", "MochiPipeline", "genmo/mochi-1-preview"),
+    Variant("mochi", "Mochi 1", "T2V", "MochiPipeline", "genmo/mochi-1-preview", tiny="mochi"),
     Variant(
         "cosmos",
         "Cosmos-1.0-Diffusion Text2World",

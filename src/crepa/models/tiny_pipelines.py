@@ -224,6 +224,42 @@ def _wan_a14b() -> dict[str, Any]:
     return {**components, "boundary_ratio": 0.875}
 
 
+def _skyreels_v2() -> dict[str, Any]:
+    """SkyReels-V2 text-to-video in small: the tiny Wan parts around a SkyReels-V2 transformer."""
+    components = _wan()
+    del components["transformer_2"]
+    torch.manual_seed(0)
+    transformer = components["transformer"]
+    components["transformer"] = diffusers.SkyReelsV2Transformer3DModel.from_config(
+        {key: value for key, value in transformer.config.items() if not key.startswith("_")}
+    )
+    components["scheduler"] = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0
+    )
+    return components
+
+
+def _mochi() -> dict[str, Any]:
+    """Mochi 1 in small: the real 6x temporal, 8x spatial compression and 12 latent channels."""
+    torch.manual_seed(0)
+    transformer = diffusers.MochiTransformer3DModel(
+        **{**TINY_MODELS["mochi"].config, "in_channels": 12, "text_embed_dim": 32}
+    )
+    vae = diffusers.AutoencoderKLMochi(
+        encoder_block_out_channels=(32, 32, 32, 32),  # its group norms have 32 groups
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+        add_attention_block=(False, False, False, False, False),
+    )
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+        text_encoder=T5EncoderModel(_t5_config(T5Config)),
+        tokenizer=build_tokenizer(256),
+    )
+
+
 def _hunyuanvideo() -> dict[str, Any]:
     torch.manual_seed(0)
     transformer = diffusers.HunyuanVideoTransformer3DModel(
@@ -342,6 +378,8 @@ TINY_PIPELINES: dict[str, Callable[[], dict[str, Any]]] = {
     "wan": _wan,
     "wan_i2v": _wan_i2v,
     "wan_a14b": _wan_a14b,
+    "skyreels_v2": _skyreels_v2,
+    "mochi": _mochi,
     "hunyuanvideo": _hunyuanvideo,
     "ltx_video": _ltx_video,
 }
