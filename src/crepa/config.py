@@ -8,6 +8,7 @@ expected and what was given, and suggests the closest valid key for a typo.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,8 @@ else:  # pragma: no cover - Python 3.10
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf / nan are never a meaningful setting (optim.lr = inf would silently turn weights into NaN)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -89,6 +91,7 @@ class TeacherSection(_Section):
 class AlignmentSection(CrepaConfig):
     """CrepaConfig plus ``enabled``: false trains with the diffusion loss only (the baseline)."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     enabled: bool = True
     lr: float | None = Field(default=None, gt=0, description="projector learning rate; optim.lr when omitted")
 
@@ -249,6 +252,22 @@ def check_against_family(
                 problems.append(
                     f"crepa.{key}: {index} is beyond the model's {depth} blocks (valid: 0..{depth - 1})"
                 )
+    if problems:
+        raise ConfigError("invalid run file\n  " + "\n  ".join(problems))
+
+
+def check_optional_dependencies(config: RunConfig) -> None:
+    """Settings that need a package crepa does not install by default: fail now, not after hours."""
+    needed = []
+    if config.logging.wandb:
+        needed.append(("logging.wandb", "wandb", "pip install wandb", "set logging.wandb = false"))
+    if config.teacher.kind == "timm" or config.teacher.name.startswith(("timm/", "timm:")):
+        needed.append(("teacher.kind", "timm", "pip install 'crepa[timm]'", "use a transformers teacher"))
+    problems = [
+        f"{key}: needs the {package!r} package, which is not installed; {install}, or {alternative}"
+        for key, package, install, alternative in needed
+        if importlib.util.find_spec(package) is None
+    ]
     if problems:
         raise ConfigError("invalid run file\n  " + "\n  ".join(problems))
 

@@ -49,7 +49,7 @@ from crepa.cache.keys import (
 )
 from crepa.cache.manifest import SHARDS_DIR, CacheEntry, Manifest
 from crepa.cache.shards import PART_KINDS, ShardIndex, ShardWriter, to_storage
-from crepa.config import ConfigError, RunConfig, check_against_family
+from crepa.config import ConfigError, RunConfig, check_against_family, check_optional_dependencies
 from crepa.data import DataReport, SamplingConfig, VideoSample, iter_decoded, scan_dataset
 from crepa.models.image_conditioning import IMAGE_ENCODERS
 from crepa.models.pipelines import (
@@ -201,12 +201,24 @@ def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], Samp
     check_against_family(config, family.temporal_ratio, multiples, family.causal_vae, temporal_patch=patch_t)
     sampling = sampling_config(config, family)
     if uses_cached_teacher(config):
-        _check_local_path("teacher.name", config.teacher.name)
-        try:
-            detect_teacher_kind(config.teacher.name)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"teacher.name: {error}") from None
+        check_teacher_settings(config)
     return family, transformer_config, sampling
+
+
+def check_teacher_settings(config: RunConfig) -> None:
+    """teacher.name is a supported checkpoint of teacher.kind (read from its config, no weights)."""
+    settings = config.teacher
+    _check_local_path("teacher.name", settings.name)
+    try:
+        detected = detect_teacher_kind(settings.name)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"teacher.name: {error}") from None
+    # a DINOv2-with-registers checkpoint is a DINOv2 teacher too
+    if settings.kind not in ("auto", detected) and f"{settings.kind}_with_registers" != detected:
+        raise ConfigError(
+            f"teacher.kind: {settings.kind!r}, but {settings.name} is a {detected} checkpoint; its weights "
+            f"would not load into a {settings.kind} model. Set teacher.kind = 'auto' (or {detected!r})"
+        )
 
 
 def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True) -> PrecomputeSummary:
@@ -215,6 +227,7 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
     before any weight is loaded."""
     started = time.perf_counter()
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: torchrun ranks form a gloo group
+    check_optional_dependencies(config)
     family, transformer_config, sampling = check_settings(config)
     cache_dir = config.cache.dir
     shards_dir, ranks_dir = cache_dir / SHARDS_DIR, cache_dir / RANKS_DIR
@@ -233,10 +246,15 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
         )
     except ValueError as error:
         raise ConfigError(f"data.source: {error}") from None
+    if not samples:
+        raise ConfigError(
+            f"data.source: no usable clip in {config.data.source} for data.num_frames / data.resolutions "
+            f"(nothing to precompute or train on); files seen: {report.summary()}"
+        )
     scan_skips = len(report.skipped)
 
     dtype = config.model.torch_dtype(state.device)
-    identity = _Identity(config, family, transformer_config, dtype, state.device)
+    identity = CacheIdentity(config, family, transformer_config, dtype, state.device)
     index = ShardIndex(shards_dir)
     hasher = FileHasher(_read_json(cache_dir / FILE_HASHES, {}))
     plans = [
@@ -287,8 +305,10 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
     )
 
 
-class _Identity:
-    """The facts that key each part (see :mod:`crepa.cache.keys`), computed once per run."""
+class CacheIdentity:
+    """The facts that key each part (see :mod:`crepa.cache.keys`), computed once per run from the run
+    file and the model / teacher folders (no weights loaded). :meth:`facts` is recorded in the
+    manifest, and ``crepa train`` rebuilds it to refuse a cache that no longer fits the run file."""
 
     def __init__(
         self,
@@ -309,6 +329,17 @@ class _Identity:
             model.pretrained, model.revision, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
         )
         self.text_length = text_length(family, transformer_config)
+        data = config.data
+        self.sampling = {
+            "source": str(data.source),
+            "resolutions": [list(size) for size in data.resolutions],
+            "num_frames": list(data.num_frames),
+            "fps": data.fps,
+            "stride": data.stride,
+            "start": data.start,
+            "video_column": data.video_column,
+            "caption_column": data.caption_column,
+        }
         self.teacher: dict[str, Any] | None = None
         if uses_cached_teacher(config):
             settings = config.teacher
@@ -322,18 +353,35 @@ class _Identity:
                 "compute": "bf16-autocast" if device.type == "cuda" else "fp32",
             }
 
+    def facts(self) -> dict[str, Any]:
+        """What the cache's parts depend on, as recorded in the manifest (``Manifest.identity``)."""
+        return {
+            "family": self.family.name,
+            "dtype": self.dtype,
+            "vae": self.vae,
+            "text_encoders": self.text_encoders,
+            "text_length": self.text_length,
+            "sampling": self.sampling,
+            "teacher": self.teacher,
+        }
+
     def text(self, caption: str) -> str:
         return text_key(caption, self.family.name, self.text_encoders, self.text_length, self.dtype)
+
+    def parts(self, clip: dict[str, Any], caption: str, grid: tuple[int, int, int]) -> dict[str, str]:
+        """The part keys of one sample with pixels ``clip`` (:func:`clip_facts`) and ``caption``."""
+        parts = {
+            "latents": latents_key(clip, self.family.name, self.vae, self.dtype),
+            "text": self.text(caption),
+        }
+        if self.teacher is not None:
+            parts["teacher"] = teacher_key(clip, self.teacher, grid, self.family.temporal_ratio)
+        return parts
 
     def plan(self, index: int, sample: VideoSample, hasher: FileHasher, shards: ShardIndex) -> _Plan:
         clip = clip_facts(hasher(sample.path), sample.frame_indices, sample.size)
         grid = student_grid(self.family, self.patch_sizes, sample.num_frames, *sample.size)
-        parts = {
-            "latents": latents_key(clip, self.family.name, self.vae, self.dtype),
-            "text": self.text(sample.caption),
-        }
-        if self.teacher is not None:
-            parts["teacher"] = teacher_key(clip, self.teacher, grid, self.family.temporal_ratio)
+        parts = self.parts(clip, sample.caption, grid)
         missing = [kind for kind, key in parts.items() if not shards.has(key)]
         return _Plan(index, sample, grid, parts, missing, sample.caption)
 
@@ -481,7 +529,7 @@ def _entry(plan: _Plan) -> CacheEntry:
 def _merge(
     config: RunConfig,
     family: ModelFamily,
-    identity: _Identity,
+    identity: CacheIdentity,
     world: int,
     null_text: str | None,
     report: DataReport,
@@ -526,6 +574,7 @@ def _merge(
         entries=entries,
         parts=parts,
         null_text=null_text,
+        identity=identity.facts(),
     )
     manifest.write(cache_dir)
     for shard in damaged:

@@ -61,7 +61,9 @@ class CacheEntry:
 class Manifest:
     """family / pretrained / temporal_ratio: the model the latents belong to; teacher: the teacher's
     identity, settings and feature width ``dim`` (None when the cache holds no teacher grids);
-    null_text: key of the empty prompt's text part (for caption dropout)."""
+    null_text: key of the empty prompt's text part (for caption dropout); identity: the facts every
+    part key was computed from (``crepa.precompute.CacheIdentity.facts``), which ``crepa train``
+    compares with its run file."""
 
     family: str
     pretrained: str
@@ -70,6 +72,7 @@ class Manifest:
     entries: list[CacheEntry]
     parts: dict[str, PartLocation]
     null_text: str | None = None
+    identity: dict[str, Any] | None = None
     version: int = MANIFEST_VERSION
 
     def part_bytes(self) -> dict[str, int]:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from crepa.cli import app
+from crepa.cli._errors import EXIT_CONFIG, fail
 from crepa.config import ConfigError, load_config
 
 
@@ -37,8 +38,7 @@ def precompute(
         run = load_config(config, overrides)
         summary = run_precompute(run, prune=prune, progress=progress)
     except ConfigError as error:
-        console.print(str(error), markup=False, highlight=False)
-        raise typer.Exit(2) from None
+        fail(console, "error", str(error), EXIT_CONFIG)
     if summary.rank == 0:
         for line in summary.lines():
             console.print(line, markup=False, highlight=False)

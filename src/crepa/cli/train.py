@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 
 from crepa.cli import app
+from crepa.cli._errors import EXIT_CONFIG, EXIT_FAILURE, fail
 from crepa.config import ConfigError, load_config
 
 
@@ -26,11 +27,9 @@ def train(
 
         summary = run_training(run, resume=resume, progress=not no_progress)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(console, "error", str(error), EXIT_CONFIG)
     except TrainingStopped as error:
-        console.print(f"[red]training stopped:[/red] {error}", highlight=False)
-        raise typer.Exit(1) from None
+        fail(console, "training stopped", str(error), EXIT_FAILURE)
     except torch.OutOfMemoryError as error:
         console.print(
             f"[red]out of memory:[/red] {error}\nTo use less memory: lower train.batch_size (use "

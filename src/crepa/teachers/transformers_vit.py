@@ -100,7 +100,15 @@ def load_transformers_teacher(
     tower = TOWER_KINDS[kind]
     model_class = getattr(transformers, tower.model_class)
     load_kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = model_class.from_pretrained(str(name_or_path), **load_kwargs)
+    model, loading = model_class.from_pretrained(str(name_or_path), output_loading_info=True, **load_kwargs)
+    # Weights the model needs but the checkpoint lacks would stay random: features no one should cache.
+    # (Unexpected weights are fine: a full CLIP / SigLIP checkpoint also holds the text tower.)
+    absent = [*loading.get("missing_keys", []), *(str(key) for key in loading.get("mismatched_keys", []))]
+    if absent:
+        raise ValueError(
+            f"{name_or_path}: not a {kind} checkpoint, {len(absent)} of the {tower.model_class} weights are "
+            f"missing or of another shape (e.g. {', '.join(sorted(absent)[:3])}); check teacher.kind / teacher.name"
+        )
     config = model.config
     teacher = TransformersTeacher(
         model,

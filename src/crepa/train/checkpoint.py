@@ -1,12 +1,15 @@
 """Training checkpoints: written to a temporary directory and renamed into place, last K kept.
 
 A checkpoint ``step-000123/`` holds ``trainable.safetensors`` (trainable transformer parameters —
-LoRA or all — plus the projector and any RepVideo gates, by name), ``training_state.pt`` (optimiser,
-LR scheduler, alignment schedule, step, data position) and ``rng-rank{r}.pt`` per process.
+LoRA or all — plus the projector and any RepVideo gates, by name), ``training_state`` (optimiser,
+LR scheduler, alignment schedule, step, data position, the run file's settings) and ``rng-rank{r}``
+per process. Nothing is pickled: each state is a JSON document (``.json``) whose tensors live in a
+safetensors file of the same stem, so loading a checkpoint someone else wrote can never run code.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -19,7 +22,77 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from crepa.config import ConfigError
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
+STATE_NAME = "training_state"
+TRAINABLE_NAME = "trainable.safetensors"
+TRASH_PREFIX = ".trash-"
+
+
+# ---------------------------------------------------------------- pickle-free state files
+# torch.save would pickle; safetensors holds tensors only. The state of a run (optimiser, schedulers,
+# RNGs) is nested dicts / lists / tuples of numbers and tensors, so it is written as JSON with each
+# tensor replaced by a reference into a safetensors file, and tuples / non-string keys / numpy arrays
+# tagged so that the loaded structure equals the saved one.
+def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = value.detach().to("cpu").clone().contiguous()
+        return {"__tensor__": name}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(key, str) and not key.startswith("__") for key in value):
+            return {key: _encode(item, tensors, f"{where}.{key}") for key, item in value.items()}
+        return {
+            "__items__": [
+                [_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in value.items()
+            ]
+        }
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{where}: cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(item, tensors) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return np.asarray(value["__ndarray__"], dtype=np.dtype(value["dtype"]))
+    if "__tuple__" in value:
+        return tuple(_decode(item, tensors) for item in value["__tuple__"])
+    if "__items__" in value:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
+    return {key: _decode(item, tensors) for key, item in value.items()}
+
+
+def save_state(directory: Path, stem: str, state: Any) -> None:
+    """Write ``state`` as ``<stem>.json`` + ``<stem>.safetensors`` (its tensors) in ``directory``."""
+    tensors: dict[str, torch.Tensor] = {}
+    document = _encode(state, tensors, stem)
+    save_file(tensors, str(directory / f"{stem}.safetensors"))
+    (directory / f"{stem}.json").write_text(json.dumps(document), encoding="utf-8")
+
+
+def load_state(directory: Path, stem: str) -> Any:
+    """The inverse of :func:`save_state`; raises ``ValueError`` for a damaged or foreign file."""
+    try:
+        document = json.loads((directory / f"{stem}.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / f"{stem}.safetensors"))
+        return _decode(document, tensors)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{directory / stem}: unreadable checkpoint state ({error})") from None
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -31,16 +104,79 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 
 def resolve_resume(root: Path, resume: str | None) -> Path | None:
-    """``--resume latest`` -> newest checkpoint (None if there is none yet); a path -> that checkpoint."""
+    """``--resume latest`` -> the newest checkpoint under ``root``; ``auto`` -> the same, or None (a
+    fresh start) when there is none yet; a path -> that checkpoint. Raises :class:`ConfigError`."""
     if resume is None:
         return None
-    if resume == "latest":
+    if resume in ("latest", "auto"):
         found = checkpoint_dirs(root)
-        return found[-1] if found else None
+        if found:
+            return found[-1]
+        if resume == "auto":
+            return None
+        raise ConfigError(
+            f"--resume latest: {root} holds no checkpoint yet, so there is nothing to resume. Drop --resume "
+            "to start from step 0, use --resume auto to resume only when a checkpoint exists, or check "
+            "output.dir"
+        )
     path = Path(resume)
-    if not (path / "training_state.pt").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a crepa checkpoint (no training_state.pt in it)")
+    if not path.is_dir():
+        raise ConfigError(
+            f"--resume {resume}: no such directory; give a checkpoint directory, 'latest' or 'auto'"
+        )
+    if not (path / f"{STATE_NAME}.json").is_file():
+        legacy = (
+            " (written by an older crepa that pickled its state: not loaded)"
+            if any(path.glob("*.pt"))
+            else ""
+        )
+        raise ConfigError(
+            f"--resume {resume}: not a crepa checkpoint, no {STATE_NAME}.json in it{legacy}; give a "
+            f"directory such as {root}/step-000500, 'latest' or 'auto'"
+        )
     return path
+
+
+# Run-file settings that fix the shapes (or meaning) of what a checkpoint holds.
+RESUME_SETTINGS = (
+    ("lora", "enabled", "LoRA enabled"),
+    ("lora", "rank", "LoRA rank"),
+    ("lora", "targets", "LoRA targets"),
+    ("crepa", "enabled", "alignment enabled"),
+    ("crepa", "mode", "alignment mode"),
+    ("crepa", "projector", "projector"),
+    ("crepa", "projector_hidden_dim", "projector hidden width"),
+    ("repvideo", "enabled", "RepVideo enabled"),
+    ("repvideo", "window", "RepVideo window"),
+    ("teacher", "name", "teacher"),
+)
+
+
+def check_resume_settings(checkpoint: Path, config: Any) -> None:
+    """Compare the run-file settings stored in ``checkpoint`` with ``config`` (a RunConfig), reading no
+    tensor; raise :class:`ConfigError` naming each difference ("checkpoint has LoRA rank 2, run file
+    asks for 4")."""
+    try:
+        saved = json.loads((checkpoint / f"{STATE_NAME}.json").read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(f"--resume {checkpoint}: unreadable {STATE_NAME}.json ({error})") from None
+    if not isinstance(saved, dict):
+        return
+    problems = []
+    for section, key, label in RESUME_SETTINGS:
+        if section not in saved or key not in saved[section]:
+            continue
+        current = json.loads(getattr(config, section).model_dump_json())[key]
+        if saved[section][key] != current:
+            problems.append(
+                f"{section}.{key}: checkpoint has {label} {saved[section][key]!r}, run file asks for {current!r}"
+            )
+    if problems:
+        raise ConfigError(
+            f"--resume {checkpoint}: the checkpoint was written with other settings\n  "
+            + "\n  ".join(problems)
+            + "\n  set them back to resume, or start a new run in another output.dir"
+        )
 
 
 def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -54,18 +190,29 @@ def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable parameters back in place; every trainable parameter must be present."""
-    for prefix, module in modules.items():
-        for name, param in module.named_parameters():
-            if not param.requires_grad:
-                continue
-            key = f"{prefix}.{name}"
-            if key not in tensors:
-                raise KeyError(
-                    f"checkpoint lacks {key}: was it written by a run with other LoRA / model settings?"
-                )
-            with torch.no_grad():
-                param.copy_(tensors[key].to(param.device, param.dtype))
+    """Copy saved trainable parameters back in place; every trainable parameter must be present with
+    its shape (else :class:`ConfigError`, before any parameter is changed)."""
+    wanted = {
+        f"{prefix}.{name}": param
+        for prefix, module in modules.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
+    missing = [key for key in wanted if key not in tensors]
+    mismatched = [
+        f"{key}: checkpoint {tuple(tensors[key].shape)}, run {tuple(param.shape)}"
+        for key, param in wanted.items()
+        if key in tensors and tensors[key].shape != param.shape
+    ]
+    if missing or mismatched:
+        listed = [f"missing {key}" for key in missing[:5]] + mismatched[:5]
+        raise ConfigError(
+            "--resume: the checkpoint's trainable tensors do not fit this run (other LoRA / projector / model "
+            "settings?)\n  " + "\n  ".join(listed)
+        )
+    with torch.no_grad():
+        for key, param in wanted.items():
+            param.copy_(tensors[key].to(param.device, param.dtype))
 
 
 def rng_state() -> dict[str, Any]:
@@ -94,33 +241,45 @@ def write_checkpoint_files(
     """Write this process's part of a checkpoint into the staging ``directory`` (rank 0 writes the model)."""
     directory.mkdir(parents=True, exist_ok=True)
     if tensors is not None:
-        save_file(tensors, str(directory / "trainable.safetensors"))
+        save_file(tensors, str(directory / TRAINABLE_NAME))
     if state is not None:
-        torch.save(state, directory / "training_state.pt")
-    torch.save(rng_state(), directory / f"rng-rank{rank}.pt")
+        save_state(directory, STATE_NAME, state)
+    save_state(directory, f"rng-rank{rank}", rng_state())
 
 
 def publish_checkpoint(root: Path, step: int, keep: int) -> Path:
-    """Rename the staging directory into place (atomic) and delete all but the newest ``keep``."""
+    """Rename the staging directory into place (atomic) and delete all but the newest ``keep``.
+
+    A checkpoint to delete is first renamed to a trash name (``.trash-step-...``), so a kill during
+    the deletion never leaves a half-deleted checkpoint under a name ``--resume`` would pick; trash
+    and staging left by a killed run are removed here."""
     final = root / f"step-{step:06d}"
     staged = staging_dir(root, step)
     for path in staged.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     os.replace(staged, final)
     for old in checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+    for leftover in root.glob(f"{TRASH_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    trash = checkpoint.with_name(f"{TRASH_PREFIX}{checkpoint.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_checkpoint(
     directory: Path, rank: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """(trainable tensors, training state, this rank's RNG state or None)."""
-    tensors = load_file(str(directory / "trainable.safetensors"))
-    state = torch.load(directory / "training_state.pt", weights_only=False)
-    rng_path = directory / f"rng-rank{rank}.pt"
-    rng = torch.load(rng_path, weights_only=False) if rng_path.is_file() else None
+    tensors = load_file(str(directory / TRAINABLE_NAME))
+    state = load_state(directory, STATE_NAME)
+    rng = load_state(directory, f"rng-rank{rank}") if (directory / f"rng-rank{rank}.json").is_file() else None
     return tensors, state, rng

@@ -57,6 +57,7 @@ from crepa.train.objectives import (
     flow_matching_reversed,
     sample_noise_level,
 )
+from crepa.train.preflight import check_run, check_skeleton
 
 TRAINABLE_OBJECTIVES = ("flow_matching", "flow_matching_reversed", "v_prediction", "epsilon")
 
@@ -88,7 +89,7 @@ def resolve_family(config: RunConfig) -> ModelFamily:
     try:
         return resolve_pipeline_family(model.pretrained, model.family, model.revision)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"model: {error}") from None
+        raise ConfigError(f"{'model.family' if model.family else 'model.pretrained'}: {error}") from None
 
 
 def check_model(config: RunConfig, family: ModelFamily) -> None:
@@ -123,6 +124,7 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
         len(family.blocks(skeleton)),
         temporal_patch=patch_t,
     )
+    check_skeleton(config, family, skeleton)
 
 
 def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool) -> CachedDataset:
@@ -316,6 +318,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     source = config.cache.teacher_source
     external_teacher = config.crepa.enabled and config.crepa.mode != "backbone"
     dataset = open_dataset(config, family, external_teacher)
+    resume_from = check_run(config, family, dataset, resume)
 
     output = config.output.dir
     checkpoints = output / "checkpoints"
@@ -396,7 +399,6 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
     )
 
     start_step, position, skipped = 0, 0, 0
-    resume_from = ckpt.resolve_resume(checkpoints, resume)
     if resume_from is not None:
         tensors, state, rng = ckpt.read_checkpoint(resume_from, accelerator.process_index)
         ckpt.load_trainable_state(modules, tensors)
@@ -555,6 +557,7 @@ def _save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "alignment_schedule": None if regularizer is None else regularizer.schedule.state_dict(),
+            "config": json.loads(config.model_dump_json()),
         }
     ckpt.write_checkpoint_files(
         staged, ckpt.trainable_state(modules) if main else None, state, accelerator.process_index

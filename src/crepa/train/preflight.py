@@ -1,0 +1,224 @@
+"""Checks of a training run before any weight or sample is read: everything a run file, the cache
+and the output folder can get wrong becomes a :class:`~crepa.config.ConfigError` naming the key.
+
+- the model skeleton (meta device, from the transformer config): LoRA targets, validation sizes;
+- the environment: optional packages a setting needs, output.dir usable;
+- the cache: it was built from this run file (the part keys are recomputed and compared), holds
+  enough samples for one batch;
+- ``--resume``: the checkpoint exists and was written with compatible settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from crepa.align.grids import valid_frame_counts_near
+from crepa.cache.dataset import CachedDataset
+from crepa.cache.keys import FileHasher, clip_facts
+from crepa.config import ConfigError, RunConfig, check_optional_dependencies
+from crepa.models import ModelFamily
+from crepa.train import checkpoint as ckpt
+
+# Facts of a cache that depend on the machine it was built on, not on the run file: a cache built
+# in fp32 on a CPU serves a bf16 run on a GPU (the latents are stored in float16 either way).
+_MACHINE_FACTS = ("dtype", "teacher.compute")
+# Where each recorded fact comes from in the run file.
+_FACT_KEYS = {
+    "family": "model.family",
+    "vae": "model.pretrained / cache.vae_tiling (VAE weights)",
+    "text_encoders": "model.pretrained (text encoders)",
+    "text_length": "model.pretrained (text length)",
+    "teacher.model": "teacher.name (teacher weights)",
+}
+
+
+def check_skeleton(config: RunConfig, family: ModelFamily, skeleton: nn.Module) -> None:
+    """Checks on the transformer built on the meta device (no weights): LoRA targets match a module,
+    validation clips have a size the model can produce."""
+    problems = validation_problems(config, family, skeleton)
+    if config.lora.enabled:
+        from crepa.train.lora import add_lora
+
+        try:
+            add_lora(skeleton, family, config.lora)
+        except ValueError as error:
+            problems.append(
+                f"{error}; leave lora.targets unset for the {family.name} default or name module paths "
+                "such as 'attn1.to_q'"
+            )
+    if problems:
+        raise ConfigError("invalid run file\n  " + "\n  ".join(problems))
+
+
+def validation_problems(config: RunConfig, family: ModelFamily, skeleton: nn.Module) -> list[str]:
+    """validation.num_frames / height / width the family cannot generate (never silently rounded)."""
+    settings = config.validation
+    if not (settings.every and settings.prompts):
+        return []
+    problems = []
+    ratio = family.temporal_ratio
+    count = settings.num_frames
+    if family.causal_vae and (count - 1) % ratio:
+        near = " or ".join(map(str, valid_frame_counts_near(count, ratio)))
+        problems.append(
+            f"validation.num_frames: the model generates 1 + {ratio}*m frames, not {count}; use {near}"
+        )
+    elif not family.causal_vae and count % ratio:
+        problems.append(
+            f"validation.num_frames: the model generates a multiple of {ratio} frames, not {count}; use "
+            f"{max(1, round(count / ratio)) * ratio}"
+        )
+    _, patch_h, patch_w = family.patch_sizes(skeleton)
+    for key, value, multiple in (
+        ("height", settings.height, family.spatial_ratio * patch_h),
+        ("width", settings.width, family.spatial_ratio * patch_w),
+    ):
+        if value % multiple:
+            near = max(1, round(value / multiple)) * multiple
+            problems.append(
+                f"validation.{key}: {value} is not a multiple of {multiple} (VAE stride x patch size); use {near}"
+            )
+    return problems
+
+
+def check_output_dir(config: RunConfig) -> None:
+    """output.dir is a directory (or can become one) that this user can write."""
+    output = config.output.dir
+    existing = next((path for path in (output, *output.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(
+            f"output.dir: {existing} is an existing file, not a folder; choose another output.dir"
+        )
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.dir: {existing} is not writable by this user; choose another output.dir")
+
+
+def check_batch_size(config: RunConfig, dataset: CachedDataset) -> None:
+    """One batch of ``train.batch_size`` per process fits in a bucket (a batch never mixes shapes)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    counts: dict[tuple[int, int, int], int] = {}
+    for bucket in dataset.buckets:
+        counts[bucket] = counts.get(bucket, 0) + 1
+    largest = max(counts.values(), default=0)
+    if largest == 0:
+        raise ConfigError(
+            f"cache.dir: {dataset.cache_dir} holds no sample (precompute found no usable clip in "
+            f"data.source); add clips or fix data.source, then run `crepa precompute`"
+        )
+    if largest < config.train.batch_size * world:
+        per_bucket = ", ".join(f"{t}x{h}x{w}: {n}" for (t, h, w), n in sorted(counts.items()))
+        raise ConfigError(
+            f"train.batch_size: {config.train.batch_size} x {world} process(es) is more than the largest "
+            f"bucket of the cache holds ({largest} samples; frames x height x width: {per_bucket}); use "
+            f"train.batch_size <= {max(1, largest // world)} or add clips"
+        )
+
+
+def _flatten(document: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in (document or {}).items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _fact_key(fact: str) -> str:
+    if fact in _FACT_KEYS:
+        return _FACT_KEYS[fact]
+    if fact.startswith("sampling."):
+        return "data." + fact.removeprefix("sampling.")
+    return fact  # teacher.name, teacher.kind, ... are run-file keys as they are
+
+
+def check_cache_agreement(config: RunConfig, family: ModelFamily, dataset: CachedDataset) -> None:
+    """Refuse a cache that was not built from this run file: the recorded facts (model, VAE and text
+    encoder weights, teacher, sampling) must equal the run file's, and every entry's part keys,
+    recomputed from its clip, must be the ones the manifest names (a hand-edited manifest fails)."""
+    from crepa.models.pipelines import read_transformer_config
+    from crepa.precompute import FILE_HASHES, CacheIdentity, uses_cached_teacher
+
+    manifest = dataset.manifest
+    rerun = (
+        "run `crepa precompute` with this run file (it recomputes only what changed), or point cache.dir "
+        "at the cache built for it"
+    )
+    if manifest.identity is None:
+        raise ConfigError(
+            f"cache.dir: {dataset.cache_dir} was built by an older crepa that did not record its settings; {rerun}"
+        )
+    try:
+        transformer_config = read_transformer_config(config.model.pretrained, family, config.model.revision)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.pretrained: {error}") from None
+    identity = CacheIdentity(config, family, transformer_config, torch.float32, torch.device("cpu"))
+    recorded = manifest.identity
+    # keep the machine-dependent facts of the cache (see _MACHINE_FACTS)
+    identity.dtype = recorded["dtype"]
+    read_teacher = uses_cached_teacher(config)
+    if identity.teacher is not None and recorded.get("teacher"):
+        identity.teacher["compute"] = recorded["teacher"]["compute"]
+    current = _flatten({**identity.facts(), "teacher": identity.teacher if read_teacher else None})
+    saved = _flatten({**recorded, "teacher": recorded.get("teacher") if read_teacher else None})
+    differences = [
+        f"{_fact_key(fact)}: cache built with {saved.get(fact)!r}, run file gives {current.get(fact)!r}"
+        for fact in sorted(set(current) | set(saved))
+        if fact not in _MACHINE_FACTS and current.get(fact) != saved.get(fact)
+    ]
+    if differences:
+        raise ConfigError(
+            f"cache.dir: {dataset.cache_dir} was precomputed with other settings than this run file\n  "
+            + "\n  ".join(differences)
+            + f"\n  {rerun}"
+        )
+    hasher = FileHasher(_read_json(dataset.cache_dir / FILE_HASHES))
+    wrong = []
+    for entry in manifest.entries:
+        try:
+            clip = clip_facts(hasher(entry.video), entry.frame_indices, entry.size)
+        except OSError:
+            wrong.append(f"{entry.video}: the video is gone")
+            continue
+        expected = identity.parts(clip, entry.caption, entry.grid)
+        kinds = [kind for kind, key in expected.items() if entry.parts.get(kind) != key]
+        if kinds:
+            wrong.append(f"{entry.video}: {', '.join(kinds)} part(s) do not belong to this clip")
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise ConfigError(
+            f"cache.dir: {dataset.cache_dir}/manifest.json does not match its clips (edited by hand, or a "
+            f"video changed since precompute)\n  " + "\n  ".join(wrong[:3]) + f"{more}\n  {rerun}"
+        )
+
+
+def check_run(
+    config: RunConfig, family: ModelFamily, dataset: CachedDataset, resume: str | None
+) -> Path | None:
+    """The checks of a training run that need no model (see the module docstring); returns the
+    checkpoint to resume from, if any."""
+    from crepa.precompute import check_teacher_settings
+
+    check_optional_dependencies(config)
+    check_output_dir(config)
+    if config.crepa.enabled and config.crepa.mode != "backbone" and config.cache.teacher_source != "cache":
+        check_teacher_settings(config)  # the online teacher is loaded in the run
+    check_cache_agreement(config, family, dataset)
+    check_batch_size(config, dataset)
+    resume_from = ckpt.resolve_resume(config.output.dir / "checkpoints", resume)
+    if resume_from is not None:
+        ckpt.check_resume_settings(resume_from, config)
+    return resume_from
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

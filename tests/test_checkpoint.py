@@ -1,0 +1,183 @@
+"""Checkpoints hold no pickle: state round-trips exactly through JSON + safetensors, a crafted pickle
+is never loaded, resume refuses a checkpoint whose shapes or settings do not fit the run file, and a
+kill while pruning leaves no half-deleted checkpoint under a valid name."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.optimization import get_scheduler
+
+from crepa.config import ConfigError
+from crepa.train import checkpoint as ckpt
+
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "crepa"
+
+
+class _Payload:
+    """Unpickling this runs ``os.system``: what a hostile training_state.pt would hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _trained_optimizer() -> tuple[torch.optim.Optimizer, object]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=10)
+    for _ in range(3):
+        model(torch.randn(5, 3)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return optimizer, scheduler
+
+
+def _equal(a, b) -> bool:
+    """Structural equality with exact tensor / array comparison and types kept (tuple is not list)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b or (isinstance(a, float) and np.isnan(a) and np.isnan(b))
+
+
+def test_state_round_trips_exactly_without_pickle(tmp_path):
+    optimizer, scheduler = _trained_optimizer()
+    random.random(), np.random.rand(), torch.rand(1)
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "odd": {"__tensor__": 1, 3: (1.5, float("inf"), None)},
+    }
+    ckpt.save_state(tmp_path, "state", state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]
+    loaded = ckpt.load_state(tmp_path, "state")
+    assert _equal(loaded, state)
+    # the loaded RNG state reproduces the same draws
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    ckpt.set_rng_state(loaded["rng"])
+    assert (random.random(), float(np.random.rand())) == expected[:2] and torch.equal(
+        torch.rand(3), expected[2]
+    )
+    # and the loaded optimiser state drives an identical next step
+    fresh, fresh_scheduler = _trained_optimizer()
+    fresh.load_state_dict(loaded["optimizer"])
+    fresh_scheduler.load_state_dict(loaded["lr_scheduler"])
+    assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_crafted_pickle_in_checkpoint_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    root = tmp_path / "checkpoints"
+    checkpoint = root / "step-000002"
+    checkpoint.mkdir(parents=True)
+    for name in ("training_state.pt", "rng-rank0.pt", "optimizer.pt"):
+        (checkpoint / name).write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ConfigError, match="older crepa that pickled"):
+        ckpt.resolve_resume(root, str(checkpoint))
+    # a valid-looking new-format checkpoint next to the pickles: only JSON + safetensors are read
+    ckpt.write_checkpoint_files(checkpoint, {"transformer.w": torch.ones(2)}, {"step": 2}, rank=0)
+    assert ckpt.resolve_resume(root, "latest") == checkpoint
+    tensors, state, rng = ckpt.read_checkpoint(checkpoint, rank=0)
+    assert state == {"step": 2} and torch.equal(tensors["transformer.w"], torch.ones(2)) and rng is not None
+    assert not marker.exists()
+
+
+def test_no_module_of_crepa_unpickles():
+    """torch.load / pickle / numpy allow_pickle are not used anywhere in the package."""
+    pattern = re.compile(r"torch\.load\(|pickle\.loads?\(|import pickle|allow_pickle=True|weights_only=False")
+    offenders = [
+        f"{path.relative_to(SOURCE)}:{number}"
+        for path in SOURCE.rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
+
+
+def test_resume_latest_without_checkpoint_and_missing_path_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="holds no checkpoint yet"):
+        ckpt.resolve_resume(tmp_path / "checkpoints", "latest")
+    assert ckpt.resolve_resume(tmp_path / "checkpoints", "auto") is None
+    with pytest.raises(ConfigError, match="no such directory"):
+        ckpt.resolve_resume(tmp_path / "checkpoints", str(tmp_path / "nowhere"))
+
+
+def test_shape_mismatch_on_resume_names_the_tensor_and_changes_nothing():
+    module = torch.nn.Linear(3, 4)
+    before = module.weight.detach().clone()
+    with pytest.raises(ConfigError, match=r"transformer.weight: checkpoint \(2, 3\), run \(4, 3\)"):
+        ckpt.load_trainable_state(
+            {"transformer": module},
+            {"transformer.weight": torch.zeros(2, 3), "transformer.bias": torch.zeros(4)},
+        )
+    assert torch.equal(module.weight, before)
+
+
+def test_resume_settings_compared_before_any_tensor(tmp_path):
+    from crepa.config import RunConfig
+
+    config = RunConfig.model_validate(
+        {"model": {"pretrained": "x"}, "data": {"source": "y"}, "lora": {"rank": 4}}
+    )
+    saved = json.loads(config.model_dump_json())
+    saved["lora"]["rank"] = 2
+    saved["crepa"]["projector_hidden_dim"] = 16
+    (tmp_path / "training_state.json").write_text(json.dumps({"config": saved}))
+    with pytest.raises(ConfigError) as error:
+        ckpt.check_resume_settings(tmp_path, config)
+    message = str(error.value)
+    assert "checkpoint has LoRA rank 2, run file asks for 4" in message
+    assert (
+        "crepa.projector_hidden_dim: checkpoint has projector hidden width 16, run file asks for 2048"
+        in message
+    )
+
+
+def test_prune_leaves_no_half_deleted_checkpoint_under_a_valid_name(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        staged = ckpt.staging_dir(root, step)
+        ckpt.write_checkpoint_files(staged, {"transformer.w": torch.ones(2)}, {"step": step}, rank=0)
+        ckpt.publish_checkpoint(root, step, keep=5)
+
+    def killed_midway(path, *args, **kwargs):
+        if not Path(path).exists():
+            return
+        next(Path(path).iterdir()).unlink()  # part of the files are gone when the kill arrives
+        raise KeyboardInterrupt
+
+    staged = ckpt.staging_dir(root, 3)
+    ckpt.write_checkpoint_files(staged, {"transformer.w": torch.ones(2)}, {"step": 3}, rank=0)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.publish_checkpoint(root, 3, keep=1)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.checkpoint_dirs(root)] == ["step-000002", "step-000003"]
+    for checkpoint in ckpt.checkpoint_dirs(root):
+        ckpt.read_checkpoint(checkpoint, rank=0)  # every checkpoint under a valid name is whole
+    # the next publish clears the trash left by the killed prune
+    staged = ckpt.staging_dir(root, 4)
+    ckpt.write_checkpoint_files(staged, {"transformer.w": torch.ones(2)}, {"step": 4}, rank=0)
+    ckpt.publish_checkpoint(root, 4, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000004"]

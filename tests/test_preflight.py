@@ -1,0 +1,248 @@
+"""Every run-file mistake stops `crepa train` / `crepa precompute` before a weight or sample is read:
+exit 2, one message naming the key, no traceback. Includes a cache that no longer matches the run
+file, resumes that do not fit, and a checkpoint carrying a pickle payload."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+from typer.testing import CliRunner
+
+import crepa.train.recipe as recipe
+from crepa.cli import app
+from crepa.config import load_config
+from crepa.precompute import precompute
+from crepa.teachers.transformers_vit import load_transformers_teacher
+from crepa.train.recipe import train
+from test_train import write_world
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A precomputed tiny Wan world (4 clips of 9x32x32, rank-4 LoRA) with a 2-step run in ``trained``."""
+    root = tmp_path_factory.mktemp("preflight")
+    run = write_world(root, "wan")
+    torch.manual_seed(1)
+    config = Dinov2Config(
+        hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=56
+    )
+    Dinov2Model(config).save_pretrained(root / "dino2")
+    (root / "a-file").write_text("not a folder")
+    precompute(load_config(run), progress=False)
+    train(load_config(run, ["train.max_steps=2", 'output.dir="trained"']), progress=False)
+    return run
+
+
+# (id, arguments after the run file, fragment the message must contain)
+BROKEN = [
+    ("lr-inf", ["--set", "optim.lr=inf"], "optim.lr: expected a finite number"),
+    ("lr-nan", ["--set", "optim.lr=nan"], "optim.lr: expected a finite number"),
+    ("lr-negative", ["--set", "optim.lr=-1.0"], "optim.lr: expected greater than 0"),
+    ("weight-inf", ["--set", "crepa.weight=inf"], "crepa.weight: expected a finite number"),
+    ("typo", ["--set", "crepa.tua=1.0"], "crepa.tua: unknown key. did you mean 'crepa.tau'"),
+    ("tau-word", ["--set", 'crepa.tau="one"'], "crepa.tau: expected a valid number"),
+    ("max-steps-0", ["--set", "train.max_steps=0"], "train.max_steps"),
+    ("accumulation-0", ["--set", "train.gradient_accumulation=0"], "train.gradient_accumulation"),
+    (
+        "batch-over-dataset",
+        ["--set", "train.batch_size=5"],
+        "train.batch_size: 5 x 1 process(es) is more than",
+    ),
+    ("rank-0", ["--set", "lora.rank=0"], "lora.rank"),
+    ("dropout-1", ["--set", "lora.dropout=1.0"], "lora.dropout"),
+    (
+        "lora-targets",
+        ["--set", 'lora.targets=["no_such_module"]'],
+        "lora.targets: ['no_such_module'] matches no",
+    ),
+    ("frames-invalid", ["--set", "data.num_frames=[8]"], "data.num_frames: 8 frames cannot be encoded"),
+    (
+        "resolution-invalid",
+        ["--set", "data.resolutions=[[30, 32]]"],
+        "data.resolutions: 30x32 must be divisible",
+    ),
+    ("block-beyond", ["--set", "crepa.block_index=9"], "crepa.block_index: 9 is beyond the model's"),
+    (
+        "validation-frames",
+        ["--set", "validation.every=2", "--set", "validation.num_frames=8"],
+        "validation.num_frames: the model generates 1 + 4*m frames, not 8; use 9",
+    ),
+    (
+        "validation-height",
+        ["--set", "validation.every=2", "--set", "validation.height=30"],
+        "validation.height: 30 is not a multiple of 16",
+    ),
+    ("betas", ["--set", "optim.betas=[0.9]"], "optim.betas"),
+    ("max-pixels", ["--set", "teacher.max_pixels=10"], "teacher.max_pixels"),
+    ("repvideo-window", ["--set", "repvideo.window=0"], "repvideo.window"),
+    ("projector-kind", ["--set", 'crepa.projector="conv"'], "crepa.projector"),
+    ("start-negative", ["--set", "data.start=-1"], "data.start"),
+    ("precision", ["--set", 'train.mixed_precision="fp8"'], "train.mixed_precision"),
+    (
+        "backbone-online",
+        [
+            "--set",
+            'crepa.mode="backbone"',
+            "--set",
+            "crepa.teacher_block_index=1",
+            "--set",
+            'cache.teacher_source="pixels"',
+        ],
+        "cache.teacher_source: backbone mode needs no external teacher",
+    ),
+    ("override-syntax", ["--set", "train.max_steps"], "expected KEY=VALUE"),
+    ("pretrained-missing", ["--set", 'model.pretrained="./no-such-model"'], "model.pretrained"),
+    ("family-unknown", ["--set", 'model.family="nope"'], "model.family"),
+    ("cache-missing", ["--set", 'cache.dir="no-such-cache"'], "cache.dir"),
+    ("output-is-file", ["--set", 'output.dir="a-file"'], "output.dir:"),
+    ("resume-missing", ["--resume", "no-such-checkpoint"], "--resume no-such-checkpoint: no such directory"),
+    ("resume-latest-none", ["--resume", "latest"], "--resume latest:"),
+    (
+        "resume-rank",
+        ["--set", 'output.dir="trained"', "--set", "lora.rank=2", "--resume", "latest"],
+        "lora.rank: checkpoint has LoRA rank 4, run file asks for 2",
+    ),
+    (
+        "resume-projector",
+        ["--set", 'output.dir="trained"', "--set", "crepa.projector_hidden_dim=32", "--resume", "latest"],
+        "crepa.projector_hidden_dim: checkpoint has projector hidden width 64, run file asks for 32",
+    ),
+    ("cache-teacher", ["--set", 'teacher.name="dino2"'], "teacher.name: cache built with"),
+    (
+        "cache-resolution",
+        ["--set", "data.resolutions=[[48, 48]]"],
+        "data.resolutions: cache built with [[32, 32]]",
+    ),
+    ("cache-frames", ["--set", "data.num_frames=[5]"], "data.num_frames: cache built with [9]"),
+    ("cache-fps", ["--set", "data.fps=4.0"], "data.fps: cache built with None"),
+    (
+        "teacher-kind-online",
+        ["--set", 'teacher.kind="clip"', "--set", 'cache.teacher_source="pixels"'],
+        "teacher.kind: 'clip', but",
+    ),
+    (
+        "teacher-missing",
+        ["--set", 'teacher.name="./no-such-teacher"', "--set", 'cache.teacher_source="pixels"'],
+        "teacher.name",
+    ),
+    pytest.param(
+        "wandb",
+        ["--set", "logging.wandb=true"],
+        "logging.wandb: needs the 'wandb' package",
+        marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed"),
+    ),
+    pytest.param(
+        "timm",
+        ["--set", 'teacher.kind="timm"'],
+        "teacher.kind: needs the 'timm' package",
+        marks=pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed"),
+    ),
+]
+
+
+def _ids(case) -> str:
+    return case.values[0] if hasattr(case, "values") else case[0]
+
+
+@pytest.mark.parametrize(("name", "arguments", "fragment"), BROKEN, ids=[_ids(case) for case in BROKEN])
+def test_broken_run_file_exits_2_before_any_weight(world, monkeypatch, name, arguments, fragment):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the run file was checked")
+
+    monkeypatch.setattr(recipe, "load_transformer", no_weights)
+    monkeypatch.setattr(recipe, "Accelerator", no_weights)
+    monkeypatch.chdir(world.parent)
+    if not any(arg.startswith(("output.dir", "--resume")) for arg in arguments) or name == "resume-missing":
+        arguments = [*arguments, "--set", f'output.dir="out-{name}"']
+    result = CliRunner().invoke(app, ["train", str(world), *arguments, "--no-progress"])
+    output = result.stdout + (result.stderr or "")
+    assert result.exit_code == 2, output
+    assert fragment in " ".join(output.split()), output
+    assert "Traceback" not in output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_subprocess_exit_2_without_traceback_and_no_pickle_run(world, tmp_path):
+    """Three real processes: a cache mismatch, a checkpoint carrying a pickle, a bad precompute setting."""
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "training_state.pt").write_bytes(pickle.dumps(_Payload(marker)))
+    shutil.copy(world.parent / "trained/checkpoints/step-000002/trainable.safetensors", hostile)
+    cases = [
+        (["train", str(world), "--set", "data.num_frames=[5]"], "data.num_frames: cache built with"),
+        (
+            ["train", str(world), "--resume", str(hostile), "--set", 'output.dir="trained"'],
+            "not a crepa checkpoint",
+        ),
+        (["precompute", str(world), "--set", 'teacher.kind="clip"'], "teacher.kind: 'clip', but"),
+    ]
+    for arguments, fragment in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "crepa", *arguments], capture_output=True, text=True, cwd=world.parent
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output
+        assert fragment in " ".join(output.split()) and "Traceback" not in output
+    assert not marker.exists()
+
+
+def _run_train(world: Path, monkeypatch, *arguments: str) -> str:
+    monkeypatch.chdir(world.parent)
+    result = CliRunner().invoke(app, ["train", str(world), "--no-progress", *arguments])
+    output = " ".join((result.stdout + (result.stderr or "")).split())
+    assert result.exit_code == 2, output
+    return output
+
+
+def test_cache_with_other_vae_weights_is_refused(world, tmp_path, monkeypatch):
+    """Same family, same folder, the VAE's weights replaced: only the VAE is named."""
+    copy = tmp_path / "world"
+    shutil.copytree(world.parent, copy, symlinks=True)
+    run = copy / world.name
+    precompute(load_config(run), progress=False)
+    vae = diffusers.AutoencoderKLWan.from_pretrained(copy / "pipe/vae")
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.01)
+    vae.save_pretrained(copy / "pipe/vae")
+    output = _run_train(run, monkeypatch, "--set", 'output.dir="out-vae"')
+    assert "model.pretrained / cache.vae_tiling (VAE weights): cache built with" in output
+    assert "text encoders" not in output and "crepa precompute" in output
+
+
+def test_manifest_with_swapped_teacher_keys_is_refused(world, tmp_path, monkeypatch):
+    copy = tmp_path / "world"
+    shutil.copytree(world.parent, copy, symlinks=True)
+    run = copy / world.name
+    precompute(load_config(run), progress=False)  # the copy's own manifest (absolute paths)
+    manifest_path = copy / "cache/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    first, second = manifest["entries"][0]["parts"], manifest["entries"][1]["parts"]
+    first["teacher"], second["teacher"] = second["teacher"], first["teacher"]
+    manifest_path.write_text(json.dumps(manifest))
+    output = _run_train(run, monkeypatch, "--set", 'output.dir="out-swap"')
+    assert "manifest.json does not match its clips" in output and "teacher part(s) do not belong" in output
+
+
+def test_teacher_of_another_kind_is_an_error(world):
+    with pytest.raises(ValueError, match="not a clip checkpoint"):
+        load_transformers_teacher(world.parent / "dino", "clip")
