@@ -177,3 +177,27 @@ def test_local_fingerprint_follows_configs_and_weights(tmp_path: Path) -> None:
     (tmp_path / "vae" / "config.json").write_text('{"a": 2}')
     assert source_fingerprint(tmp_path, subfolders=("vae",)) != first
     assert source_fingerprint("org/model", "v1") == "org/model@v1"
+
+
+def test_interrupt_after_shard_rename_stores_each_part_once(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C right after a shard is renamed into place, then the final flush precompute does on the way out."""
+    import crepa.cache.shards as shards
+
+    real_write = shards.write_shard
+
+    def write_then_interrupt(*args, **kwargs):
+        real_write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    writer = ShardWriter(tmp_path, "run-r0", max_bytes=200)  # each part is 102 bytes: a+b fill a shard
+    monkeypatch.setattr(shards, "write_shard", write_then_interrupt)
+    writer.add("text", "a", _part(0))
+    try:
+        writer.add("text", "b", _part(1))
+    except KeyboardInterrupt:
+        monkeypatch.undo()
+        writer.flush()
+    keys = [
+        location.key for path in sorted(tmp_path.glob("*.safetensors")) for location in read_shard_index(path)
+    ]
+    assert sorted(keys) == ["a", "b"]

@@ -315,3 +315,22 @@ def test_report_counts() -> None:
     report.skip("c.mp4", "too short")
     assert report.problem_counts() == {"too short": 2}
     assert report.summary().splitlines()[:2] == ["1 used, 2 skipped", "  too short: 2"]
+
+
+def test_caption_bom_is_dropped(tmp_path: Path) -> None:
+    """Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the caption."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_video(folder / "clip.mp4", make_frames(20, 48, 64), fps=30)
+    (folder / "clip.txt").write_bytes("\ufeffa red car".encode())
+    (tmp_path / "list.csv").write_bytes(f"\ufeffvideo,caption\n{folder / 'clip.mp4'},a blue car\n".encode())
+    (tmp_path / "list.jsonl").write_bytes(
+        ("\ufeff" + json.dumps({"video": str(folder / "clip.mp4"), "caption": "a green car"}) + "\n").encode()
+    )
+    for source, caption in (
+        (folder, "a red car"),
+        (tmp_path / "list.csv", "a blue car"),
+        (tmp_path / "list.jsonl", "a green car"),
+    ):
+        samples, _ = scan_dataset(source, CONFIG)
+        assert [sample.caption for sample in samples] == [caption], source

@@ -329,6 +329,24 @@ def test_config_errors_exit_2_naming_the_key(
     assert key in result.output and "Traceback" not in result.output
 
 
+def test_no_usable_clip_is_an_error(root: Path, teacher_dir: Path) -> None:
+    """Only unusable inputs (an empty file, a clip shorter than every frame bucket): exit 2 before any model."""
+    data = root / "unusable"
+    data.mkdir()
+    (data / "empty.mp4").write_bytes(b"")
+    (data / "empty.txt").write_text("a dog")
+    write_video(data / "short.mp4", moving_clip(4, 0), fps=SOURCE_FPS)
+    (data / "short.txt").write_text("a cat")
+    run = write_run_file(
+        root / "unusable.toml", pipeline_dir(root, "wan"), teacher_dir, data, root / "cache-u"
+    )
+    result = CliRunner().invoke(app, ["precompute", str(run), "--no-progress"])
+    output = " ".join((result.stdout + (result.stderr or "")).split())
+    assert result.exit_code == 2, output
+    assert "data.source: no usable clip" in output and "Traceback" not in output
+    assert not (root / "cache-u/manifest.json").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_write_one_manifest_equal_to_one_process(
     root: Path, teacher_dir: Path, data_dir: Path

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -51,6 +52,7 @@ from crepa.cache.manifest import SHARDS_DIR, CacheEntry, Manifest
 from crepa.cache.shards import PART_KINDS, ShardIndex, ShardWriter, to_storage
 from crepa.config import ConfigError, RunConfig, check_against_family, check_optional_dependencies
 from crepa.data import DataReport, SamplingConfig, VideoSample, iter_decoded, scan_dataset
+from crepa.lock import hold
 from crepa.models.image_conditioning import IMAGE_ENCODERS
 from crepa.models.pipelines import (
     encode_latents,
@@ -225,6 +227,13 @@ def precompute(config: RunConfig, *, prune: bool = False, progress: bool = True)
     """Fill ``config.cache.dir`` for ``config.data`` (see the module docstring); returns this rank's summary
     (rank 0's covers the whole cache). Raises :class:`~crepa.config.ConfigError` for unusable settings
     before any weight is loaded."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _precompute(config, prune=prune, progress=progress)
+    with hold(config.cache.dir, "cache.dir", "crepa precompute"):  # one writer per cache
+        return _precompute(config, prune=prune, progress=progress)
+
+
+def _precompute(config: RunConfig, *, prune: bool, progress: bool) -> PrecomputeSummary:
     started = time.perf_counter()
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: torchrun ranks form a gloo group
     check_optional_dependencies(config)

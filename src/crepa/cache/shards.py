@@ -205,8 +205,11 @@ class ShardWriter:
                 continue
             path = self.directory / f"{name}-{self.prefix}-{self._count:05d}{SHARD_SUFFIX}"
             self._count += 1
-            self.written += write_shard(path, name, self._buffers[name])
-            self._buffers[name], self._sizes[name] = {}, 0
+            # Taken out of the buffer before the write: a Ctrl-C just after the shard's rename must
+            # not leave the parts queued for the final flush (they would be stored twice). A write
+            # that fails loses them here; the next run computes them again.
+            parts, self._buffers[name], self._sizes[name] = self._buffers[name], {}, 0
+            self.written += write_shard(path, name, parts)
 
 
 class ShardIndex:

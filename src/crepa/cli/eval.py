@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from crepa.cli import app
+from crepa.cli._errors import command_errors
 from crepa.eval.evaluate import (
     DEFAULT_EXTRACTORS,
     METRICS,
@@ -80,18 +81,24 @@ def eval_(
     """Measure generated videos (consistency, motion, distance to real clips), compare runs, or diagnose a model."""
     console = Console()
     paths = paths or []
-    try:
-        if diagnostics is not None:
-            if paths or compare:
-                raise ValueError("--diagnostics reads the run file only: give no VIDEOS_DIR and no --compare")
-            _diagnose(console, diagnostics, out, lora, clips, draws, block, k, seed, device)
-        elif compare:
-            _compare(console, paths, out)
-        else:
-            _evaluate(console, paths, out, reference, metrics, extractor, flow, device, batch_size, progress)
-    except ValueError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from error
+    written = (out, "no partial report was left (each report file is written whole or not at all)")
+    with command_errors(Console(stderr=True), lambda: written):
+        try:
+            if diagnostics is not None:
+                if paths or compare:
+                    raise ValueError(
+                        "--diagnostics reads the run file only: give no VIDEOS_DIR and no --compare"
+                    )
+                _diagnose(console, diagnostics, out, lora, clips, draws, block, k, seed, device)
+            elif compare:
+                _compare(console, paths, out)
+            else:
+                _evaluate(
+                    console, paths, out, reference, metrics, extractor, flow, device, batch_size, progress
+                )
+        except ValueError as error:
+            console.print(f"[red]error:[/red] {error}")
+            raise typer.Exit(2) from error
 
 
 def _evaluate(

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from crepa.cli import app
-from crepa.cli._errors import EXIT_CONFIG, fail
-from crepa.config import ConfigError, load_config
+from crepa.cli._errors import EXIT_CONFIG, command_errors, fail, terminate_like_interrupt
+from crepa.config import load_config
 
 
 @app.command()
@@ -34,11 +34,24 @@ def precompute(
     logging.getLogger("crepa").setLevel(logging.INFO)
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    try:
+    run = None
+
+    def state() -> tuple[Path | None, str]:
+        if run is None:
+            return None, "nothing was written"
+        return run.cache.dir, "finished shards are kept; run crepa precompute again to resume"
+
+    with command_errors(console, state), terminate_like_interrupt():
         run = load_config(config, overrides)
         summary = run_precompute(run, prune=prune, progress=progress)
-    except ConfigError as error:
-        fail(console, "error", str(error), EXIT_CONFIG)
     if summary.rank == 0:
         for line in summary.lines():
-            console.print(line, markup=False, highlight=False)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if summary.samples == 0:
+            fail(
+                console,
+                "error",
+                f"no clip of data.source could be used ({run.data.source}); nothing to train on. See the "
+                "skipped files above",
+                EXIT_CONFIG,
+            )

@@ -2,45 +2,68 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import typer
 from rich.console import Console
 
 from crepa.cli import app
-from crepa.cli._errors import EXIT_CONFIG, EXIT_FAILURE, fail
-from crepa.config import ConfigError, load_config
+from crepa.cli._errors import EXIT_FAILURE, EXIT_SIGNAL, command_errors, fail
+from crepa.config import RunConfig, load_config
+from crepa.train.checkpoint import checkpoint_dirs
 
 
 @app.command()
 def train(
     config: str = typer.Argument(..., help="The run file (TOML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.max_steps=2000."),
-    resume: str | None = typer.Option(None, help="'latest' or a checkpoint directory."),
+    resume: str | None = typer.Option(
+        None,
+        help="'latest' (the newest checkpoint; an error if there is none), 'auto' (the newest, or a fresh "
+        "start when there is none) or a checkpoint directory.",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ) -> None:
     """Fine-tune the model of CONFIG (LoRA or full) with the alignment loss; resumable, multi-GPU via accelerate."""
     console = Console(stderr=True)
-    try:
+    run: RunConfig | None = None
+
+    def state() -> tuple[Path | None, str]:
+        if run is None:
+            return None, "nothing was written"
+        found = checkpoint_dirs(run.output.dir / "checkpoints")
+        if not found:
+            return run.output.dir, "no checkpoint was written yet"
+        return run.output.dir, f"checkpoints up to {found[-1]} are intact; resume with --resume latest"
+
+    with command_errors(console, state):
         run = load_config(config, set_)
         from crepa.train.recipe import TrainingStopped
         from crepa.train.recipe import train as run_training
 
-        summary = run_training(run, resume=resume, progress=not no_progress)
-    except ConfigError as error:
-        fail(console, "error", str(error), EXIT_CONFIG)
-    except TrainingStopped as error:
-        fail(console, "training stopped", str(error), EXIT_FAILURE)
-    except torch.OutOfMemoryError as error:
-        console.print(
-            f"[red]out of memory:[/red] {error}\nTo use less memory: lower train.batch_size (use "
-            "train.gradient_accumulation instead), keep model.gradient_checkpointing = true, lower lora.rank, "
-            "use fewer data.num_frames or smaller data.resolutions, train.mixed_precision = 'bf16', "
-            "crepa.projector = 'linear'.",
-            highlight=False,
+        try:
+            summary = run_training(run, resume=resume, progress=not no_progress)
+        except TrainingStopped as error:
+            fail(console, "training stopped", f"{error} {state()[1]}", EXIT_FAILURE)
+        except torch.OutOfMemoryError as error:
+            fail(
+                console,
+                "out of memory",
+                f"{error}\nTo use less memory: lower train.batch_size (use train.gradient_accumulation "
+                "instead), keep model.gradient_checkpointing = true, lower lora.rank, use fewer data.num_frames "
+                "or smaller data.resolutions, train.mixed_precision = 'bf16', crepa.projector = 'linear'.",
+                EXIT_FAILURE,
+            )
+    if summary.stop_signal is not None:
+        fail(
+            console,
+            f"stopped by {summary.stop_signal}",
+            f"{summary.steps} steps; checkpoint {summary.checkpoint} saved; resume with --resume latest",
+            EXIT_SIGNAL[summary.stop_signal],
         )
-        raise typer.Exit(1) from None
-    state = "stopped early" if summary.interrupted else "done"
     console.print(
-        f"{state}: {summary.steps} steps in {summary.seconds:.0f}s; outputs in {summary.output_dir}",
+        f"done: {summary.steps} steps in {summary.seconds:.0f}s; outputs in {summary.output_dir}",
         highlight=False,
+        soft_wrap=True,
     )

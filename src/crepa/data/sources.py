@@ -58,7 +58,7 @@ def _list_folder(folder: Path, report: DataReport) -> list[SourceEntry]:
             report.skip(video, "missing caption", f"{caption_file.name} not found")
             continue
         try:
-            entries.append(SourceEntry(video, caption_file.read_text(encoding="utf-8")))
+            entries.append(SourceEntry(video, caption_file.read_text(encoding="utf-8-sig")))
         except (OSError, UnicodeDecodeError) as error:
             report.skip(video, "unreadable caption", f"{caption_file.name}: {error}")
     return entries
@@ -76,7 +76,7 @@ def _row_entry(
 
 
 def _list_csv(table: Path, report: DataReport, video_column: str, caption_column: str) -> list[SourceEntry]:
-    with table.open(newline="", encoding="utf-8") as handle:
+    with table.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = {video_column, caption_column} - set(reader.fieldnames or ())
         if missing:
@@ -90,7 +90,7 @@ def _list_csv(table: Path, report: DataReport, video_column: str, caption_column
 
 def _list_jsonl(table: Path, report: DataReport, video_column: str, caption_column: str) -> list[SourceEntry]:
     entries = []
-    for number, line in enumerate(table.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{table}:{number}"

@@ -11,8 +11,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -23,25 +21,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from crepa.cache.atomic import atomic_write_bytes
 from crepa.eval.evaluate import BETTER, PER_CLIP_METRICS, EvalResult
 
 METRICS_FILE = "metrics.json"
 # Scores in [0, 1] that usually sit close to 1: their bar charts start just below the lowest bar.
 NEAR_ONE_METRICS = ("subject_consistency", "background_consistency", "temporal_flickering")
 LAYERS_FILE = "layers.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, content: Any) -> None:

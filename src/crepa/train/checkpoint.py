@@ -240,11 +240,15 @@ def write_checkpoint_files(
 ) -> None:
     """Write this process's part of a checkpoint into the staging ``directory`` (rank 0 writes the model)."""
     directory.mkdir(parents=True, exist_ok=True)
-    if tensors is not None:
-        save_file(tensors, str(directory / TRAINABLE_NAME))
-    if state is not None:
-        save_state(directory, STATE_NAME, state)
-    save_state(directory, f"rng-rank{rank}", rng_state())
+    try:
+        if tensors is not None:
+            save_file(tensors, str(directory / TRAINABLE_NAME))
+        if state is not None:
+            save_state(directory, STATE_NAME, state)
+        save_state(directory, f"rng-rank{rank}", rng_state())
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)  # a full disk leaves no half checkpoint behind
+        raise
 
 
 def publish_checkpoint(root: Path, step: int, keep: int) -> Path:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from crepa.align.grids import valid_frame_counts_near
 from crepa.cache.dataset import CachedDataset
 from crepa.cache.keys import FileHasher, clip_facts
 from crepa.config import ConfigError, RunConfig, check_optional_dependencies
+from crepa.lock import check_not_written, hold
 from crepa.models import ModelFamily
 from crepa.train import checkpoint as ckpt
 
@@ -198,6 +201,17 @@ def check_cache_agreement(config: RunConfig, family: ModelFamily, dataset: Cache
         )
 
 
+@contextmanager
+def hold_output(config: RunConfig) -> Iterator[None]:
+    """Own output.dir for the run (only the main process locks; see :mod:`crepa.lock`)."""
+    check_output_dir(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with hold(config.output.dir, "output.dir", "crepa train"):
+        yield
+
+
 def check_run(
     config: RunConfig, family: ModelFamily, dataset: CachedDataset, resume: str | None
 ) -> Path | None:
@@ -209,6 +223,7 @@ def check_run(
     check_output_dir(config)
     if config.crepa.enabled and config.crepa.mode != "backbone" and config.cache.teacher_source != "cache":
         check_teacher_settings(config)  # the online teacher is loaded in the run
+    check_not_written(dataset.cache_dir, "cache.dir")
     check_cache_agreement(config, family, dataset)
     check_batch_size(config, dataset)
     resume_from = ckpt.resolve_resume(config.output.dir / "checkpoints", resume)

@@ -49,6 +49,7 @@ from crepa.teacher_targets import teacher_targets
 from crepa.teachers import load_teacher
 from crepa.train import checkpoint as ckpt
 from crepa.train.batches import BucketedBatchOrder
+from crepa.train.guard import UpdateGuard
 from crepa.train.lora import add_lora, save_lora
 from crepa.train.objectives import (
     NoisedBatch,
@@ -57,7 +58,7 @@ from crepa.train.objectives import (
     flow_matching_reversed,
     sample_noise_level,
 )
-from crepa.train.preflight import check_run, check_skeleton
+from crepa.train.preflight import check_run, check_skeleton, hold_output
 
 TRAINABLE_OBJECTIVES = ("flow_matching", "flow_matching_reversed", "v_prediction", "epsilon")
 
@@ -80,6 +81,7 @@ class TrainingSummary:
     output_dir: str
     checkpoint: str | None
     config: dict[str, Any] = field(default_factory=dict)
+    stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
 
 
 # ---------------------------------------------------------------- checks before any weight loads
@@ -311,7 +313,13 @@ def step_loss(
 
 # ---------------------------------------------------------------- the loop
 def train(config: RunConfig, resume: str | None = None, progress: bool = True) -> TrainingSummary:
-    """Fine-tune ``config.model`` on the precomputed cache; returns (and writes) the summary."""
+    """Fine-tune ``config.model`` on the precomputed cache; returns (and writes) the summary.
+    The output folder is locked for the run (a second run into it is refused)."""
+    with hold_output(config):
+        return _train(config, resume, progress)
+
+
+def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSummary:
     started = time.perf_counter()
     family = resolve_family(config)
     check_model(config, family)
@@ -418,6 +426,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         accelerator.init_trackers("crepa", config=_flat_hparams(config))
 
     stop = _StopFlag()
+    guard = UpdateGuard(optimizer, [p for group in param_groups for p in group["params"]])
     data = batches(dataset, order, position, accelerator.device)
     bar = tqdm(
         total=config.train.max_steps,
@@ -449,21 +458,26 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
                     grad_norm = accelerator.clip_grad_norm_(
                         [p for group in param_groups for p in group["params"]], optim.max_grad_norm
                     )
-                    # The one host sync per optimiser step (as torch's GradScaler does): skipping a
-                    # non-finite update must be decided on the host.
-                    finite = bool(torch.isfinite(grad_norm))
-                    if finite:
-                        optimizer.step()
+                    # The one host sync per optimiser step: an update with a non-finite gradient or
+                    # leaving non-finite weights is undone (never trained on, never saved).
+                    grad_ok, weights_ok = guard.step(grad_norm)
+                    if grad_ok and weights_ok:
                         nonfinite_streak = 0
                     else:
                         skipped += 1
                         nonfinite_streak += 1
+                        what = "gradient" if not grad_ok else "weights after the update"
+                        if accelerator.is_main_process:
+                            bar.write(
+                                f"step {step + 1}: non-finite {what}, update undone ({nonfinite_streak} in a row)"
+                            )
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step_metrics["train/grad_norm"] = grad_norm.detach()
         if nonfinite_streak >= config.train.max_nonfinite_steps:
             raise TrainingStopped(
-                f"{nonfinite_streak} optimiser steps in a row had a non-finite loss or gradient (step {step}). "
+                f"{nonfinite_streak} optimiser steps in a row had a non-finite loss, gradient or updated weights "
+                f"(step {step}; each was undone, no non-finite weight was saved). "
                 "Try a lower optim.lr, train.mixed_precision = 'bf16' instead of 'fp16', model.dtype = 'bf16' "
                 "or 'fp32', or a smaller crepa.weight."
             )
@@ -520,6 +534,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = True) -
         last,
         interrupted,
         checkpoints,
+        stop.signal,
     )
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -569,7 +584,18 @@ def _save_checkpoint(
 
 
 def _finish(
-    config, family, accelerator, transformer, side_modules, step, skipped, started, last, interrupted, root
+    config,
+    family,
+    accelerator,
+    transformer,
+    side_modules,
+    step,
+    skipped,
+    started,
+    last,
+    interrupted,
+    root,
+    stop_signal=None,
 ):
     output = config.output.dir
     modules = {"transformer": accelerator.unwrap_model(transformer), **side_modules}
@@ -588,6 +614,7 @@ def _finish(
         output_dir=str(output),
         checkpoint=str(latest[-1]) if latest else None,
         config=json.loads(config.model_dump_json()),
+        stop_signal=stop_signal,
     )
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(transformer)
@@ -639,8 +666,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop logged steps after ``step`` (a killed run logged steps its last checkpoint does not hold)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short (killed run, full disk) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class _StopFlag:
@@ -648,12 +683,14 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal: str | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signal.Signals(signum).name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

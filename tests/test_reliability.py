@@ -1,21 +1,31 @@
-"""Every run-file mistake stops `crepa train` / `crepa precompute` before a weight or sample is read:
-exit 2, one message naming the key, no traceback. Includes a cache that no longer matches the run
-file, resumes that do not fit, and a checkpoint carrying a pickle payload."""
+"""Fault classes of `crepa precompute` / `train` / `eval` (see docs/reliability.md):
+
+- every run-file mistake stops before a weight or sample is read: exit 2, one message naming the
+  key, no traceback (including a cache that no longer matches the run file, resumes that do not
+  fit, and a checkpoint carrying a pickle payload);
+- a full or read-only disk: exit 1, one line naming the path and what was kept, no temporary files;
+- SIGTERM: a checkpoint, then exit 143;
+- an update that leaves non-finite weights is undone and never saved; too many in a row: exit 1."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 from typer.testing import CliRunner
 
@@ -24,6 +34,7 @@ from crepa.cli import app
 from crepa.config import load_config
 from crepa.precompute import precompute
 from crepa.teachers.transformers_vit import load_transformers_teacher
+from crepa.train import checkpoint as ckpt
 from crepa.train.recipe import train
 from test_train import write_world
 
@@ -246,3 +257,170 @@ def test_manifest_with_swapped_teacher_keys_is_refused(world, tmp_path, monkeypa
 def test_teacher_of_another_kind_is_an_error(world):
     with pytest.raises(ValueError, match="not a clip checkpoint"):
         load_transformers_teacher(world.parent / "dino", "clip")
+
+
+# ---------------------------------------------------------------- disk errors
+def _temporary_files(folder: Path) -> list[str]:
+    return [str(path) for path in folder.rglob("*") if path.name.startswith((".tmp", ".trash"))]
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["oserror", "safetensors-message"])
+def test_full_disk_during_training_is_one_line_and_keeps_checkpoints(world, monkeypatch, native):
+    calls = []
+    real_save = ckpt.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if filename.endswith("trainable.safetensors"):
+            calls.append(filename)
+            if len(calls) == 2:  # the second checkpoint hits a full disk
+                if native:  # what safetensors' Rust writer raises
+                    raise RuntimeError(
+                        "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                        'message: "No space left on device" })'
+                    )
+                raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    monkeypatch.chdir(world.parent)
+    out = f"out-enospc-{native}"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(world),
+            "--no-progress",
+            "--set",
+            f'output.dir="{out}"',
+            "--set",
+            "train.checkpoint_every=1",
+            "--set",
+            "train.max_steps=3",
+        ],
+    )
+    output = result.stdout + (result.stderr or "")
+    assert result.exit_code == 1, output
+    lines = [line for line in output.splitlines() if line.startswith("cannot write:")]
+    assert len(lines) == 1, (output, result.exception)
+    line = lines[0]
+    expected = (
+        f"{world.parent / out}/checkpoints/.tmp-step-000002" if not native else f"{world.parent / out}:"
+    )
+    assert expected in line and "no space left on the device" in line
+    assert "checkpoints up to" in line and "step-000001 are intact" in line and "Traceback" not in output
+    assert [p.name for p in ckpt.checkpoint_dirs(world.parent / out / "checkpoints")] == ["step-000001"]
+    assert _temporary_files(world.parent / out) == []
+
+
+def test_read_only_cache_during_precompute_is_one_line_without_temporary_files(world, monkeypatch):
+    import crepa.cache.atomic as atomic
+
+    def read_only(source, destination):
+        raise OSError(errno.EROFS, "Read-only file system", str(destination))
+
+    monkeypatch.setattr(atomic.os, "replace", read_only)
+    monkeypatch.chdir(world.parent)
+    result = CliRunner().invoke(
+        app, ["precompute", str(world), "--no-progress", "--set", 'cache.dir="cache-ro"']
+    )
+    output = result.stdout + (result.stderr or "")
+    assert result.exit_code == 1, output
+    line = next(line for line in output.splitlines() if line.startswith("cannot write:"))
+    assert (
+        "cache-ro/shards/" in line and "read-only file system" in line and "finished shards are kept" in line
+    )
+    assert "Traceback" not in output and _temporary_files(world.parent / "cache-ro") == []
+    assert not (world.parent / "cache-ro/.crepa.lock").exists()  # the lock is released on the way out
+
+
+def test_permission_denied_in_eval_is_one_line(world, monkeypatch, tmp_path):
+    import crepa.cache.atomic as atomic
+
+    def denied(source, destination):
+        raise OSError(errno.EACCES, "Permission denied", str(destination))
+
+    monkeypatch.setattr(atomic.os, "replace", denied)
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(world.parent / "clips"),
+            "--out",
+            str(tmp_path / "eval"),
+            "--metrics",
+            "temporal_flickering",
+            "--no-progress",
+        ],
+    )
+    output = result.stdout + (result.stderr or "")
+    assert result.exit_code == 1, output
+    assert f"cannot write: {tmp_path / 'eval'}" in output and "permission denied" in output
+    assert "Traceback" not in output and _temporary_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- signals and non-finite updates
+def test_sigterm_saves_a_checkpoint_and_exits_143(world):
+    out = world.parent / "out-sigterm"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "crepa",
+            "train",
+            str(world),
+            "--no-progress",
+            "--set",
+            'output.dir="out-sigterm"',
+            "--set",
+            "train.max_steps=200",
+            "--set",
+            "train.checkpoint_every=1000",
+        ],
+        cwd=world.parent,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 143, stderr
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["stop_signal"] == "SIGTERM" and summary["interrupted"] and 1 <= summary["steps"] < 200
+    assert [p.name for p in ckpt.checkpoint_dirs(out / "checkpoints")] == [f"step-{summary['steps']:06d}"]
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+
+
+def test_nonfinite_updates_are_undone_never_saved_and_stop_the_run(world, monkeypatch):
+    monkeypatch.chdir(world.parent)
+    out = world.parent / "out-nonfinite"
+    arguments = [
+        "--set",
+        'output.dir="out-nonfinite"',
+        "--set",
+        "optim.lr=1e37",
+        "--set",
+        "train.checkpoint_every=1",
+    ]
+    arguments += [
+        "--set",
+        "train.max_nonfinite_steps=2",
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "logging.every=1",
+    ]
+    result = CliRunner().invoke(app, ["train", str(world), "--no-progress", *arguments])
+    output = result.stdout + (result.stderr or "")
+    assert result.exit_code == 1, output
+    assert "update undone (1 in a row)" in output and "2 optimiser steps in a row" in output
+    assert "Traceback" not in output
+    checkpoints = ckpt.checkpoint_dirs(out / "checkpoints")
+    assert checkpoints
+    for checkpoint in checkpoints:
+        tensors = load_file(checkpoint / "trainable.safetensors")
+        assert all(bool(torch.isfinite(t).all()) for t in tensors.values()), checkpoint
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["train/skipped_nonfinite"] >= 1 and np.isfinite(logged[0]["loss/total"])

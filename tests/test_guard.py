@@ -1,0 +1,51 @@
+"""A non-finite optimiser update is undone exactly: parameters and optimiser state as before."""
+
+from __future__ import annotations
+
+import torch
+
+from crepa.train.guard import UpdateGuard
+
+
+def _setup(lr: float):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    return model, optimizer, UpdateGuard(optimizer, list(model.parameters()))
+
+
+def _backward(model) -> torch.Tensor:
+    model(torch.randn(8, 4)).square().mean().backward()
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
+def test_absurd_learning_rate_update_is_undone():
+    model, optimizer, guard = _setup(lr=1e37)
+    with torch.no_grad():
+        model.weight.fill_(3e38)  # finite, but one Adam step of 1e37 / (1 - 0.9) outwards overflows float32
+    before = [p.detach().clone() for p in model.parameters()]
+    (-model.weight.sum() - model.bias.sum()).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert guard.step(grad_norm) == (True, False)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert len(optimizer.state) == 0  # as if the step never ran
+
+
+def test_nonfinite_gradient_after_good_steps_restores_state_exactly():
+    model, optimizer, guard = _setup(lr=1e-2)
+    for _ in range(2):
+        assert guard.step(_backward(model)) == (True, True)
+        optimizer.zero_grad()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
+    _backward(model)
+    model.weight.grad[0, 0] = float("nan")
+    grad_ok, _ = guard.step(torch.tensor(float("nan")))
+    assert not grad_ok
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    for p in model.parameters():
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in state[id(p)].items())
+    # and a good step afterwards moves the weights again
+    optimizer.zero_grad()
+    assert guard.step(_backward(model)) == (True, True)
+    assert not torch.equal(model.weight, params[0])
