@@ -265,7 +265,7 @@ def _precompute(config: RunConfig, *, prune: bool, progress: bool) -> Precompute
     dtype = config.model.torch_dtype(state.device)
     identity = CacheIdentity(config, family, transformer_config, dtype, state.device)
     index = ShardIndex(shards_dir)
-    hasher = FileHasher(_read_json(cache_dir / FILE_HASHES, {}))
+    hasher = FileHasher(read_json(cache_dir / FILE_HASHES, {}))
     plans = [
         identity.plan(i, sample, hasher, index)
         for i, sample in enumerate(samples)
@@ -627,7 +627,8 @@ def _check_local_path(key: str, name: str) -> None:
         raise ConfigError(f"{key}: {name} is not a directory; give a local model directory or a hub id")
 
 
-def _read_json(path: Path, default: Any) -> Any:
+def read_json(path: Path, default: Any) -> Any:
+    """The JSON document at ``path``, or ``default`` when it is missing or unreadable."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

@@ -259,12 +259,16 @@ def publish_checkpoint(root: Path, step: int, keep: int) -> Path:
     and staging left by a killed run are removed here."""
     final = root / f"step-{step:06d}"
     staged = staging_dir(root, step)
-    for path in staged.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():
-        _discard(final)
-    os.replace(staged, final)
+    try:
+        for path in staged.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            _discard(final)
+        os.replace(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)  # no half-published checkpoint left behind
+        raise
     for old in checkpoint_dirs(root)[:-keep]:
         _discard(old)
     for leftover in root.glob(f"{TRASH_PREFIX}*"):

@@ -10,7 +10,6 @@ and the output folder can get wrong becomes a :class:`~crepa.config.ConfigError`
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,7 +145,7 @@ def check_cache_agreement(config: RunConfig, family: ModelFamily, dataset: Cache
     encoder weights, teacher, sampling) must equal the run file's, and every entry's part keys,
     recomputed from its clip, must be the ones the manifest names (a hand-edited manifest fails)."""
     from crepa.models.pipelines import read_transformer_config
-    from crepa.precompute import FILE_HASHES, CacheIdentity, uses_cached_teacher
+    from crepa.precompute import FILE_HASHES, CacheIdentity, read_json, uses_cached_teacher
 
     manifest = dataset.manifest
     rerun = (
@@ -181,7 +180,7 @@ def check_cache_agreement(config: RunConfig, family: ModelFamily, dataset: Cache
             + "\n  ".join(differences)
             + f"\n  {rerun}"
         )
-    hasher = FileHasher(_read_json(dataset.cache_dir / FILE_HASHES))
+    hasher = FileHasher(read_json(dataset.cache_dir / FILE_HASHES, {}))
     wrong = []
     for entry in manifest.entries:
         try:
@@ -230,10 +229,3 @@ def check_run(
     if resume_from is not None:
         ckpt.check_resume_settings(resume_from, config)
     return resume_from
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
