@@ -236,7 +236,7 @@ def test_cache_with_other_vae_weights_is_refused(world, tmp_path, monkeypatch):
         next(vae.parameters()).add_(0.01)
     vae.save_pretrained(copy / "pipe/vae")
     output = _run_train(run, monkeypatch, "--set", 'output.dir="out-vae"')
-    assert "model.pretrained / cache.vae_tiling (VAE weights): cache built with" in output
+    assert "model.pretrained / cache.vae_tiling (VAE / image-encoder weights): cache built with" in output
     assert "text encoders" not in output and "crepa precompute" in output
 
 

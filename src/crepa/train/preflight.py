@@ -33,7 +33,7 @@ _MACHINE_FACTS = ("dtype", "teacher.compute")
 # Where each recorded fact comes from in the run file.
 _FACT_KEYS = {
     "family": "model.family",
-    "vae": "model.pretrained / cache.vae_tiling (VAE weights)",
+    "vae": "model.pretrained / cache.vae_tiling (VAE / image-encoder weights)",
     "text_encoders": "model.pretrained (text encoders)",
     "text_length": "model.pretrained (text length)",
     "teacher.model": "teacher.name (teacher weights)",
