@@ -9,13 +9,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from crepa.cli import app
+from crepa.demo.evaluate import psnr, world_metrics
 from crepa.demo.verdict import METRICS, QUALITY_METRICS, demo_verdict
 from crepa.demo.world import (
+    ATTRIBUTE_GROUPS,
     COLOURS,
     LABELS,
+    MOTION_LABELS,
+    PROBE,
     SPLITS,
     WorldSettings,
     clip_spec,
@@ -24,12 +29,13 @@ from crepa.demo.world import (
     split_arrays,
     write_world,
 )
-from crepa.experiment.report import comparisons, verdict_paragraphs
+from crepa.demo.world_section import finetuning_gap, layer_profiles, world_blocks
+from crepa.experiment.report import comparisons, to_markdown, verdict_paragraphs
 from crepa.experiment.runfiles import VARIANT_LABELS
 from crepa.experiment.runner import ExperimentResults
 from crepa.io.video import probe_video, read_video_frames
 
-SMALL = WorldSettings(seed=3, clips={"generic": 4, "attribute": 3, "heldout": 2})
+SMALL = WorldSettings(seed=3, clips={"generic": 4, "attribute": 3, "heldout": 2, PROBE: 2})
 
 
 def test_world_is_a_function_of_its_seed():
@@ -40,9 +46,27 @@ def test_world_is_a_function_of_its_seed():
             np.testing.assert_array_equal(render_clip(first, SMALL).frames, render_clip(second, SMALL).frames)
     other = replace(SMALL, seed=4)
     assert clip_spec(other, "generic", 0) != clip_spec(SMALL, "generic", 0)
-    frames, labels = split_arrays(SMALL, "generic")
-    assert frames.shape == (4, SMALL.num_frames, SMALL.size, SMALL.size, 3) and frames.dtype == np.uint8
-    assert labels.shape == (4, SMALL.num_frames, len(LABELS))
+    arrays = split_arrays(SMALL, "generic")
+    assert (
+        arrays.clips.shape == (4, SMALL.num_frames, SMALL.size, SMALL.size, 3)
+        and arrays.clips.dtype == np.uint8
+    )
+    assert arrays.labels.shape == (4, SMALL.num_frames, len(LABELS))
+    assert arrays.counts.shape == (4, SMALL.num_frames) and arrays.motions.shape == (4, len(MOTION_LABELS))
+
+
+def test_clips_are_long_enough_and_objects_disappear_and_reappear():
+    assert SMALL.num_frames >= 25 and (SMALL.num_frames - 1) % 4 == 0  # >= 7 latent frames at 4x
+    reappearing = 0
+    for index in range(40):
+        spec = clip_spec(SMALL, "heldout", index)
+        visible = render_clip(spec, SMALL).visibility >= 0.25  # (T, objects)
+        for column in visible.T:
+            hidden = np.flatnonzero(~column)
+            # hidden for a while, visible before and after: an occlusion and a re-appearance
+            if hidden.size and column[: hidden[0]].any() and column[hidden[-1] :].any():
+                reappearing += 1
+    assert reappearing >= 5
 
 
 def test_captions_and_labels_come_from_the_attributes():
@@ -58,6 +82,52 @@ def test_captions_and_labels_come_from_the_attributes():
             labels = frame_labels(spec, render_clip(spec, SMALL).visibility)
             front = spec.objects[-1]  # drawn last, never occluded
             assert labels[:, LABELS.index(front.shape)].any() and labels[:, LABELS.index(front.colour)].any()
+
+
+def test_world_metrics_against_a_naive_loop():
+    rng = np.random.default_rng(0)
+    specs = [clip_spec(SMALL, "heldout", index) for index in range(6)]
+    frames = 5
+    attributes = rng.random((6, frames, len(LABELS))) < 0.3
+    counts = rng.integers(0, 3, size=(6, frames))
+    motions = rng.random((6, len(MOTION_LABELS))) < 0.3
+    # make clip 0 perfect: the caption's attributes in every frame, its count, its motions
+    attributes[0] = False
+    for obj in specs[0].objects:
+        for name in (obj.shape, obj.colour, obj.pattern):
+            attributes[0, :, LABELS.index(name)] = True
+    counts[0] = len(specs[0].objects)
+    motions[0] = False
+    for obj in specs[0].objects:
+        motions[
+            0, MOTION_LABELS.index("rotates" if obj.motion == "rotates" else f"{obj.motion} {obj.direction}")
+        ] = True
+    result = world_metrics(attributes, counts, motions, specs)
+    for clip, spec in enumerate(specs):
+        words = {name for obj in spec.objects for name in (obj.shape, obj.colour, obj.pattern)}
+        for group, names in ATTRIBUTE_GROUPS.items():
+            hits = 0
+            for t in range(frames):
+                predicted = {n for n in names if attributes[clip, t, LABELS.index(n)]}
+                hits += predicted == (words & set(names))
+            assert result[f"{group}_accuracy"][clip] == hits / frames
+        same = sum(all(attributes[clip, t] == attributes[clip, 0]) for t in range(1, frames))
+        assert result["identity_persistence"][clip] == same / (frames - 1)
+        assert result["count_stability"][clip] == sum(c == len(spec.objects) for c in counts[clip]) / frames
+        captioned = {
+            "rotates" if o.motion == "rotates" else f"{o.motion} {o.direction}" for o in spec.objects
+        }
+        predicted = {name for name, on in zip(MOTION_LABELS, motions[clip], strict=True) if on}
+        assert result["motion_correctness"][clip] == float(predicted == captioned)
+    assert all(result[name][0] == 1.0 for name in result)
+
+
+def test_psnr_against_the_closed_form():
+    a = np.full((2, 3, 8, 8, 3), 100, np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0, 0] = 110  # one value off by 10: MSE = 100 / a.size
+    expected = 10 * math.log10(255**2 / (100 / a.size))
+    assert abs(psnr(a, b) - expected) < 1e-6
 
 
 def test_world_is_written_as_mp4_with_captions_and_reused(tmp_path):
@@ -94,7 +164,7 @@ def _rows(values: dict[str, tuple[float, ...]]) -> dict[str, dict[str, dict[str,
 def _results(values: dict[str, tuple[float, ...]]) -> ExperimentResults:
     rows = _rows(values)
     return ExperimentResults(
-        variants=[{"name": name, "label": VARIANT_LABELS[name]} for name in values],
+        variants=[{"name": name, "label": VARIANT_LABELS.get(name, name)} for name in values],
         seeds=list(range(len(values["none"]))),
         prompts=["a prompt"] * 8,
         metrics=list(METRICS),
@@ -132,6 +202,33 @@ def test_demo_verdict_uses_paired_differences():
     assert "this run shows no effect of alignment" in text
     text, _ = _verdict_text(_results({"none": (0.1,), "repa": (0.2,), "crepa": (0.3,)}))
     assert "one seed per variant" in text
+
+
+def test_finetuning_gap_against_the_base_model_is_paired_per_seed():
+    # Fine-tuning loses 0.02 at every seed while the seeds differ by 0.1: paired, a clear "worse".
+    lost = _results({"none": (0.48, 0.58, 0.68, 0.78), "base": (0.50, 0.60, 0.70, 0.80)})
+    gap = finetuning_gap(lost)
+    assert {c.outcome for c in gap} == {"worse"}
+    identity = next(c for c in gap if c.metric.key == "identity_persistence")
+    assert identity.mean == pytest.approx(-0.02) and identity.seeds_needed == 2
+    text = to_markdown(world_blocks(lost, {"reconstruction": {"psnr": {"value": 23.5}}}, block_index=1))
+    assert "identity persistence -0.02 (95% CI -0.02 to -0.02): worse" in text
+    assert "round-trip PSNR of 23.5 dB" in text
+    gained = _results({"none": (0.52, 0.62, 0.72, 0.82), "base": (0.50, 0.60, 0.70, 0.80)})
+    assert {c.outcome for c in finetuning_gap(gained)} == {"better"}
+    noise = _results({"none": (0.51, 0.59, 0.71, 0.79), "base": (0.50, 0.60, 0.70, 0.80)})
+    assert {c.outcome for c in finetuning_gap(noise)} == {"no difference"}
+
+
+def test_layer_profiles_average_the_seeds():
+    results = _results({"none": (0.1, 0.2), "base": (0.1, 0.2)})
+    results.rows["base-seed0"]["layer_similarity"] = {"per_block": [0.5, 0.7]}
+    results.rows["base-seed1"]["layer_similarity"] = {"per_block": [0.7, 0.9]}
+    results.rows["crepa-seed0"] = {"layer_similarity": {"per_block": [0.6, 0.6]}}
+    profiles = layer_profiles(results)
+    np.testing.assert_allclose(profiles["base"], [0.6, 0.8])
+    np.testing.assert_allclose(profiles["crepa"], [0.6, 0.6])
+    assert "none" not in profiles
 
 
 def test_quick_demo_writes_the_report(tmp_path):

@@ -31,7 +31,7 @@ PIPELINE_DIR, TRAINING_DIR = "pipeline", "training"
 class BaseSettings:
     """Latent space, transformer size (patch 1: one token per latent pixel) and pre-training."""
 
-    latent_channels: int = 16
+    latent_channels: int = 48
     heads: int = 4
     head_dim: int = 24
     layers: int = 4

@@ -1,6 +1,18 @@
-"""Evaluation of the demo's runs through ``crepa.eval``: sample clips for the held-out prompts with
-the diffusers pipeline (LoRA loaded with ``load_lora_weights``), measure them like ``crepa eval``
-does, and compute CKNNA between the aligned block and the teacher on the held-out clips.
+"""Evaluation of the demo's models (called by its ``crepa experiment`` evaluator,
+:class:`crepa.demo.experiment.DemoEvaluator`, and for the held-out clips): crepa eval's metrics with the
+attribute classifier as extractor, what only a synthetic world can measure (:func:`world_metrics`, from
+the evaluation's classifiers, never the training teacher), the VAE round trip (:func:`psnr`), and, on
+the held-out clips, CKNNA between the aligned block and the teacher and every block's adjacent-frame
+similarity (RepVideo's diagnostic).
+
+World-aware metrics, per clip (means over clips are the table's values):
+
+- ``colour_accuracy`` / ``shape_accuracy`` / ``texture_accuracy``: fraction of frames whose predicted
+  set of colours (shapes, patterns) is exactly the caption's;
+- ``identity_persistence``: fraction of frames 1.. whose predicted attributes all equal frame 0's;
+- ``count_stability``: fraction of frames showing as many objects as the caption names;
+- ``motion_correctness``: 1 when the predicted set of motions (bounces / moves + direction, rotates)
+  is exactly the caption's, else 0.
 """
 
 from __future__ import annotations
@@ -9,15 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import diffusers
 import numpy as np
 import torch
 
 from crepa.cache import CachedDataset
-from crepa.demo.extractor import load_attribute_extractor
+from crepa.demo.extractor import WorldReader
 from crepa.demo.latent import PCAVideoAutoencoder
-from crepa.demo.world import LOSSLESS_CRF
+from crepa.demo.world import (
+    ATTRIBUTE_GROUPS,
+    LABELS,
+    LOSSLESS_CRF,
+    ClipSpec,
+    caption_labels,
+    motion_labels,
+)
 from crepa.eval import FeatureExtractor, block_cknna, evaluate_clips, find_clips, resolve_metrics
+from crepa.eval.layers import layer_similarity_profile
 from crepa.eval.report import write_eval_report
 from crepa.io.video import write_video
 from crepa.models import get_family
@@ -27,6 +48,14 @@ from crepa.train.objectives import ddpm
 
 FAMILY = get_family("cogvideox")
 FEATURE_METRICS = ("subject_consistency", "frechet_distance")
+WORLD_METRICS = (
+    "colour_accuracy",
+    "shape_accuracy",
+    "texture_accuracy",
+    "identity_persistence",
+    "count_stability",
+    "motion_correctness",
+)
 CKNNA_DRAWS = 2  # noised copies of each held-out clip (timesteps and noise as in training)
 
 
@@ -36,6 +65,7 @@ class SamplingSettings:
 
     inference_steps: int = 25
     fps: float = 8.0
+    samples_per_prompt: int = 2
 
 
 def load_pipeline(pipeline_dir: Path, lora_dir: Path | None = None) -> diffusers.CogVideoXPipeline:
@@ -58,37 +88,52 @@ def write_clips(directory: Path, clips: np.ndarray, captions: list[str], fps: fl
 
 
 @torch.no_grad()
-def sample_clips(
-    pipeline: diffusers.CogVideoXPipeline,
-    prompts: list[str],
-    size: int,
-    num_frames: int,
-    settings: SamplingSettings,
-    seed: int,
-) -> np.ndarray:
-    """One clip per prompt, uint8 (N, T, H, W, 3); prompt i starts from the noise of (seed, i)."""
-    generators = [torch.Generator().manual_seed(seed * 100_003 + index) for index in range(len(prompts))]
-    frames = pipeline(
-        prompt=prompts,
-        height=size,
-        width=size,
-        num_frames=num_frames,
-        num_inference_steps=settings.inference_steps,
-        guidance_scale=1.0,
-        generator=generators,
-        output_type="np",
-        max_sequence_length=pipeline.transformer.config.max_text_seq_length,
-    ).frames
-    return (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)
-
-
-@torch.no_grad()
 def reconstruct_clips(pipeline: diffusers.CogVideoXPipeline, cache_dir: Path) -> np.ndarray:
     """The held-out clips through the VAE (encode in precompute, decode here): uint8 (N, T, H, W, 3)."""
     dataset = CachedDataset(cache_dir, teacher=False)
     latents = torch.stack([dataset[i]["latents"] for i in range(len(dataset))]).float()
     frames = decode_latents(pipeline.vae, latents)  # (N, 3, T, H, W) in [-1, 1]
     return ((frames.permute(0, 2, 3, 4, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
+def world_metrics(
+    attributes: np.ndarray, counts: np.ndarray, motions: np.ndarray, specs: list[ClipSpec]
+) -> dict[str, np.ndarray]:
+    """Per-clip world-aware metrics (see the module docstring) from the extractors' decisions:
+    attributes bool (N, T, len(LABELS)), counts (N, T), motions bool (N, len(MOTION_LABELS)) for the
+    clips sampled from (or showing) ``specs``. Returns metric -> float64 (N,)."""
+    truth = np.stack([caption_labels(spec) for spec in specs]).astype(bool)[:, None]  # (N, 1, L)
+    result = {}
+    for group, names in ATTRIBUTE_GROUPS.items():
+        columns = [LABELS.index(name) for name in names]
+        same = (attributes[..., columns] == truth[..., columns]).all(-1)  # (N, T)
+        result[f"{group}_accuracy"] = same.mean(1)
+    result["identity_persistence"] = (attributes[:, 1:] == attributes[:, :1]).all(-1).mean(1)
+    objects = np.array([len(spec.objects) for spec in specs])[:, None]
+    result["count_stability"] = (counts == objects).mean(1)
+    expected = np.stack([motion_labels(spec) for spec in specs]).astype(bool)
+    result["motion_correctness"] = (motions == expected).all(-1).astype(float)
+    return {name: values.astype(np.float64) for name, values in result.items()}
+
+
+def psnr(reference: np.ndarray, reconstruction: np.ndarray) -> float:
+    """PSNR in dB of uint8 arrays of one shape (..., H, W, 3), over every value (OpenCV's cv2.PSNR)."""
+    shape = (-1, reference.shape[-2], 3)
+    return float(
+        cv2.PSNR(
+            np.ascontiguousarray(reference.reshape(shape)),
+            np.ascontiguousarray(reconstruction.reshape(shape)),
+        )
+    )
+
+
+def world_entries(reader: WorldReader, clips: np.ndarray, specs: list[ClipSpec]) -> dict[str, dict[str, Any]]:
+    """The world-aware metrics of uint8 clips (N, T, H, W, 3) as metric entries: mean and per-clip values."""
+    per_clip = world_metrics(*reader.read(clips), specs)
+    return {
+        name: {"value": float(values.mean()), "per_clip": values.tolist()}
+        for name, values in per_clip.items()
+    }
 
 
 def evaluate_folder(
@@ -110,11 +155,12 @@ def evaluate_folder(
 
 
 @torch.no_grad()
-def heldout_cknna(
+def heldout_representations(
     pipeline: diffusers.CogVideoXPipeline, cache_dir: Path, block_index: int, seed: int = 0, k: int = 10
-) -> float:
-    """CKNNA between block ``block_index``'s hidden states (no projector, so every variant is measured
-    alike) and the teacher grids of the held-out clips, one sample per (clip, latent frame, draw)."""
+) -> tuple[float, list[float]]:
+    """On the held-out clips, noised as in training (``CKNNA_DRAWS`` draws per clip): CKNNA between block
+    ``block_index``'s hidden states (no projector, so every variant is measured alike) and the teacher
+    grids, one sample per (clip, latent frame, draw); and every block's adjacent-frame similarity."""
     transformer = pipeline.transformer
     dataset = CachedDataset(cache_dir, teacher=True)
     items = [dataset[i] for i in range(len(dataset))]
@@ -128,36 +174,5 @@ def heldout_cknna(
         noised = ddpm(latents, alphas, generator, "v_prediction")
         call = transformer_inputs(transformer, FAMILY, noised.noisy, noised.timesteps, text)
         samples.append((call, teacher))
-    return block_cknna(transformer, block_index, samples, k=k)
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """Sample and evaluate one model: the base pipeline, with the LoRA in ``lora_dir`` when given."""
-
-    name: str
-    pipeline_dir: Path
-    lora_dir: Path | None
-    seed: int
-    prompts: tuple[str, ...]
-    size: int
-    num_frames: int
-    sampling: SamplingSettings
-    block_index: int
-    extractor_dir: Path
-    heldout_dir: Path
-    heldout_cache: Path
-    samples_dir: Path
-    eval_dir: Path
-
-
-def run_eval_job(job: EvalJob) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Sample ``job.prompts``, write the clips, evaluate them against the held-out clips, add CKNNA;
-    returns (job name, metric summary). A top-level function, so worker processes can run it."""
-    pipeline = load_pipeline(job.pipeline_dir, job.lora_dir)
-    clips = sample_clips(pipeline, list(job.prompts), job.size, job.num_frames, job.sampling, job.seed)
-    videos = write_clips(job.samples_dir, clips, list(job.prompts), job.sampling.fps)
-    extractor = load_attribute_extractor(job.extractor_dir)
-    metrics = evaluate_folder(videos, job.eval_dir, extractor, job.heldout_dir)
-    metrics["cknna"] = {"value": heldout_cknna(pipeline, job.heldout_cache, job.block_index)}
-    return job.name, metrics
+    profile = layer_similarity_profile(transformer, [call for call, _ in samples])
+    return block_cknna(transformer, block_index, samples, k=k), profile.tolist()

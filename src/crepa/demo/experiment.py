@@ -15,13 +15,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import crepa.demo.latent  # noqa: F401  (the base pipeline's VAE class, loaded by name in every process)
 from crepa.config import RunConfig
 from crepa.demo.base import data_section
-from crepa.demo.evaluate import SamplingSettings, evaluate_folder, heldout_cknna
-from crepa.demo.extractor import load_attribute_extractor
+from crepa.demo.evaluate import SamplingSettings, evaluate_folder, heldout_representations, world_entries
+from crepa.demo.extractor import WorldReader
 from crepa.demo.verdict import METRICS
-from crepa.demo.world import WorldSettings
+from crepa.demo.world import ClipSpec, WorldSettings
+from crepa.eval.videos import SAMPLES_MANIFEST, read_manifest
 from crepa.experiment.runfiles import write_run_file
 from crepa.experiment.runner import LoadedModel, ModelJob
 from crepa.experiment.verdict import MetricSpec
@@ -117,12 +120,15 @@ class DemoEvaluator:
     """crepa eval's subject consistency, flicker, warping error, motion and Frechet distance, with the
     attribute classifier (trained on the world's ground truth, not the training teacher) as feature
     extractor, and CKNNA between block ``block_index`` (no projector) and the teacher's patch features of
-    the held-out clips."""
+    the held-out clips; the world-aware metrics of :func:`crepa.demo.evaluate.world_metrics` against
+    the caption of each clip (``specs``: the held-out clip specs, found by caption); and every block's
+    adjacent-frame similarity on the held-out clips (``layer_similarity``, for the report's figure)."""
 
     extractor_dir: Path
     heldout_dir: Path
     heldout_cache: Path
     block_index: int
+    specs: tuple[ClipSpec, ...] = ()
 
     def metrics(self, with_reference: bool) -> tuple[MetricSpec, ...]:
         return METRICS
@@ -132,7 +138,13 @@ class DemoEvaluator:
         return {"evaluator": "crepa demo", **asdict(self), "extractor_digest": stamp.get("digest")}
 
     def __call__(self, job: ModelJob, model: LoadedModel) -> dict[str, dict[str, Any]]:
-        extractor = load_attribute_extractor(self.extractor_dir)
-        metrics = evaluate_folder(job.samples_dir, job.eval_dir, extractor, self.heldout_dir)
-        metrics["cknna"] = {"value": heldout_cknna(model.pipeline(), self.heldout_cache, self.block_index)}
+        reader = WorldReader.load(self.extractor_dir)
+        metrics = evaluate_folder(job.samples_dir, job.eval_dir, reader.features(), self.heldout_dir)
+        clips = read_manifest(job.samples_dir / SAMPLES_MANIFEST)
+        by_caption = {spec.caption: spec for spec in self.specs}
+        frames = np.stack([clip.read()[0] for clip in clips])
+        metrics.update(world_entries(reader, frames, [by_caption[clip.caption] for clip in clips]))
+        cknna, profile = heldout_representations(model.pipeline(), self.heldout_cache, self.block_index)
+        metrics["cknna"] = {"value": cknna}
+        metrics["layer_similarity"] = {"per_block": profile}
         return metrics

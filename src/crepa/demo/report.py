@@ -10,6 +10,7 @@ from typing import Any
 
 from crepa.demo.verdict import TABLE_METRICS, demo_verdict
 from crepa.demo.world import World
+from crepa.demo.world_section import HOW_IT_IS_BUILT
 from crepa.experiment.report import ReportExtras, metric_value
 from crepa.experiment.runner import ExperimentResults
 
@@ -26,7 +27,8 @@ def intro(settings: Mapping[str, Any], seeds: int) -> str:
         f"attribute and a motion the base model never saw), three ways: no alignment, REPA* (frame-wise) and "
         f"CREPA (own frame plus neighbours at distance 1, tau 1), alignment weight {finetune['weight']} on "
         f"block {finetune['block_index']}, for {seeds} seeds each, with crepa experiment. Each model then "
-        f"samples one clip for each of the {world['clips']['heldout']} held-out captions "
+        f"samples {settings['sampling']['samples_per_prompt']} clip(s) for each of the "
+        f"{world['clips']['heldout']} held-out captions "
         f"({world['num_frames']} frames of {world['size']}x{world['size']}); the clips are measured with "
         "crepa eval against the held-out real clips."
     )
@@ -41,26 +43,6 @@ def metric_notes(settings: Mapping[str, Any]) -> str:
         "error, dynamic degree and flow magnitude follow crepa eval (OpenCV DIS flow). The Frechet distance "
         f"over {settings['world']['clips']['heldout']} clips is unstable in absolute terms; compare rows only."
     )
-
-
-HOW_IT_IS_BUILT = [
-    "World: procedural squares, circles and stars (plain, striped, dotted, 8 colours) that move, spin or "
-    "bounce and occlude each other over textured backgrounds; captions from the attributes; written as mp4 + "
-    "txt, the dataset format users give crepa. Generic split for the base model (never a dotted star, never a "
-    "bounce), attribute split for fine-tuning, held-out split for evaluation.",
-    "Latent space: a fixed linear autoencoder with the compression of CogVideoX's VAE (4x in time, 8x in "
-    "space): 8x8-pixel, 4-frame blocks (frame 0 alone) projected on their leading principal components, "
-    "fitted in closed form on the generic split. A trained diffusers VAE did not fit the time budget (one "
-    "step of the smallest AutoencoderKLWan takes seconds on 2 cores), and a pure pixel shuffle (768 channels) "
-    "is wider than the tiny transformer, whose output projection cannot reach the other channels. It is "
-    "saved as the pipeline's vae and loaded by CogVideoXPipeline.from_pretrained.",
-    "Teacher: a tiny DINOv2 (transformers Dinov2Model, patch 8: a 4x4 grid on 32x32 frames, the student's "
-    "grid) trained by masked patch prediction on generic frames, loaded with crepa.teachers.load_teacher.",
-    "Base model: CogVideoXTransformer3DModel (patch 1), pre-trained on the generic split with crepa "
-    "precompute + crepa train (full fine-tuning, no alignment). The experiment is crepa experiment's code on "
-    "experiment.toml: run files in runs/ (crepa precompute + crepa train), sampled through crepa sample's "
-    "generation path with the run's LoRA.",
-]
 
 
 def demo_extras(

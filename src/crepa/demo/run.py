@@ -6,9 +6,10 @@ while their settings are unchanged; the experiment skips what an earlier run fin
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
 from crepa.demo.artefacts import STAMP_FILE, build_once
@@ -17,7 +18,9 @@ from crepa.demo.evaluate import (
     SamplingSettings,
     evaluate_folder,
     load_pipeline,
+    psnr,
     reconstruct_clips,
+    world_entries,
     write_clips,
 )
 from crepa.demo.experiment import (
@@ -27,24 +30,26 @@ from crepa.demo.experiment import (
     run_sections,
     write_experiment_file,
 )
-from crepa.demo.extractor import ExtractorSettings, build_extractor, load_attribute_extractor
+from crepa.demo.extractor import ExtractorSettings, WorldReader, build_extractor
 from crepa.demo.report import demo_extras
 from crepa.demo.teacher import TeacherSettings, build_teacher
 from crepa.demo.verdict import VARIANTS
-from crepa.demo.world import WORLD_VERSION, RenderedSplit, WorldSettings, write_world
+from crepa.demo.world import PROBE, WORLD_VERSION, RenderedSplit, WorldSettings, write_world
+from crepa.demo.world_section import LAYER_FIGURE, layer_figure, layer_profiles, world_blocks
 from crepa.eval.evaluate import StageTimer
-from crepa.eval.report import write_json
+from crepa.eval.report import write_json, write_png
 from crepa.experiment.report import ReportExtras, write_report
 from crepa.experiment.runfiles import parse_variants
 from crepa.experiment.runner import ExperimentResults, ExperimentSpec, run_experiment
 from crepa.experiment.workers import quiet_libraries
+from crepa.io.video import read_video_frames
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     """Every size and step count of the demo; :meth:`quick` is the test-suite version."""
 
-    seeds: int = 3
+    seeds: int = 4
     world: WorldSettings = field(default_factory=WorldSettings)
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     extractor: ExtractorSettings = field(default_factory=ExtractorSettings)
@@ -52,17 +57,28 @@ class DemoSettings:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
+    def with_world_seed(self, seed: int) -> DemoSettings:
+        """The same settings on world ``seed``: the world and the initialisation and batches of the
+        teacher, the extractor and the base model derive from it."""
+        return replace(
+            self,
+            world=replace(self.world, seed=seed),
+            teacher=replace(self.teacher, seed=seed),
+            extractor=replace(self.extractor, seed=seed),
+            base=replace(self.base, seed=seed),
+        )
+
     @classmethod
     def quick(cls) -> DemoSettings:
         """Fewer clips, steps and seeds: the whole pipeline in about a minute."""
         return cls(
             seeds=2,
-            world=WorldSettings(clips={"generic": 48, "attribute": 16, "heldout": 8}),
+            world=WorldSettings(clips={"generic": 48, "attribute": 16, "heldout": 8, PROBE: 32}),
             teacher=TeacherSettings(steps=60),
-            extractor=ExtractorSettings(steps=60),
+            extractor=ExtractorSettings(steps=60, motion_steps=60),
             base=BaseSettings(steps=60),
             finetune=FinetuneSettings(steps=12, batch_size=4),
-            sampling=SamplingSettings(inference_steps=8),
+            sampling=SamplingSettings(inference_steps=8, samples_per_prompt=1),
         )
 
 
@@ -98,9 +114,10 @@ def run_demo(
         reused["teacher"] = build_teacher(
             models / "teacher", generic, settings.teacher, world_record, progress
         )
-    with stage("extractor", "attribute classifier for the evaluation"):
+    with stage("extractor", "attribute and motion classifiers for the evaluation"):
+        probe = RenderedSplit(settings.world, PROBE)
         reused["extractor"] = build_extractor(
-            models / "extractor", generic, settings.extractor, world_record, progress
+            models / "extractor", probe, settings.extractor, world_record, progress
         )
     with stage("base model", "PCA latent space + CogVideoX transformer pre-trained on the generic split"):
         initial = models / "initial-pipeline"
@@ -118,7 +135,9 @@ def run_demo(
     pipeline_dir = models / "base" / PIPELINE_DIR
     teacher_dir = models / "teacher"
     heldout_dir = world.split_dir("heldout")
-    prompts = tuple(spec.caption for spec in world.specs["heldout"])
+    specs = world.specs["heldout"]
+    captions = [spec.caption for spec in specs]
+    prompts = tuple(captions * settings.sampling.samples_per_prompt)  # clip i + k * len(specs): draw k
 
     def sections(source: Path, cache: Path, output: Path):
         return run_sections(
@@ -151,16 +170,17 @@ def run_demo(
         reconstruction = out / "reconstruction"
 
         def measure(staging: Path) -> None:
-            extractor = load_attribute_extractor(models / "extractor")
-            clips = write_clips(
-                staging / "clips",
-                reconstruct_clips(load_pipeline(pipeline_dir), heldout_cache),
-                list(prompts),
-                settings.sampling.fps,
-            )
+            reader = WorldReader.load(models / "extractor")
+            extractor = reader.features()
+            reconstructed = reconstruct_clips(load_pipeline(pipeline_dir), heldout_cache)
+            clips = write_clips(staging / "clips", reconstructed, captions, settings.sampling.fps)
+            real = np.stack([read_video_frames(heldout_dir / f"{spec.name}.mp4")[0] for spec in specs])
             measured = {
-                "real": evaluate_folder(heldout_dir, staging / "eval-real", extractor, None),
-                "reconstruction": evaluate_folder(clips, staging / "eval", extractor, heldout_dir),
+                "real": evaluate_folder(heldout_dir, staging / "eval-real", extractor, None)
+                | world_entries(reader, real, specs),
+                "reconstruction": evaluate_folder(clips, staging / "eval", extractor, heldout_dir)
+                | world_entries(reader, reconstructed, specs)
+                | {"psnr": {"value": psnr(real, reconstructed)}},
             }
             write_json(staging / "references.json", measured)
 
@@ -174,7 +194,7 @@ def run_demo(
         prompts=prompts,
         reference=heldout_dir,
         evaluator=DemoEvaluator(
-            models / "extractor", heldout_dir, heldout_cache, settings.finetune.block_index
+            models / "extractor", heldout_dir, heldout_cache, settings.finetune.block_index, tuple(specs)
         ),
         workers=workers,
         sample_batch_size=len(prompts),
@@ -192,7 +212,11 @@ def run_demo(
         dict(timer.seconds),
         reused,
     )
+    extras = replace(
+        extras, sections=[*world_blocks(results, references, settings.finetune.block_index), *extras.sections]
+    )
     with stage("report", "report.md, report.html, GIF grid, curves"):
+        write_png(out / LAYER_FIGURE, layer_figure(layer_profiles(results)))
         write_report(results, extras)
     results.stage_seconds["report"] = timer.seconds["report"]
     return results, extras

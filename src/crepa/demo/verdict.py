@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from crepa.demo.evaluate import WORLD_METRICS
 from crepa.experiment.report import Block, aggregates, seed_values
 from crepa.experiment.runfiles import VARIANT_LABELS
 from crepa.experiment.runner import ExperimentResults
@@ -32,6 +33,7 @@ QUALITY_METRICS: dict[str, str] = {
     "warping_error": "lower",
     "frechet_distance": "lower",
     "cknna": "higher",
+    **dict.fromkeys(WORLD_METRICS, "higher"),  # the world-aware metrics (crepa.demo.evaluate)
 }
 CONSISTENCY_METRICS = ("subject_consistency", "temporal_flickering", "warping_error")
 MOTION_METRICS = ("dynamic_degree", "flow_magnitude")
@@ -44,6 +46,12 @@ METRIC_TITLES = {
     "cknna": "CKNNA",
     "dynamic_degree": "dynamic degree",
     "flow_magnitude": "flow magnitude",
+    "colour_accuracy": "colour accuracy",
+    "shape_accuracy": "shape accuracy",
+    "texture_accuracy": "texture accuracy",
+    "identity_persistence": "identity persistence",
+    "count_stability": "count stability",
+    "motion_correctness": "motion correctness",
 }
 SHORT_TITLES = {
     "subject_consistency": "subject",
@@ -53,6 +61,12 @@ SHORT_TITLES = {
     "cknna": "CKNNA",
     "dynamic_degree": "dyn. deg",
     "flow_magnitude": "flow px",
+    "colour_accuracy": "colour",
+    "shape_accuracy": "shape",
+    "texture_accuracy": "texture",
+    "identity_persistence": "identity",
+    "count_stability": "count",
+    "motion_correctness": "motion ok",
 }
 METRICS = tuple(
     MetricSpec(
@@ -63,6 +77,8 @@ METRICS = tuple(
     )
     for key in TABLE_METRICS
 )
+# The terminal's table: the columns that fit 80 characters (the report has every metric).
+TERMINAL_METRICS = ("subject_consistency", "frechet_distance", "identity_persistence", "motion_correctness")
 MORE_MOTION = MetricSpec("flow_magnitude", "flow magnitude", higher_is_better=True)
 
 
