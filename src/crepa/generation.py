@@ -3,9 +3,9 @@
 
 A clip is fixed by its :class:`ClipRequest` (prompt, seed, optional first frame) and the
 :class:`GenerationSettings`; its starting noise comes from a CPU ``torch.Generator`` seeded with the
-request's seed, so the same request gives the same clip on any device and in any batch position
-(bitwise when generated alone on the CPU; batched clips agree to float tolerance, since batched
-matrix products may sum in another order).
+request's seed, so a request starts from the same noise on any device and in any batch position.
+Generated alone on the CPU, the clip is bitwise reproducible; batched (or on a GPU) it agrees to
+float tolerance, since matrix products may sum in another order.
 """
 
 from __future__ import annotations
