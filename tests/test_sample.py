@@ -68,11 +68,21 @@ def frames_of(path: Path) -> np.ndarray:
     return read_video_frames(path)[0]
 
 
+def manifest_record(clip: Path) -> dict:
+    """The samples.jsonl line of ``clip`` (an mp4 written by validation or crepa sample)."""
+    records = [json.loads(line) for line in (clip.parent / "samples.jsonl").read_text().splitlines()]
+    return next(record for record in records if record["file"] == clip.name)
+
+
 def assert_same_clip(sampled: Path, validation: Path) -> None:
-    """Both files of a sampled clip decode to exactly the validation clip's frames."""
-    for suffix in (".gif", ".mp4"):
-        a, b = frames_of(sampled.with_suffix(suffix)), frames_of(validation.with_suffix(suffix))
-        assert a.shape == b.shape and np.array_equal(a, b), suffix
+    """The sampled clip is bitwise the validation clip: the GIFs decode to the same frames and the
+    uint8 frames hashed before encoding are equal. (Not the mp4s: x264 may encode the same frames
+    a little differently from run to run, so their decoded frames only agree closely.)"""
+    a, b = frames_of(sampled.with_suffix(".gif")), frames_of(validation.with_suffix(".gif"))
+    assert a.shape == b.shape and np.array_equal(a, b)
+    assert manifest_record(sampled)["frames_sha256"] == manifest_record(validation)["frames_sha256"]
+    a, b = frames_of(sampled), frames_of(validation)
+    assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() < 2
 
 
 def test_sample_reproduces_validation_of_a_lora_run(lora_run, tmp_path):
