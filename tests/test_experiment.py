@@ -20,6 +20,7 @@ from crepa.cli.experiment import parse_seeds
 from crepa.config import ConfigError, load_config
 from crepa.experiment.report import TIMING_HEADING
 from crepa.experiment.runfiles import parse_variants, write_runs
+from crepa.experiment.runner import check_extractors_are_not_the_teacher
 from test_train import write_world
 
 TIMING_KEYS = ("stage_seconds", "work", "machine")
@@ -145,3 +146,11 @@ def test_experiment_refuses_the_training_teacher_as_extractor(world, tmp_path):
     result = CliRunner().invoke(app, [*args, "--extractor", f"dinov2:{teacher}"])
     assert result.exit_code == 2
     assert "training teacher" in result.output
+    hub_teacher = load_config(world, ['teacher.name="facebook/dinov2-base"'])
+    with pytest.raises(ConfigError, match="frechet_distance=dinov2: that is the training teacher"):
+        check_extractors_are_not_the_teacher(
+            {"frechet_distance": "dinov2"}, hub_teacher
+        )  # its default weights
+    check_extractors_are_not_the_teacher(
+        {"subject_consistency": "dino", "frechet_distance": "dinov2"}, load_config(world)
+    )

@@ -38,6 +38,7 @@ from crepa.eval.evaluate import (
     extractor_specs,
     resolve_metrics,
 )
+from crepa.eval.extractors import DEFAULT_SOURCES
 from crepa.eval.report import write_eval_report
 from crepa.eval.videos import find_clips
 from crepa.experiment.runfiles import Run, Variant, write_runs
@@ -174,8 +175,9 @@ def check_extractors_are_not_the_teacher(specs: dict[str, str], config: RunConfi
     """The training teacher measures what the runs were trained to match: refuse it as an extractor."""
     teacher = str(config.teacher.name)
     for metric, spec in specs.items():
-        source = spec.partition(":")[2] or spec
-        if spec.startswith("teacher:") or source in (teacher, os.path.abspath(teacher)):
+        kind, _, source = spec.partition(":")
+        source = source or DEFAULT_SOURCES.get(kind) or spec
+        if source in (teacher, os.path.abspath(teacher)):
             raise ConfigError(
                 f"--extractor {metric}={spec}: that is the training teacher ({teacher}); the aligned variants "
                 "were trained to match its features, so it would favour them. Use another extractor (defaults: "
