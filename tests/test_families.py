@@ -41,8 +41,15 @@ SHAPES = {
     "wan_a14b": (9, 32, 32),  # trains the low-noise expert, transformer_2
     "skyreels_v2": (9, 32, 32),
     "mochi": (13, 32, 32),  # 6x temporal compression: 3 latent frames
+    "wan2_2_ti2v": (9, 64, 64),  # 16x spatial compression, patch 2: 2x2 tokens
 }
-SLOW = {"cogvideox_1_5", "wan_a14b", "skyreels_v2", "mochi"}  # ~30 s each on 2 cores: the slow suite
+SLOW = {
+    "cogvideox_1_5",
+    "wan_a14b",
+    "skyreels_v2",
+    "mochi",
+    "wan2_2_ti2v",
+}  # ~30 s each on 2 cores: the slow suite
 IMAGE_TO_VIDEO = {"cogvideox_i2v", "wan_i2v"}
 
 
@@ -219,7 +226,6 @@ UNSUPPORTED_CONFIGS = {
     "hunyuanvideo": ("hunyuanvideo", {}),
     "wan": ("wan", {}),
     "wan_i2v": ("wan", {"in_channels": 36, "out_channels": 16}),
-    "wan2_2_ti2v": ("wan2_2_ti2v", {}),
     "ltx_video": ("ltx_video", {}),
     "cosmos": ("cosmos", {}),
     "cosmos_predict2": ("cosmos_predict2", {}),

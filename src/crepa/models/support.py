@@ -126,8 +126,7 @@ VARIANTS: tuple[Variant, ...] = (
         "T2V",
         "WanPipeline",
         "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
-        unsupported="its 48-channel VAE with 2x2 pixel patching has no tiny test pipeline in crepa yet, so the "
-        "path is unverified",
+        tiny="wan2_2_ti2v",
     ),
     Variant(
         "skyreels_v2",

@@ -224,6 +224,33 @@ def _wan_a14b() -> dict[str, Any]:
     return {**components, "boundary_ratio": 0.875}
 
 
+def _wan2_2_ti2v() -> dict[str, Any]:
+    """Wan 2.2 TI2V-5B in small: its VAE's 2x2 pixel patching, residual blocks, 48 latent channels and
+    16x spatial compression; the pipeline expands the timestep per token (all equal in text-to-video)."""
+    components = _wan()
+    del components["transformer_2"]
+    torch.manual_seed(0)
+    components["transformer"] = diffusers.WanTransformer3DModel(
+        **{**TINY_MODELS["wan2_2_ti2v"].config, "text_dim": 32}
+    )
+    components["vae"] = diffusers.AutoencoderKLWan(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=48,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        latents_mean=torch.linspace(-0.5, 0.5, 48).tolist(),  # non-trivial, as in the released VAE
+        latents_std=torch.linspace(0.5, 2.0, 48).tolist(),
+    )
+    return {**components, "expand_timesteps": True}
+
+
 def _skyreels_v2() -> dict[str, Any]:
     """SkyReels-V2 text-to-video in small: the tiny Wan parts around a SkyReels-V2 transformer."""
     components = _wan()
@@ -379,6 +406,7 @@ TINY_PIPELINES: dict[str, Callable[[], dict[str, Any]]] = {
     "wan_i2v": _wan_i2v,
     "wan_a14b": _wan_a14b,
     "skyreels_v2": _skyreels_v2,
+    "wan2_2_ti2v": _wan2_2_ti2v,
     "mochi": _mochi,
     "hunyuanvideo": _hunyuanvideo,
     "ltx_video": _ltx_video,
