@@ -118,6 +118,7 @@ VARIANTS: tuple[Variant, ...] = (
         "I2V",
         "WanImageToVideoPipeline",
         "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        tiny="wan_i2v_a14b",
         expert_pair=True,
     ),
     Variant(

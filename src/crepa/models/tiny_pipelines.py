@@ -224,6 +224,17 @@ def _wan_a14b() -> dict[str, Any]:
     return {**components, "boundary_ratio": 0.875}
 
 
+def _wan_i2v_a14b() -> dict[str, Any]:
+    """Wan 2.2 I2V A14B in small: two I2V experts (36 input channels, no CLIP image states) switched at
+    boundary_ratio 0.9, no image encoder."""
+    components = {key: value for key, value in _wan_i2v().items() if not key.startswith("image_")}
+    torch.manual_seed(0)
+    components["transformer"] = _rebuilt(components["transformer"], image_dim=None, added_kv_proj_dim=None)
+    torch.manual_seed(1)
+    components["transformer_2"] = _rebuilt(components["transformer"])
+    return {**components, "boundary_ratio": 0.9}
+
+
 def _wan2_2_ti2v() -> dict[str, Any]:
     """Wan 2.2 TI2V-5B in small: its VAE's 2x2 pixel patching, residual blocks, 48 latent channels and
     16x spatial compression; the pipeline expands the timestep per token (all equal in text-to-video)."""
@@ -407,6 +418,7 @@ TINY_PIPELINES: dict[str, Callable[[], dict[str, Any]]] = {
     "wan_a14b": _wan_a14b,
     "skyreels_v2": _skyreels_v2,
     "wan2_2_ti2v": _wan2_2_ti2v,
+    "wan_i2v_a14b": _wan_i2v_a14b,
     "mochi": _mochi,
     "hunyuanvideo": _hunyuanvideo,
     "ltx_video": _ltx_video,
