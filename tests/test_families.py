@@ -343,3 +343,10 @@ def test_two_expert_pipeline_needs_an_expert_and_each_trains_on_its_noise_range(
         timesteps = noised.timesteps
         assert timesteps.min() >= low and timesteps.max() <= high
         assert timesteps.min() < low + 5 and timesteps.max() > high - 5  # the whole range is used
+
+
+def test_image_to_video_validation_without_images_fails_at_config_time(tmp_path: Path) -> None:
+    run = write_world(tmp_path, "cogvideox_i2v")
+    run.write_text(run.read_text().replace('images = ["first.png"]', ""))
+    result = CliRunner().invoke(app, ["train", str(run)])
+    assert result.exit_code == 2 and "validation.images" in result.output and "Traceback" not in result.output
