@@ -127,7 +127,9 @@ class TrainSection(_Section):
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)
     max_nonfinite_steps: int = Field(default=10, ge=1)
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int | None = Field(
+        default=None, ge=0, description="loader processes per training process; default: spare cores, <= 4"
+    )
 
 
 class LoggingSection(_Section):

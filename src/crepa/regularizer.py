@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from crepa.align import AlignmentSchedule, build_projector, cross_frame_alignment, resample_grid
 from crepa.models import BlockCapture, detect_family
@@ -143,6 +144,8 @@ class CrepaRegularizer(nn.Module):
         )
         self.schedule = config.schedule()
         self.capture = BlockCapture(transformer, self.block_index, self.family)
+        # Recompute the head in backward when the transformer recomputes its blocks (activation budget).
+        self.recompute = bool(getattr(transformer, "is_gradient_checkpointing", False))
         self.teacher_capture = (
             BlockCapture(transformer, config.teacher_block_index, self.family, detach=True)
             if config.mode == "backbone" and config.teacher_block_index is not None
@@ -178,8 +181,36 @@ class CrepaRegularizer(nn.Module):
             )
 
         with torch.set_grad_enabled(weight != 0.0 and torch.is_grad_enabled()):
-            param = next(self.projector.parameters())
-            student = self.projector(student_tokens.to(param.dtype)).flatten(2, 3)  # (B, F', N, D)
+            if self.recompute and torch.is_grad_enabled():
+                # Only the head's inputs are kept for backward (the block output is already held by the
+                # next block; the teacher grid is the batch's): its MLP activations are recomputed.
+                loss, sim_self, score = checkpoint(
+                    self._head, student_tokens, teacher_tokens, use_reentrant=False
+                )
+            else:
+                loss, sim_self, score = self._head(student_tokens, teacher_tokens)
+        self.schedule.update(score, step=step)
+        metrics = {
+            "crepa/loss": loss.detach(),
+            "crepa/sim_self": sim_self,
+            "crepa/score": score,
+            # filled on the device: torch.tensor(python_float, device=cuda) would be a blocking copy
+            "crepa/weight": torch.full((), weight, device=device),
+            "crepa/active": torch.full((), float(weight != 0.0), device=device),
+        }
+        loss = loss * weight if weight != 0.0 else torch.zeros((), device=device)
+        return CrepaOutput(loss=loss, metrics=metrics)
+
+    def _head(
+        self, student_tokens: torch.Tensor, teacher_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projector (under the caller's autocast, fp32 weights) then the alignment in fp32.
+
+        student_tokens (B, F', H', W', C) in the block's dtype, teacher_tokens (B, F', H', W', D) in
+        the stored dtype (e.g. float16): neither is upcast as a whole before the projector.
+        """
+        student = self.projector(student_tokens).flatten(2, 3)  # (B, F', N, D)
+        with torch.autocast(student.device.type, enabled=False):  # the reductions choose their dtype
             result = cross_frame_alignment(
                 student,
                 teacher_tokens.flatten(2, 3),
@@ -189,17 +220,7 @@ class CrepaRegularizer(nn.Module):
                 normalize_by_frames=self.config.normalize_by_frames,
                 normalize_weights=self.config.normalize_weights,
             )
-        self.schedule.update(result.score)
-        weight_t = torch.tensor(weight, device=device)
-        loss = result.loss * weight if weight != 0.0 else torch.zeros((), device=device)
-        metrics = {
-            "crepa/loss": result.loss.detach(),
-            "crepa/sim_self": result.sim_self,
-            "crepa/score": result.score,
-            "crepa/weight": weight_t,
-            "crepa/active": torch.tensor(float(weight != 0.0), device=device),
-        }
-        return CrepaOutput(loss=loss, metrics=metrics)
+        return result.loss, result.sim_self, result.score
 
     def get_extra_state(self) -> dict:
         """Saved with ``state_dict()`` next to the projector: the schedule's EMA and cutoff state."""

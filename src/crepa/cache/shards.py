@@ -141,11 +141,13 @@ def read_shard_index(path: Path) -> list[PartLocation]:
 
 
 class ShardReader:
-    """Reads parts from shards in ``directory`` (memory-mapped, one open handle per shard), verifying checksums."""
+    """Reads parts from shards in ``directory`` (memory-mapped, one open handle per shard), verifying
+    each part's checksum the first time this process reads it (not on every epoch)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
         self._handles: dict[str, object] = {}
+        self._verified: set[tuple[str, str]] = set()  # (shard, part key)
 
     def read(self, location: PartLocation, verify: bool = True) -> dict[str, torch.Tensor]:
         """The tensors of one part; raises :class:`DamagedShardError` when they do not match the checksum."""
@@ -161,10 +163,12 @@ class ShardReader:
             raise DamagedShardError(
                 f"{path}: cannot read part {location.key} ({type(error).__name__}: {error})"
             ) from None
-        if verify and tensors_checksum(part) != location.checksum:
-            raise DamagedShardError(
-                f"{path}: part {location.key} ({location.kind}) does not match its checksum"
-            )
+        if verify and (location.shard, location.key) not in self._verified:
+            if tensors_checksum(part) != location.checksum:
+                raise DamagedShardError(
+                    f"{path}: part {location.key} ({location.kind}) does not match its checksum"
+                )
+            self._verified.add((location.shard, location.key))
         return part
 
     def close(self) -> None:
@@ -172,7 +176,7 @@ class ShardReader:
 
     def __getstate__(self) -> dict[str, object]:
         """Open handles are not pickled (DataLoader workers open their own)."""
-        return {"directory": self.directory, "_handles": {}}
+        return {"directory": self.directory, "_handles": {}, "_verified": set()}
 
 
 class ShardWriter:

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from crepa.config import ConfigError
+from crepa.models.hub import HubUnreachableError
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -82,7 +83,8 @@ def disk_problem(error: BaseException) -> tuple[int, str | None] | None:
 
 @contextmanager
 def command_errors(console: Console, state: Callable[[], tuple[Path | None, str]]) -> Iterator[None]:
-    """Exit 2 for a :class:`ConfigError`; exit 1 with one line for a disk error; 130 for Ctrl-C.
+    """Exit 2 for a :class:`ConfigError`; exit 1 with one line for a disk error or an unreachable model
+    hub (:class:`~crepa.models.hub.HubUnreachableError`); 130 for Ctrl-C.
 
     ``state()`` gives (the folder the command writes, what survives): the folder is named when the
     writer did not say which file failed."""
@@ -92,6 +94,8 @@ def command_errors(console: Console, state: Callable[[], tuple[Path | None, str]
         raise
     except ConfigError as error:
         fail(console, "error", str(error), EXIT_CONFIG)
+    except HubUnreachableError as error:
+        fail(console, "error", str(error), EXIT_FAILURE)
     except KeyboardInterrupt as error:
         name = error.signal if isinstance(error, Terminated) else "SIGINT"
         fail(console, f"stopped by {name}", state()[1], EXIT_SIGNAL[name])

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crepa.models.hub import hub_access
 from crepa.teachers import Teacher, load_teacher
 from crepa.teachers.vit import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
@@ -299,7 +300,8 @@ def load_extractor(spec: str, device: str = "cpu", batch_size: int = 32) -> Feat
         raise ValueError(
             f"extractor {spec!r}: {source} is not a directory (give a model directory or a hub id)"
         )
-    return _BUILDERS[kind](source, device, batch_size)
+    with hub_access(source, f"--extractor {kind}:FOLDER"):
+        return _BUILDERS[kind](source, device, batch_size)
 
 
 def _from_python(target: str) -> FeatureExtractor:

@@ -4,14 +4,22 @@ Every batch holds samples of one bucket (equal tensor shapes). The order of an e
 of (seed, epoch) only, so a run resumed at batch position p sees exactly the batches an
 uninterrupted run would have seen from p on. Under data parallelism rank r takes every world-th
 batch, and every rank gets the same number of batches per epoch.
+
+:func:`batch_loader` reads those batches through a ``torch.utils.data.DataLoader``: workers read,
+verify and stack batches ahead of the step, and since item p *is* the batch at position p, the
+order does not depend on the number of workers (exact resume holds with any ``num_workers``).
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 
 class BucketedBatchOrder:
@@ -32,7 +40,9 @@ class BucketedBatchOrder:
         self.seed = seed
         self.world_size = world_size
         self.rank = rank
-        if len(self.epoch_batches(0)) == 0:
+        self._epoch: tuple[int, list[list[int]]] | None = None
+        self.per_epoch = len(self.epoch_batches(0))
+        if self.per_epoch == 0:
             raise ValueError(
                 f"no bucket holds train.batch_size={batch_size} x {world_size} process(es) samples; "
                 "lower train.batch_size or add clips"
@@ -54,10 +64,51 @@ class BucketedBatchOrder:
         usable = len(shuffled) - len(shuffled) % self.world_size
         return shuffled[self.rank : usable : self.world_size]
 
+    def batch_at(self, position: int) -> list[int]:
+        """This rank's batch at ``position`` (counted over all epochs)."""
+        epoch, offset = divmod(position, self.per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self.epoch_batches(epoch))
+        return self._epoch[1][offset]
+
     def iterate(self, start: int = 0) -> Iterator[list[int]]:
         """Endless batches from position ``start`` (batches this rank already consumed)."""
-        per_epoch = len(self.epoch_batches(0))
-        epoch, offset = divmod(start, per_epoch)
-        while True:
-            yield from self.epoch_batches(epoch)[offset:]
-            epoch, offset = epoch + 1, 0
+        return map(self.batch_at, itertools.count(start))
+
+
+class PositionedBatches(Dataset):
+    """Item p: the batch at position p of ``order``, its samples' tensors stacked (B, ...)."""
+
+    def __init__(self, samples: Dataset, order: BucketedBatchOrder) -> None:
+        self.samples = samples
+        self.order = order
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        items = [self.samples[i] for i in self.order.batch_at(position)]
+        return {
+            key: torch.stack([item[key] for item in items])
+            for key, value in items[0].items()
+            if isinstance(value, torch.Tensor)
+        }
+
+
+def default_workers(processes_per_machine: int) -> int:
+    """Loader workers per training process: the cores left per process after the main one, at most 4."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cores // max(1, processes_per_machine) - 1))
+
+
+def batch_loader(
+    samples: Dataset, order: BucketedBatchOrder, start: int, num_workers: int, pin_memory: bool
+) -> Iterator[dict[str, Any]]:
+    """Endless batches from position ``start``, prepared by ``num_workers`` processes (0: inline),
+    in pinned memory when ``pin_memory`` (for non-blocking copies to the GPU)."""
+    loader = DataLoader(
+        PositionedBatches(samples, order),
+        batch_size=None,  # items are batches already
+        sampler=itertools.count(start),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if num_workers else None,
+    )
+    return iter(loader)

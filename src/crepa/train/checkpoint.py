@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crepa.config import ConfigError
+from crepa.train.parallel import copy_full_into, full_tensor
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 STATE_NAME = "training_state"
@@ -180,9 +181,10 @@ def check_resume_settings(checkpoint: Path, config: Any) -> None:
 
 
 def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Trainable parameters of each module, keyed "<module>.<parameter name>"."""
+    """Trainable parameters of each module, keyed "<module>.<parameter name>", as whole tensors
+    (gathered from the shards under FSDP: every rank must call it)."""
     return {
-        f"{prefix}.{name}": param.detach().to("cpu").contiguous()
+        f"{prefix}.{name}": full_tensor(param.detach()).to("cpu").contiguous()
         for prefix, module in modules.items()
         for name, param in module.named_parameters()
         if param.requires_grad
@@ -210,9 +212,8 @@ def load_trainable_state(modules: dict[str, nn.Module], tensors: dict[str, torch
             "--resume: the checkpoint's trainable tensors do not fit this run (other LoRA / projector / model "
             "settings?)\n  " + "\n  ".join(listed)
         )
-    with torch.no_grad():
-        for key, param in wanted.items():
-            param.copy_(tensors[key].to(param.device, param.dtype))
+    for key, param in wanted.items():
+        copy_full_into(param, tensors[key])
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (FSDP2) tensor, sharing its storage; other tensors as they are."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class UpdateGuard:
@@ -17,13 +23,13 @@ class UpdateGuard:
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
         self.optimizer = optimizer
         self.params = params
-        self._param_copies = [torch.empty_like(p) for p in params]
+        self._param_copies = [torch.empty_like(_local(p)) for p in params]
         self._state_copies: list[torch.Tensor] = []
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """The optimiser's state tensors of ``params`` (updated in place by torch's optimisers)."""
         return [
-            value
+            _local(value)
             for p in self.params
             for value in self.optimizer.state.get(p, {}).values()
             if isinstance(value, torch.Tensor)
@@ -35,7 +41,7 @@ class UpdateGuard:
 
         Returns (gradient finite, parameters finite); when either is False the parameters and the
         optimiser state are exactly as before the call."""
-        params = [p.detach() for p in self.params]
+        params = [_local(p.detach()) for p in self.params]
         torch._foreach_copy_(self._param_copies, params)
         state = self._state_tensors()
         if len(self._state_copies) != len(state):  # the first steps create the state

@@ -61,15 +61,25 @@ def add_lora(transformer: nn.Module, family: ModelFamily, settings: LoraSection)
     return params
 
 
-def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights of ``transformer`` with peft's key names (adapter name stripped)."""
-    return get_peft_model_state_dict(transformer)
+def lora_state_dict(
+    transformer: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The LoRA weights of ``transformer`` (or of its parameter dict ``state``, e.g. whole tensors
+    gathered from shards) with peft's key names (adapter name stripped)."""
+    return get_peft_model_state_dict(transformer, state_dict=state)
 
 
-def save_lora(transformer: nn.Module, family: ModelFamily, directory: str | Path) -> Path:
-    """Write the LoRA in the diffusers format of the family's pipeline; returns the file path."""
+def save_lora(
+    transformer: nn.Module,
+    family: ModelFamily,
+    directory: str | Path,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the LoRA in the diffusers format of the family's pipeline; returns the file path.
+    ``state``: the transformer's parameters by name when they are not its own (sharded training)."""
     state = {
-        name: tensor.detach().to("cpu").contiguous() for name, tensor in lora_state_dict(transformer).items()
+        name: tensor.detach().to("cpu").contiguous()
+        for name, tensor in lora_state_dict(transformer, state).items()
     }
     config = getattr(transformer, "peft_config", {}).get("default")  # inject_adapter_in_model keeps none
     return save_lora_tensors(state, family, config, directory)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import signal
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +29,10 @@ import diffusers
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -38,6 +42,7 @@ from crepa.cache.dataset import CachedDataset
 from crepa.config import ConfigError, RunConfig, check_against_family
 from crepa.models import ModelFamily
 from crepa.models.conditioning import prediction_to_latents, transformer_inputs
+from crepa.models.hub import hub_access
 from crepa.models.image_conditioning import image_parts
 from crepa.models.pipelines import expert_noise_range, load_components
 from crepa.models.pipelines import resolve_family as resolve_pipeline_family
@@ -48,7 +53,7 @@ from crepa.runs import RUN_CONFIG_FILE
 from crepa.teacher_targets import teacher_targets
 from crepa.teachers import load_teacher
 from crepa.train import checkpoint as ckpt
-from crepa.train.batches import BucketedBatchOrder
+from crepa.train.batches import BucketedBatchOrder, batch_loader, default_workers
 from crepa.train.guard import UpdateGuard
 from crepa.train.lora import add_lora, save_lora
 from crepa.train.objectives import (
@@ -57,6 +62,14 @@ from crepa.train.objectives import (
     flow_matching,
     flow_matching_reversed,
     sample_noise_level,
+)
+from crepa.train.parallel import (
+    average_gradients,
+    clip_grad_norm,
+    launch_sharding,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+    shard_transformer,
 )
 from crepa.train.preflight import check_run, check_skeleton, hold_output
 
@@ -78,18 +91,37 @@ class TrainingSummary:
     final_metrics: dict[str, float]
     interrupted: bool
     rank_weight_checksums: list[float]
+    # per rank: first step trained at weight 0 after the similarity cutoff (None: never cut), and the
+    # rank's own score EMA at the end (the cutoff reads their mean)
+    rank_cutoff_steps: list[int | None]
+    rank_score_ema: list[float | None]
     output_dir: str
     checkpoint: str | None
+    parallelism: str  # "single", "ddp" or "fsdp" (FSDP2, blocks sharded)
     config: dict[str, Any] = field(default_factory=dict)
     stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
 
 
 # ---------------------------------------------------------------- checks before any weight loads
+def training_precision(config: RunConfig) -> tuple[torch.dtype, str]:
+    """(frozen weights' dtype, accelerate mixed precision). Half-precision weights always run under
+    autocast of their dtype (with GradScaler for fp16) over fp32 trainable parameters."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.model.torch_dtype(device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError("model.dtype: 'fp16' needs a CUDA GPU; use 'bf16' or 'fp32' on the CPU")
+    mixed = config.train.mixed_precision
+    if mixed == "no" and dtype != torch.float32:
+        mixed = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return dtype, mixed
+
+
 def resolve_family(config: RunConfig) -> ModelFamily:
     """The registry entry named by model.family, else the one of the pipeline's transformer class."""
     model = config.model
     try:
-        return resolve_pipeline_family(model.pretrained, model.family, model.revision)
+        with hub_access(model.pretrained, "model.pretrained"):
+            return resolve_pipeline_family(model.pretrained, model.family, model.revision)
     except (OSError, ValueError) as error:
         raise ConfigError(f"{'model.family' if model.family else 'model.pretrained'}: {error}") from None
 
@@ -105,11 +137,12 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
         )
     transformer_class = getattr(diffusers, family.class_names[0])
     try:
-        transformer_config = transformer_class.load_config(
-            config.model.pretrained,
-            subfolder=config.model.expert or "transformer",
-            revision=config.model.revision,
-        )
+        with hub_access(config.model.pretrained, "model.pretrained"):
+            transformer_config = transformer_class.load_config(
+                config.model.pretrained,
+                subfolder=config.model.expert or "transformer",
+                revision=config.model.revision,
+            )
     except OSError as error:
         raise ConfigError(
             f"model.pretrained: cannot read the transformer config of {config.model.pretrained!r} ({error})"
@@ -151,12 +184,13 @@ def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool)
 # ---------------------------------------------------------------- model
 def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype) -> nn.Module:
     transformer_class = getattr(diffusers, family.class_names[0])
-    transformer = transformer_class.from_pretrained(
-        config.model.pretrained,
-        subfolder=config.model.expert or "transformer",
-        revision=config.model.revision,
-        torch_dtype=dtype,
-    )
+    with hub_access(config.model.pretrained, "model.pretrained"):
+        transformer = transformer_class.from_pretrained(
+            config.model.pretrained,
+            subfolder=config.model.expert or "transformer",
+            revision=config.model.revision,
+            torch_dtype=dtype,
+        )
     if config.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return transformer
@@ -188,40 +222,41 @@ def scheduler_alphas(config: RunConfig, family: ModelFamily) -> torch.Tensor | N
     """alpha-bar table of the pipeline's own scheduler, for DDPM objectives (CogVideoX: zero terminal SNR)."""
     if family.objective not in ("v_prediction", "epsilon"):
         return None
-    index = diffusers.DiffusionPipeline.load_config(config.model.pretrained, revision=config.model.revision)
-    scheduler_class = getattr(diffusers, index["scheduler"][1])
-    scheduler = scheduler_class.from_pretrained(
-        config.model.pretrained, subfolder="scheduler", revision=config.model.revision
-    )
+    with hub_access(config.model.pretrained, "model.pretrained"):
+        index = diffusers.DiffusionPipeline.load_config(
+            config.model.pretrained, revision=config.model.revision
+        )
+        scheduler_class = getattr(diffusers, index["scheduler"][1])
+        scheduler = scheduler_class.from_pretrained(
+            config.model.pretrained, subfolder="scheduler", revision=config.model.revision
+        )
     return scheduler.alphas_cumprod.clone()
 
 
 def load_online_teacher(config: RunConfig, family: ModelFamily, device: torch.device):
     """(teacher, VAE or None) for the online teacher modes "pixels" and "vae"."""
-    teacher = load_teacher(
-        config.teacher.name, config.teacher.kind, device=device, chunk_size=config.teacher.chunk_size
-    )
+    with hub_access(config.teacher.name, "teacher.name"):
+        teacher = load_teacher(
+            config.teacher.name, config.teacher.kind, device=device, chunk_size=config.teacher.chunk_size
+        )
     vae = None
     if config.cache.teacher_source == "vae":
-        components = load_components(
-            config.model.pretrained, family.name, config.model.revision, device=device, text_encoders=False
-        )
+        with hub_access(config.model.pretrained, "model.pretrained"):
+            components = load_components(
+                config.model.pretrained,
+                family.name,
+                config.model.revision,
+                device=device,
+                text_encoders=False,
+            )
         vae = components.vae
     return teacher, vae
 
 
 # ---------------------------------------------------------------- data
-def batches(
-    dataset: CachedDataset, order: BucketedBatchOrder, start: int, device
-) -> Iterator[dict[str, Any]]:
-    """Collated batches from batch position ``start``: tensors stacked and moved to ``device``."""
-    for indices in order.iterate(start):
-        items = [dataset[i] for i in indices]
-        yield {
-            key: torch.stack([item[key] for item in items]).to(device)
-            for key in items[0]
-            if isinstance(items[0][key], torch.Tensor)
-        }
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A loader batch on ``device`` (non-blocking from pinned memory: the copy overlaps the step)."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------- one step
@@ -274,7 +309,7 @@ def batch_teacher_grid(
         reduce=config.teacher.reduce,
         max_pixels=config.teacher.max_pixels,
         chunk_size=config.teacher.chunk_size,
-    ).float()
+    )
 
 
 def step_loss(
@@ -297,16 +332,16 @@ def step_loss(
         frame_rate=config.data.fps or 25.0,
         image=image_parts(batch),
     )
-    with parts.autocast():
+    with parts.autocast():  # the projector runs under the transformer's autocast (fp32 weights)
         prediction = parts.transformer(**inputs)[0]
+        alignment = parts.regularizer.loss(teacher_grid, step=step) if parts.regularizer is not None else None
     prediction = prediction_to_latents(parts.model, family, prediction, noised.target.shape)
     diffusion_loss = F.mse_loss(prediction.float(), noised.target.float())
     loss = diffusion_loss
     metrics = {"loss/diffusion": diffusion_loss.detach()}
-    if parts.regularizer is not None:
-        out = parts.regularizer.loss(teacher_grid, step=step)
-        loss = loss + out.loss
-        metrics |= out.metrics
+    if alignment is not None:
+        loss = loss + alignment.loss
+        metrics |= alignment.metrics
     metrics["loss/total"] = loss.detach()
     return loss, metrics
 
@@ -327,25 +362,30 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
     external_teacher = config.crepa.enabled and config.crepa.mode != "backbone"
     dataset = open_dataset(config, family, external_teacher)
     resume_from = check_run(config, family, dataset, resume)
+    sharding = launch_sharding(config)
 
     output = config.output.dir
     checkpoints = output / "checkpoints"
+    dtype, mixed_precision = training_precision(config)
+    # accelerate keeps one process-wide state; forget a previous in-process run's mixed precision
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         # Without CUDA, processes started by `accelerate launch --multi_gpu` / torchrun form a gloo group.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=config.train.mixed_precision,
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.train.gradient_accumulation,
         log_with=_trackers(config) or None,
         project_dir=str(output),
     )
     set_seed(config.train.seed)
-    dtype = config.model.torch_dtype(accelerator.device)
     transformer = load_transformer(config, family, dtype)
     if config.lora.enabled:
-        trainable = add_lora(transformer, family, config.lora)
+        add_lora(transformer, family, config.lora)
     else:
-        trainable = [param for param in transformer.parameters()]
         transformer.requires_grad_(True)
+    # Trainable parameters (and so AdamW's state) in fp32 over half-precision frozen weights: a bf16
+    # LoRA loses updates below bf16 resolution and GradScaler refuses fp16 gradients.
+    cast_training_params(transformer, dtype=torch.float32)
     transformer.train()
 
     online_teacher, online_vae = None, None
@@ -355,24 +395,22 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
 
     align = config.crepa
     regularizer = None
-    param_groups: list[dict[str, Any]] = [{"params": trainable, "lr": config.optim.lr}]
     if align.enabled:
         regularizer = CrepaRegularizer(
             transformer, align, teacher_dim=teacher_dim if external_teacher else None
         ).to(accelerator.device)
-        param_groups.append({"params": list(regularizer.parameters()), "lr": align.lr or config.optim.lr})
-    # Trained next to the transformer but outside DDP: gradients are averaged by hand, files saved apart.
+    # Trained next to the transformer but outside DDP / FSDP: replicated, gradients averaged by hand,
+    # files saved apart.
     side_modules: dict[str, nn.Module] = {} if regularizer is None else {"projector": regularizer.projector}
     if config.repvideo.enabled:
         rep = config.repvideo
-        gates = install_repvideo(transformer, rep.window, rep.gate_init, rep.include_text).to(
-            accelerator.device
-        )
-        side_modules["repvideo_gates"] = gates
-        # no weight decay: it would pull every gate (one vector) towards 0, gated or not
-        param_groups.append(
-            {"params": list(gates.parameters()), "lr": rep.lr or config.optim.lr, "weight_decay": 0.0}
-        )
+        side_modules["repvideo_gates"] = install_repvideo(
+            transformer, rep.window, rep.gate_init, rep.include_text
+        ).to(accelerator.device)
+    if sharding == "fsdp":  # replaces the transformer's parameters: before the optimiser sees them
+        transformer.to(accelerator.device)
+        shard_transformer(transformer, family)
+    param_groups = _param_groups(config, transformer, side_modules)
     optim = config.optim
     optimizer = torch.optim.AdamW(
         param_groups, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
@@ -383,8 +421,10 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
         num_warmup_steps=optim.warmup_steps,
         num_training_steps=config.train.max_steps,
     )
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    if sharding == "none":
+        transformer, optimizer = accelerator.prepare(transformer, optimizer)
     modules = {"transformer": accelerator.unwrap_model(transformer), **side_modules}
+    names = {id(p): f"{prefix}.{n}" for prefix, m in modules.items() for n, p in m.named_parameters()}
     parts = StepParts(
         config=config,
         family=family,
@@ -394,7 +434,7 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
         teacher=online_teacher,
         vae=online_vae,
         dtype=dtype,
-        alphas_cumprod=scheduler_alphas(config, family),
+        alphas_cumprod=_to_device(scheduler_alphas(config, family), accelerator.device),
         autocast=accelerator.autocast,
         noise_range=expert_noise_range(config.model.pretrained, config.model.expert, config.model.revision),
     )
@@ -410,7 +450,7 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
     if resume_from is not None:
         tensors, state, rng = ckpt.read_checkpoint(resume_from, accelerator.process_index)
         ckpt.load_trainable_state(modules, tensors)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state_by_name(optimizer, state["optimizer"], names)
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if regularizer is not None and state.get("alignment_schedule") is not None:
             regularizer.schedule.load_state_dict(state["alignment_schedule"])
@@ -427,7 +467,10 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
 
     stop = _StopFlag()
     guard = UpdateGuard(optimizer, [p for group in param_groups for p in group["params"]])
-    data = batches(dataset, order, position, accelerator.device)
+    workers = config.train.num_workers
+    if workers is None:
+        workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+    data = batch_loader(dataset, order, position, workers, pin_memory=accelerator.device.type == "cuda")
     bar = tqdm(
         total=config.train.max_steps,
         initial=start_step,
@@ -441,39 +484,40 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
     interrupted = False
     while step < config.train.max_steps:
         step_metrics: dict[str, torch.Tensor] = {}
-        for _ in range(config.train.gradient_accumulation):
-            batch = next(data)
+        accumulation = config.train.gradient_accumulation
+        for micro in range(accumulation):
+            batch = to_device(next(data), accelerator.device)
             position += 1
-            with accelerator.accumulate(transformer):
-                generator = torch.Generator().manual_seed(
+            last_micro = micro == accumulation - 1
+            with _gradient_sync(accelerator, transformer, sharding, last_micro):
+                generator = torch.Generator(accelerator.device).manual_seed(
                     (config.train.seed * 1_000_003 + step) * 4099 + accelerator.process_index
                 )
                 loss, metrics = step_loss(parts, batch, step, generator)
                 step_metrics |= metrics
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if accelerator.num_processes > 1:
-                        for module in side_modules.values():
-                            _average_gradients(module.parameters())
-                    grad_norm = accelerator.clip_grad_norm_(
-                        [p for group in param_groups for p in group["params"]], optim.max_grad_norm
+                accelerator.backward(loss)  # divides by the accumulation count
+            if not last_micro:
+                continue
+            if accelerator.num_processes > 1:
+                average_gradients([p for module in side_modules.values() for p in module.parameters()])
+            accelerator.unscale_gradients()  # fp16: GradScaler's scale off before the norm
+            grad_norm = clip_grad_norm([p for g in param_groups for p in g["params"]], optim.max_grad_norm)
+            # The one host sync per optimiser step: an update with a non-finite gradient or leaving
+            # non-finite weights is undone (never trained on, never saved). The norm is global.
+            grad_ok, weights_ok = guard.step(grad_norm)
+            if grad_ok and weights_ok:
+                nonfinite_streak = 0
+            else:
+                skipped += 1
+                nonfinite_streak += 1
+                what = "gradient" if not grad_ok else "weights after the update"
+                if accelerator.is_main_process:
+                    bar.write(
+                        f"step {step + 1}: non-finite {what}, update undone ({nonfinite_streak} in a row)"
                     )
-                    # The one host sync per optimiser step: an update with a non-finite gradient or
-                    # leaving non-finite weights is undone (never trained on, never saved).
-                    grad_ok, weights_ok = guard.step(grad_norm)
-                    if grad_ok and weights_ok:
-                        nonfinite_streak = 0
-                    else:
-                        skipped += 1
-                        nonfinite_streak += 1
-                        what = "gradient" if not grad_ok else "weights after the update"
-                        if accelerator.is_main_process:
-                            bar.write(
-                                f"step {step + 1}: non-finite {what}, update undone ({nonfinite_streak} in a row)"
-                            )
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step_metrics["train/grad_norm"] = grad_norm.detach()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_metrics["train/grad_norm"] = grad_norm.detach()
         if nonfinite_streak >= config.train.max_nonfinite_steps:
             raise TrainingStopped(
                 f"{nonfinite_streak} optimiser steps in a row had a non-finite loss, gradient or updated weights "
@@ -502,6 +546,7 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
                 position,
                 skipped,
                 modules,
+                names,
                 optimizer,
                 lr_scheduler,
                 regularizer,
@@ -511,11 +556,9 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
             config.validation.every
             and config.validation.prompts
             and (step % config.validation.every == 0 or step == config.train.max_steps)
-            and accelerator.is_main_process
+            and (accelerator.is_main_process or sharding == "fsdp")
         ):
-            from crepa.train.validation import run_validation
-
-            run_validation(config, family, accelerator.unwrap_model(transformer), output / "validation", step)
+            _validate(config, family, accelerator, accelerator.unwrap_model(transformer), sharding, step)
         if stop.requested:
             interrupted = True
             break
@@ -528,6 +571,7 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
         accelerator,
         transformer,
         side_modules,
+        regularizer,
         step,
         skipped,
         started,
@@ -535,6 +579,7 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
         interrupted,
         checkpoints,
         stop.signal,
+        sharding,
     )
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -549,34 +594,76 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
 
 
 # ---------------------------------------------------------------- pieces of the loop
-def _average_gradients(params) -> None:
-    world = torch.distributed.get_world_size()
-    for param in params:
-        if param.grad is not None:
-            torch.distributed.all_reduce(param.grad)
-            param.grad.div_(world)
+def _param_groups(
+    config: RunConfig, transformer: nn.Module, side_modules: dict[str, nn.Module]
+) -> list[dict[str, Any]]:
+    """AdamW groups: the transformer's trainable parameters, the projector, the RepVideo gates."""
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in transformer.parameters() if p.requires_grad], "lr": config.optim.lr}
+    ]
+    if "projector" in side_modules:
+        groups.append(
+            {"params": list(side_modules["projector"].parameters()), "lr": config.crepa.lr or config.optim.lr}
+        )
+    if "repvideo_gates" in side_modules:
+        # no weight decay: it would pull every gate (one vector) towards 0, gated or not
+        groups.append(
+            {
+                "params": list(side_modules["repvideo_gates"].parameters()),
+                "lr": config.repvideo.lr or config.optim.lr,
+                "weight_decay": 0.0,
+            }
+        )
+    return groups
+
+
+def _gradient_sync(accelerator, transformer, sharding: str, sync: bool) -> AbstractContextManager:
+    """Gradient reduction of the transformer only on the last micro-batch of an accumulation."""
+    if sharding == "fsdp":
+        transformer.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync else accelerator.no_sync(transformer)
+
+
+def _validate(config, family, accelerator, model: nn.Module, sharding: str, step: int) -> None:
+    """Sample the validation prompts. A sharded model's forward is a collective, so under FSDP every
+    rank samples (the same clips) and only rank 0's files are kept."""
+    from crepa.train.validation import run_validation
+
+    if accelerator.is_main_process:
+        run_validation(config, family, model, config.output.dir / "validation", step)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            run_validation(config, family, model, Path(scratch), step)
+    if sharding == "fsdp":
+        accelerator.wait_for_everyone()
+
+
+def _to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def _save_checkpoint(
-    accelerator, root, step, position, skipped, modules, optimizer, lr_scheduler, regularizer, config
+    accelerator, root, step, position, skipped, modules, names, optimizer, lr_scheduler, regularizer, config
 ) -> None:
     staged = ckpt.staging_dir(root, step)
     accelerator.wait_for_everyone()
     main = accelerator.is_main_process
+    # every rank takes part in gathering sharded tensors; rank 0 writes them
+    tensors = ckpt.trainable_state(modules)
+    optimizer_state = optimizer_state_by_name(optimizer, names)
     state = None
     if main:
         state = {
             "step": step,
             "position": position,
             "skipped_nonfinite": skipped,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "lr_scheduler": lr_scheduler.state_dict(),
             "alignment_schedule": None if regularizer is None else regularizer.schedule.state_dict(),
             "config": json.loads(config.model_dump_json()),
         }
-    ckpt.write_checkpoint_files(
-        staged, ckpt.trainable_state(modules) if main else None, state, accelerator.process_index
-    )
+    ckpt.write_checkpoint_files(staged, tensors if main else None, state, accelerator.process_index)
     accelerator.wait_for_everyone()
     if main:
         ckpt.publish_checkpoint(root, step, config.train.keep_checkpoints)
@@ -589,19 +676,26 @@ def _finish(
     accelerator,
     transformer,
     side_modules,
+    regularizer,
     step,
     skipped,
     started,
     last,
     interrupted,
     root,
-    stop_signal=None,
+    stop_signal,
+    sharding,
 ):
     output = config.output.dir
     modules = {"transformer": accelerator.unwrap_model(transformer), **side_modules}
     # float64 sum of |w| per rank: equal on every rank when data parallelism kept them in sync
-    checksum = float(sum(tensor.double().abs().sum() for tensor in ckpt.trainable_state(modules).values()))
-    checksums = gather_object([checksum]) if accelerator.num_processes > 1 else [checksum]
+    trained = ckpt.trainable_state(modules)  # whole tensors (gathered from the shards under FSDP)
+    checksum = float(sum(tensor.double().abs().sum() for tensor in trained.values()))
+    schedule = None if regularizer is None else regularizer.schedule
+    local_ema = None if schedule is None or schedule.local_ema is None else float(schedule.local_ema)
+    cutoff = None if schedule is None else schedule.cut_step
+    per_rank = [(checksum, cutoff, local_ema)]
+    per_rank = gather_object(per_rank) if accelerator.num_processes > 1 else per_rank
     latest = ckpt.checkpoint_dirs(root)
     summary = TrainingSummary(
         steps=step,
@@ -610,16 +704,25 @@ def _finish(
         peak_memory_mb=_peak_memory_mb(),
         final_metrics=last,
         interrupted=interrupted,
-        rank_weight_checksums=checksums,
+        rank_weight_checksums=[entry[0] for entry in per_rank],
+        rank_cutoff_steps=[entry[1] for entry in per_rank],
+        rank_score_ema=[entry[2] for entry in per_rank],
         output_dir=str(output),
         checkpoint=str(latest[-1]) if latest else None,
+        parallelism=sharding
+        if sharding != "none"
+        else ("ddp" if accelerator.num_processes > 1 else "single"),
         config=json.loads(config.model_dump_json()),
         stop_signal=stop_signal,
     )
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(transformer)
         if config.lora.enabled:
-            save_lora(unwrapped, family, output)
+            prefix = "transformer."
+            lora = {
+                key.removeprefix(prefix): value for key, value in trained.items() if key.startswith(prefix)
+            }
+            save_lora(unwrapped, family, output, state=lora)
         else:
             unwrapped.save_pretrained(output / "transformer")
         for name, module in side_modules.items():  # projector.safetensors, repvideo_gates.safetensors
