@@ -92,15 +92,20 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def make_step(run: Path, mode: str):
-    """Build the trainer's parts for ``mode`` and return ``step(i)``: one optimiser step of batch i."""
+def make_step(run: Path, mode: str, feed: str = "loader"):
+    """Build the trainer's parts for ``mode`` and return ``step(i)``: one optimiser step of batch i.
+
+    feed "loader": batches from the cache through the trainer's DataLoader (one worker, prefetching);
+    "memory": the same batches read beforehand and held in memory.
+    """
+    import itertools
+
     from crepa.config import load_config
     from crepa.regularizer import CrepaRegularizer
-    from crepa.train.batches import BucketedBatchOrder
+    from crepa.train.batches import BucketedBatchOrder, batch_loader
     from crepa.train.lora import add_lora
     from crepa.train.recipe import (
         StepParts,
-        batches,
         load_online_teacher,
         load_transformer,
         open_dataset,
@@ -128,7 +133,10 @@ def make_step(run: Path, mode: str):
     parts = StepParts(
         config, family, transformer, transformer, regularizer, teacher, vae, torch.float32, alphas
     )
-    data = batches(dataset, BucketedBatchOrder(dataset.buckets, 1, 0), 0, torch.device("cpu"))
+    order = BucketedBatchOrder(dataset.buckets, 1, 0)
+    data = batch_loader(dataset, order, 0, num_workers=1, pin_memory=False)
+    if feed == "memory":
+        data = itertools.cycle([next(data) for _ in range(order.per_epoch)])
 
     def step(index: int) -> None:
         loss, _ = step_loss(parts, next(data), index, torch.Generator().manual_seed(index))
@@ -141,20 +149,28 @@ def make_step(run: Path, mode: str):
 
 
 def measure_times(run: Path, steps: int, warmup: int) -> dict[str, float]:
-    """Median CPU seconds per step of every mode, interleaved step by step in one process on one
-    thread, so load from other jobs on the machine hits every mode alike."""
+    """Median seconds per step of every mode, interleaved step by step in one process with one
+    compute thread, so load from other jobs on the machine hits every mode alike: CPU seconds per
+    teacher mode, and wall seconds of the cache mode fed by the DataLoader ("cache") and from memory
+    ("cache-memory") for the data path (its worker's CPU time is not the step's)."""
     torch.set_num_threads(1)
     runners = {mode: make_step(run, mode) for mode in MODES}
+    runners["cache-memory"] = make_step(run, "cache", feed="memory")
     for index in range(warmup):
         for runner in runners.values():
             runner(index)
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in runners}
+    walls: dict[str, list[float]] = {mode: [] for mode in ("cache", "cache-memory")}
     for index in range(warmup, warmup + steps):
         for mode, runner in runners.items():
-            start = time.process_time()
+            start, wall = time.process_time(), time.perf_counter()
             runner(index)
             times[mode].append(time.process_time() - start)
-    return {mode: statistics.median(values) for mode, values in times.items()}
+            if mode in walls:
+                walls[mode].append(time.perf_counter() - wall)
+    medians = {mode: statistics.median(values) for mode, values in times.items()}
+    medians |= {f"wall {mode}": statistics.median(values) for mode, values in walls.items()}
+    return medians
 
 
 def measure_memory(run: Path, mode: str, steps: int, warmup: int) -> dict[str, float]:
@@ -217,6 +233,69 @@ def analytic_flops() -> dict[str, float]:
     }
 
 
+# (name, latent frames x height x width token grid after patching, width, blocks, teacher width)
+REAL_SHAPES = (
+    ("CogVideoX-5B 49x480x720", (13, 30, 45), 3072, 42, 1536),
+    ("Wan2.1-14B 81x480x832", (21, 30, 52), 5120, 40, 1536),
+    ("HunyuanVideo 129x720x1280", (33, 45, 80), 3072, 60, 1536),
+)
+
+
+def head_saved_bytes(grid: tuple[int, int, int], width: int, teacher_dim: int, recompute: bool) -> int:
+    """Bytes autograd keeps for the CREPA head's backward beyond its inputs (the block output, already
+    kept by the next checkpointed block, and the batch's teacher grid), counted with saved-tensor
+    hooks on meta tensors of the real shape: bf16 block output and teacher grid, the trainer's
+    projector (2048 hidden) computing in bf16 as under autocast (meta tensors skip autocast, so its
+    weights are bf16 here; autocast's bf16 weight copies, ~27 MiB, are left out), ``recompute`` as
+    the trainer runs it with gradient checkpointing."""
+    from crepa.regularizer import CrepaConfig, CrepaRegularizer
+
+    frames, height, width_tokens = grid
+    with torch.device("meta"):
+        head = CrepaRegularizer.__new__(CrepaRegularizer)
+        torch.nn.Module.__init__(head)
+        head.config = CrepaConfig()
+        from crepa.align import build_projector
+
+        head.projector = build_projector("mlp", width, teacher_dim, 2048).to(torch.bfloat16)
+        student = torch.empty(
+            1, frames, height, width_tokens, width, dtype=torch.bfloat16, requires_grad=True
+        )
+        teacher = torch.empty(1, frames, height, width_tokens, teacher_dim, dtype=torch.bfloat16)
+    saved: dict[int, int] = {}  # by tensor identity: a tensor saved twice counts once
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not any(tensor is x or tensor._base is x for x in (student, teacher)):
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        if recompute:
+            checkpoint(head._head, student, teacher, use_reentrant=False)
+        else:
+            head._head(student, teacher)
+    return sum(saved.values())
+
+
+def head_memory_report() -> list[str]:
+    """Extra memory saved for backward by the CREPA head against the step's activation memory (the
+    block inputs gradient checkpointing keeps: blocks x tokens x width x 2 bytes, a lower bound)."""
+    lines = []
+    for name, grid, width, blocks, teacher_dim in REAL_SHAPES:
+        tokens = grid[0] * grid[1] * grid[2]
+        activations = blocks * tokens * width * 2
+        plain = head_saved_bytes(grid, width, teacher_dim, recompute=False)
+        kept = head_saved_bytes(grid, width, teacher_dim, recompute=True)
+        lines.append(
+            f"  {name:<27} {tokens:>7} tokens  activations {activations / 2**30:6.2f} GiB  "
+            f"head without recompute {plain / 2**30:5.2f} GiB ({100 * plain / activations:5.1f}%)  "
+            f"as trained {kept / 2**20:7.2f} MiB ({100 * kept / activations:5.2f}%)"
+        )
+    return lines
+
+
 def _child(*args: str) -> dict:
     command = [sys.executable, __file__, "--child", *args]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -259,6 +338,13 @@ def main() -> None:
             f"{mode:<8}{seconds[mode]:>11.3f}{seconds[mode] / seconds['none']:>9.3f}"
             f"{peak:>14.0f}{peak / memory['none']['peak_mib']:>9.3f}{rise:>15.1f}"
         )
+    feed = seconds["wall cache"] / seconds["wall cache-memory"]
+    print(
+        f"\ndata path (cache mode, wall s/step): DataLoader {seconds['wall cache']:.3f}, "
+        f"tensors in memory {seconds['wall cache-memory']:.3f}, ratio {feed:.3f}"
+    )
+    print("\nExtra memory saved for backward by the CREPA head (bf16, batch 1):")
+    print("\n".join(head_memory_report()))
     if not args.skip_flops:
         flops = analytic_flops()
         print("\nAnalytic extra work per step at CogVideoX-5B shapes (49x480x720, DINOv2-g at 420x630):")

@@ -167,3 +167,25 @@ def test_similarity_cutoff_is_decided_once_for_all_ranks(wan_run):
     assert summary["rank_score_ema"] == own  # same trajectory up to the check
     assert summary["rank_cutoff_steps"] == [10, 10]  # both ranks stop aligning from step 10, no hang
     assert summary["final_metrics"]["crepa/weight"] == 0.0
+
+
+def metric(output: Path, key: str) -> list[float]:
+    return [json.loads(line)[key] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_with_checkpointing_capture_and_repvideo(wan_run):
+    common = ["train.max_steps=2", "model.gradient_checkpointing=true", "repvideo.enabled=true"]
+    eager = load_config(wan_run, [*common, 'output.dir="eager"'])
+    compiled = load_config(wan_run, [*common, "model.compile=true", 'output.dir="compiled"'])
+    train(eager, progress=False)
+    train(compiled, progress=False)
+    for key in ("loss/total", "crepa/loss", "crepa/score"):  # capture worked on every step
+        assert np.allclose(
+            metric(compiled.output.dir, key), metric(eager.output.dir, key), rtol=1e-4, atol=1e-5
+        )
+    assert_same_tensors(
+        eager.output.dir / "pytorch_lora_weights.safetensors",
+        compiled.output.dir / "pytorch_lora_weights.safetensors",
+        atol=1e-5,
+    )

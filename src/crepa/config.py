@@ -44,6 +44,9 @@ class ModelSection(_Section):
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = True
+    compile: bool = Field(
+        default=False, description="torch.compile each transformer block (hooks stay eager around it)"
+    )
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """The weights' dtype on ``device``: ``dtype``, with "auto" = bf16 on CUDA, fp32 elsewhere."""

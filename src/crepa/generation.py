@@ -27,6 +27,7 @@ from crepa.cache.atomic import atomic_write_bytes
 from crepa.config import ModelSection, ValidationSection
 from crepa.io.video import write_video
 from crepa.models import ModelFamily
+from crepa.models.hub import hub_access
 from crepa.models.pipelines import _DTYPE_KWARG, text_length
 
 SAMPLES_FILE = "samples.jsonl"
@@ -95,13 +96,14 @@ def load_pipeline(
     """
     parameter = next(transformer.parameters())
     pipeline_class = getattr(diffusers, family.pipeline_class)
-    pipeline = pipeline_class.from_pretrained(
-        model.pretrained,
-        **{model.expert or "transformer": transformer},  # Wan 2.2 A14B: the trained expert's slot
-        revision=model.revision,
-        **{_DTYPE_KWARG: parameter.dtype},
-        **components,
-    )
+    with hub_access(model.pretrained, "model.pretrained"):
+        pipeline = pipeline_class.from_pretrained(
+            model.pretrained,
+            **{model.expert or "transformer": transformer},  # Wan 2.2 A14B: the trained expert's slot
+            revision=model.revision,
+            **{_DTYPE_KWARG: parameter.dtype},
+            **components,
+        )
     device = torch.device(device) if device is not None else parameter.device
     if offload:
         if device.type == "cpu":

@@ -210,7 +210,8 @@ class CrepaRegularizer(nn.Module):
         the stored dtype (e.g. float16): neither is upcast as a whole before the projector.
         """
         student = self.projector(student_tokens).flatten(2, 3)  # (B, F', N, D)
-        with torch.autocast(student.device.type, enabled=False):  # the reductions choose their dtype
+        device_type = student.device.type if torch.amp.is_autocast_available(student.device.type) else "cpu"
+        with torch.autocast(device_type, enabled=False):  # the reductions choose their dtype
             result = cross_frame_alignment(
                 student,
                 teacher_tokens.flatten(2, 3),

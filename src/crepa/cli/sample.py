@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from crepa.cli import app
+from crepa.models.hub import HubUnreachableError
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -96,6 +97,9 @@ def sample(
     except (RunDirectoryError, FileNotFoundError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
+    except HubUnreachableError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from None
     except torch.OutOfMemoryError as error:
         console.print(
             f"[red]out of memory:[/red] {error}\nTo use less memory: --batch-size 1, --offload, --vae-tiling, "

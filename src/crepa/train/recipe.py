@@ -196,6 +196,14 @@ def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype)
     return transformer
 
 
+def compile_blocks(transformer: nn.Module, family: ModelFamily) -> None:
+    """``torch.compile`` each block's ``forward``. Not ``block.compile()``: that compiles the module call
+    with its hooks, while here the hooks (CREPA capture, RepVideo gates, FSDP) stay eager around the
+    compiled forward, and gradient checkpointing recomputes the compiled forward as any other."""
+    for block in family.blocks(transformer):
+        block.forward = torch.compile(block.forward)
+
+
 def noise_batch(
     config: RunConfig,
     family: ModelFamily,
@@ -410,6 +418,8 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
     if sharding == "fsdp":  # replaces the transformer's parameters: before the optimiser sees them
         transformer.to(accelerator.device)
         shard_transformer(transformer, family)
+    if config.model.compile:
+        compile_blocks(transformer, family)
     param_groups = _param_groups(config, transformer, side_modules)
     optim = config.optim
     optimizer = torch.optim.AdamW(
