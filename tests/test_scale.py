@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -90,26 +91,49 @@ def test_loader_batches_are_a_function_of_position_for_any_worker_count(wan_run,
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples/accelerate"
 
 
-def launch(
-    run: Path, *overrides: str, sharded: bool = False, resume: bool = False, timeout: float = 900
-) -> subprocess.CompletedProcess:
+def launch_command(run: Path, *overrides: str, sharded: bool = False, resume: bool = False) -> list[str]:
     """`crepa train` in 2 CPU processes (gloo) under accelerate: DDP, or FSDP2 with the shipped yaml."""
     with socket.socket() as probe:  # a free port: another job on the machine may hold the default one
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     topology = ["--config_file", str(EXAMPLES / "fsdp.yaml")] if sharded else ["--multi_gpu"]
-    command = [
+    return [
         *("accelerate", "launch", *topology, "--num_processes", "2", "--num_machines", "1"),
         *("--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"),
         *("-m", "crepa", "train", str(run), "--no-progress"),
         *(arg for override in overrides for arg in ("--set", override)),
         *(["--resume", "latest"] if resume else []),
     ]
+
+
+def launch_env() -> dict[str, str]:
     bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, cwd=run.parent, capture_output=True, text=True, timeout=timeout, env=env)
+    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(
+    run: Path, *overrides: str, sharded: bool = False, resume: bool = False, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    command = launch_command(run, *overrides, sharded=sharded, resume=resume)
+    result = subprocess.run(
+        command, cwd=run.parent, capture_output=True, text=True, timeout=timeout, env=launch_env()
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def launch_process(run: Path, *overrides: str, sharded: bool = False) -> subprocess.Popen:
+    """The same launch, running, with its stderr readable line by line (own process group)."""
+    command = launch_command(run, *overrides, sharded=sharded)
+    return subprocess.Popen(
+        command,
+        cwd=run.parent,
+        env=launch_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def summary_of(output: Path) -> dict:
@@ -189,3 +213,33 @@ def test_compiled_blocks_train_like_eager_with_checkpointing_capture_and_repvide
         compiled.output.dir / "pytorch_lora_weights.safetensors",
         atol=1e-5,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_every_rank_exits_promptly_on_a_loaded_machine(wan_run, sharded):
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        for attempt in range(5):
+            process = launch_process(
+                wan_run,
+                "train.max_steps=2",
+                "train.batch_size=1",
+                f'output.dir="exit{attempt}"',
+                sharded=sharded,
+            )
+            finished = 0
+            for line in process.stderr:  # each rank prints "done: ..." as train() returns
+                finished += line.startswith("done:")
+                if finished == 2:
+                    break
+            assert finished == 2, f"attempt {attempt}: a rank did not finish training"
+            try:
+                process.wait(timeout=60)  # a hung rank would never exit
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                pytest.fail(f"attempt {attempt}: a rank was still running 60 s after both printed done")
+            assert process.returncode == 0
+    finally:
+        for loop in busy:
+            loop.kill()

@@ -12,6 +12,7 @@ from crepa.cli import app
 from crepa.cli._errors import EXIT_FAILURE, EXIT_SIGNAL, command_errors, fail
 from crepa.config import RunConfig, load_config
 from crepa.train.checkpoint import checkpoint_dirs
+from crepa.train.parallel import exit_process
 
 
 @app.command()
@@ -26,44 +27,49 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ) -> None:
     """Fine-tune the model of CONFIG (LoRA or full) with the alignment loss; resumable, multi-GPU via accelerate."""
-    console = Console(stderr=True)
-    run: RunConfig | None = None
+    try:
+        console = Console(stderr=True)
+        run: RunConfig | None = None
 
-    def state() -> tuple[Path | None, str]:
-        if run is None:
-            return None, "nothing was written"
-        found = checkpoint_dirs(run.output.dir / "checkpoints")
-        if not found:
-            return run.output.dir, "no checkpoint was written yet"
-        return run.output.dir, f"checkpoints up to {found[-1]} are intact; resume with --resume latest"
+        def state() -> tuple[Path | None, str]:
+            if run is None:
+                return None, "nothing was written"
+            found = checkpoint_dirs(run.output.dir / "checkpoints")
+            if not found:
+                return run.output.dir, "no checkpoint was written yet"
+            return run.output.dir, f"checkpoints up to {found[-1]} are intact; resume with --resume latest"
 
-    with command_errors(console, state):
-        run = load_config(config, set_)
-        from crepa.train.recipe import TrainingStopped
-        from crepa.train.recipe import train as run_training
+        with command_errors(console, state):
+            run = load_config(config, set_)
+            from crepa.train.recipe import TrainingStopped
+            from crepa.train.recipe import train as run_training
 
-        try:
-            summary = run_training(run, resume=resume, progress=not no_progress)
-        except TrainingStopped as error:
-            fail(console, "training stopped", f"{error} {state()[1]}", EXIT_FAILURE)
-        except torch.OutOfMemoryError as error:
+            try:
+                summary = run_training(run, resume=resume, progress=not no_progress)
+            except TrainingStopped as error:
+                fail(console, "training stopped", f"{error} {state()[1]}", EXIT_FAILURE)
+            except torch.OutOfMemoryError as error:
+                fail(
+                    console,
+                    "out of memory",
+                    f"{error}\nTo use less memory: lower train.batch_size (use train.gradient_accumulation "
+                    "instead), keep model.gradient_checkpointing = true, lower lora.rank, use fewer data.num_frames "
+                    "or smaller data.resolutions, train.mixed_precision = 'bf16', crepa.projector = 'linear'.",
+                    EXIT_FAILURE,
+                )
+        if summary.stop_signal is not None:
             fail(
                 console,
-                "out of memory",
-                f"{error}\nTo use less memory: lower train.batch_size (use train.gradient_accumulation "
-                "instead), keep model.gradient_checkpointing = true, lower lora.rank, use fewer data.num_frames "
-                "or smaller data.resolutions, train.mixed_precision = 'bf16', crepa.projector = 'linear'.",
-                EXIT_FAILURE,
+                f"stopped by {summary.stop_signal}",
+                f"{summary.steps} steps; checkpoint {summary.checkpoint} saved; resume with --resume latest",
+                EXIT_SIGNAL[summary.stop_signal],
             )
-    if summary.stop_signal is not None:
-        fail(
-            console,
-            f"stopped by {summary.stop_signal}",
-            f"{summary.steps} steps; checkpoint {summary.checkpoint} saved; resume with --resume latest",
-            EXIT_SIGNAL[summary.stop_signal],
+        console.print(
+            f"done: {summary.steps} steps in {summary.seconds:.0f}s; outputs in {summary.output_dir}",
+            highlight=False,
+            soft_wrap=True,
         )
-    console.print(
-        f"done: {summary.steps} steps in {summary.seconds:.0f}s; outputs in {summary.output_dir}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    except typer.Exit as end:
+        exit_process(end.exit_code)  # multi-process runs end here (see crepa.train.parallel.exit_process)
+        raise
+    exit_process(0)

@@ -16,7 +16,9 @@ can resume with another number of processes.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Iterable
 from typing import Literal
 
@@ -168,3 +170,30 @@ def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     if isinstance(param, DTensor):
         return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements)
     return full.to(param.device)
+
+
+def exchange_objects(value: object) -> list:
+    """Every rank's JSON-serialisable ``value``, in rank order, through the process group's store:
+    no collective, so no gloo work holding Python tensors is left behind (see :func:`exit_process`)."""
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    store.set(f"crepa/exchange/{rank}", json.dumps(value))
+    return [json.loads(store.get(f"crepa/exchange/{other}")) for other in range(world)]
+
+
+def exit_process(code: int) -> None:
+    """End a process of a multi-process run now, skipping the interpreter's teardown.
+
+    Why: gloo's ``~ProcessGroupGloo`` joins its worker threads while the tearing-down thread holds
+    the GIL, and a worker that is still releasing a finished collective's tensors needs the GIL to
+    drop their Python objects: the process hangs in a futex after "done" (seen under load, where the
+    worker lags behind). Everything a run writes is flushed and closed by then, so exiting without
+    destructors loses nothing. A single process returns and exits normally.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -12,7 +12,6 @@ uninterrupted one step for step.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from safetensors.torch import save_file
@@ -66,6 +65,7 @@ from crepa.train.objectives import (
 from crepa.train.parallel import (
     average_gradients,
     clip_grad_norm,
+    exchange_objects,
     launch_sharding,
     load_optimizer_state_by_name,
     optimizer_state_by_name,
@@ -591,15 +591,10 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
         stop.signal,
         sharding,
     )
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # The DDP reducer owns the process group: it must go while every rank is still alive, else
-        # its gloo threads wait for a peer that has exited and the process hangs when train() returns.
-        accelerator.free_memory()
-        del parts, transformer, optimizer, lr_scheduler
-        gc.collect()
-        accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+    for tracker in accelerator.trackers:  # not accelerator.end_training(): it destroys the process group,
+        tracker.finish()  # whose teardown can hang under gloo (see crepa.train.parallel.exit_process)
+    del data  # DataLoader workers stop here
+    accelerator.wait_for_everyone()
     return summary
 
 
@@ -705,7 +700,7 @@ def _finish(
     local_ema = None if schedule is None or schedule.local_ema is None else float(schedule.local_ema)
     cutoff = None if schedule is None else schedule.cut_step
     per_rank = [(checksum, cutoff, local_ema)]
-    per_rank = gather_object(per_rank) if accelerator.num_processes > 1 else per_rank
+    per_rank = exchange_objects(per_rank[0]) if accelerator.num_processes > 1 else per_rank
     latest = ckpt.checkpoint_dirs(root)
     summary = TrainingSummary(
         steps=step,
