@@ -79,7 +79,7 @@ def diagnostic_calls(
         }
         latents = item["latents"].to(dtype)
         teacher_grid = (
-            batch_teacher_grid(config, family, transformer, item, online_teacher, online_vae)
+            batch_teacher_grid(config, family, transformer, item, online_teacher, online_vae).float()
             if with_teacher
             else None
         )
