@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -243,3 +244,26 @@ def test_every_rank_exits_promptly_on_a_loaded_machine(wan_run, sharded):
     finally:
         for loop in busy:
             loop.kill()
+
+
+@pytest.mark.slow
+def test_fsdp2_with_repvideo_equals_data_parallel(tmp_path):
+    wan_run = write_world(tmp_path, "wan")
+    # RepVideo with window 2 gates block 2 of 3 (blocks 0 and 1 follow a restart)
+    config = diffusers.WanTransformer3DModel.load_config(tmp_path / "pipe/transformer")
+    torch.manual_seed(0)
+    diffusers.WanTransformer3DModel.from_config({**config, "num_layers": 3}).save_pretrained(
+        tmp_path / "pipe/transformer"
+    )
+    precompute(load_config(wan_run), progress=False)
+    common = ["train.max_steps=2", "train.batch_size=1", "repvideo.enabled=true", "repvideo.window=2"]
+    common += ["repvideo.gate_init=0.5", "repvideo.lr=0.01", "crepa.block_index=1"]
+    launch(wan_run, *common, 'output.dir="rep-ddp"')
+    launch(wan_run, *common, 'output.dir="rep-fsdp"', sharded=True)
+    root = wan_run.parent
+    for name in ("pytorch_lora_weights.safetensors", "projector.safetensors", "repvideo_gates.safetensors"):
+        assert_same_tensors(root / "rep-ddp" / name, root / "rep-fsdp" / name, atol=1e-6)
+    gates = load_file(root / "rep-fsdp/repvideo_gates.safetensors")["gate"]
+    assert gates[2] != 0.5  # the gated block's gate trained
+    fsdp = summary_of(root / "rep-fsdp")
+    assert fsdp["parallelism"] == "fsdp" and len(set(fsdp["rank_weight_checksums"])) == 1
