@@ -53,6 +53,7 @@ from crepa.cache.shards import PART_KINDS, ShardIndex, ShardWriter, to_storage
 from crepa.config import ConfigError, RunConfig, check_against_family, check_optional_dependencies
 from crepa.data import DataReport, SamplingConfig, VideoSample, iter_decoded, scan_dataset
 from crepa.lock import hold
+from crepa.models.hub import hub_access
 from crepa.models.image_conditioning import IMAGE_ENCODERS
 from crepa.models.pipelines import (
     encode_latents,
@@ -192,8 +193,9 @@ def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], Samp
     model = config.model
     _check_local_path("model.pretrained", model.pretrained)
     try:
-        family = resolve_family(model.pretrained, model.family, model.revision)
-        transformer_config = read_transformer_config(model.pretrained, family, model.revision)
+        with hub_access(model.pretrained, "model.pretrained"):
+            family = resolve_family(model.pretrained, model.family, model.revision)
+            transformer_config = read_transformer_config(model.pretrained, family, model.revision)
     except (OSError, ValueError) as error:
         key = "model.family" if model.family else "model.pretrained"
         raise ConfigError(f"{key}: {error}") from None
@@ -212,7 +214,8 @@ def check_teacher_settings(config: RunConfig) -> None:
     settings = config.teacher
     _check_local_path("teacher.name", settings.name)
     try:
-        detected = detect_teacher_kind(settings.name)
+        with hub_access(settings.name, "teacher.name"):
+            detected = detect_teacher_kind(settings.name)
     except (OSError, ValueError) as error:
         raise ConfigError(f"teacher.name: {error}") from None
     # a DINOv2-with-registers checkpoint is a DINOv2 teacher too
@@ -422,23 +425,25 @@ class _Worker:
         model = config.model
         self.components = None
         if needed & {"latents", "text"}:
-            self.components = load_components(
-                model.pretrained,
-                family.name,
-                model.revision,
-                dtype,
-                device,
-                vae="latents" in needed,
-                text_encoders="text" in needed,
-            )
+            with hub_access(model.pretrained, "model.pretrained"):
+                self.components = load_components(
+                    model.pretrained,
+                    family.name,
+                    model.revision,
+                    dtype,
+                    device,
+                    vae="latents" in needed,
+                    text_encoders="text" in needed,
+                )
             if config.cache.vae_tiling and "latents" in needed:
                 self.components.vae.enable_tiling()
         self.teacher = None
         if "teacher" in needed:
             settings = config.teacher
-            self.teacher = load_teacher(
-                settings.name, settings.kind, device=device, chunk_size=settings.chunk_size
-            )
+            with hub_access(settings.name, "teacher.name"):
+                self.teacher = load_teacher(
+                    settings.name, settings.kind, device=device, chunk_size=settings.chunk_size
+                )
 
     def run(self, report: DataReport, bar: _ProgressBar) -> list[CacheEntry]:
         """Compute every plan's missing parts; returns the entries of the samples that are complete.
