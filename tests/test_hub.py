@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from crepa.io.video import write_video
 from test_train import write_world
@@ -62,3 +63,31 @@ def test_unreachable_hub_is_named_without_traceback(world, command, hub_id, key)
     assert result.returncode == 1, output[-2000:]
     assert f"cannot reach the model hub and {hub_id} is not in the local cache" in message, message[-2000:]
     assert key in message and "Traceback" not in output
+
+
+@pytest.mark.parametrize("export_format", ["comfyui", "merged"])
+def test_export_names_the_unreachable_hub(world, tmp_path, export_format):
+    """A run trained from a hub id, exported where that id is neither reachable nor cached."""
+    from safetensors.torch import save_file
+
+    from crepa.config import load_config
+    from crepa.runs import RUN_CONFIG_FILE
+    from crepa.train.lora import LORA_FILE
+
+    hub_id = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    config = load_config(world / "run.toml", [f'model.pretrained="{hub_id}"', 'model.family="wan"'])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / RUN_CONFIG_FILE).write_text(config.model_dump_json(), encoding="utf-8")
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)}, run_dir / LORA_FILE)
+    result = crepa(
+        ["export", str(run_dir), "--format", export_format, "--out", str(tmp_path / "out")],
+        world,
+        world / "hf-home",
+    )
+    output = result.stdout + result.stderr
+    message = " ".join(output.split())
+    assert result.returncode == 1, output[-2000:]
+    assert f"cannot reach the model hub and {hub_id} is not in the local cache" in message, message[-2000:]
+    assert "model.pretrained" in message and "Traceback" not in output
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from crepa.config import RunConfig
 from crepa.models import ModelFamily
+from crepa.models.hub import hub_access
 from crepa.runs import (
     GATES_FILE,
     final_step,
@@ -202,9 +203,10 @@ def comfyui_state_dict(
 def _fused_out_features(config: RunConfig, family: ModelFamily) -> dict[str, int]:
     """Output size of every linear module of the transformer, from its config (built on the meta device)."""
     transformer_class = getattr(diffusers, family.class_names[0])
-    transformer_config = transformer_class.load_config(
-        config.model.pretrained, subfolder="transformer", revision=config.model.revision
-    )
+    with hub_access(config.model.pretrained, "model.pretrained"):
+        transformer_config = transformer_class.load_config(
+            config.model.pretrained, subfolder="transformer", revision=config.model.revision
+        )
     with torch.device("meta"):
         skeleton = transformer_class.from_config(transformer_config)
     return {

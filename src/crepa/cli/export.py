@@ -33,6 +33,7 @@ def export(
     """Write the run's LoRA (or merged transformer) for diffusers, ComfyUI / kohya-style tools, or
     from_pretrained, with RepVideo gates beside it and a hub model card (README.md)."""
     from crepa.export import export_run
+    from crepa.models.hub import HubUnreachableError
     from crepa.runs import RunDirectoryError
 
     console = Console(stderr=True)
@@ -52,4 +53,7 @@ def export(
     except (RunDirectoryError, FileNotFoundError, FileExistsError, ValueError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
+    except HubUnreachableError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from None
     console.print(f"exported {format_} to {written}", highlight=False)
