@@ -68,7 +68,12 @@ def run_jobs(
                 bar.update(1)
             return results
         futures = {pool.submit(function, job): index for index, job in enumerate(jobs)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update(1)
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update(1)
+        except BaseException:  # a failed job or Ctrl-C: start no more jobs (running ones finish)
+            for future in futures:
+                future.cancel()
+            raise
     return results

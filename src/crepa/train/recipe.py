@@ -98,6 +98,7 @@ class TrainingSummary:
     output_dir: str
     checkpoint: str | None
     parallelism: str  # "single", "ddp" or "fsdp" (FSDP2, blocks sharded)
+    processes: int  # the world size: processes that trained together
     config: dict[str, Any] = field(default_factory=dict)
     stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
 
@@ -717,6 +718,7 @@ def _finish(
         parallelism=sharding
         if sharding != "none"
         else ("ddp" if accelerator.num_processes > 1 else "single"),
+        processes=accelerator.num_processes,
         config=json.loads(config.model_dump_json()),
         stop_signal=stop_signal,
     )
