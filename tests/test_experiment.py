@@ -1,6 +1,7 @@
 """``crepa experiment`` on a tiny Wan pipeline, 2 variants x 2 seeds: a run killed midway with SIGKILL
 (a real subprocess) and rerun gives the same report as an uninterrupted run, and a rerun of a finished
-experiment trains, samples and evaluates nothing. Plus the variant run files and option parsing."""
+experiment trains, samples and evaluates nothing. Runs trained as 2-process groups (accelerate launch)
+match a direct launch. Plus the variant run files, option parsing and the GPU groups."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from crepa.cli import app
 from crepa.cli.experiment import parse_seeds
 from crepa.config import ConfigError, load_config
+from crepa.experiment.launch import device_groups, launch_slots
 from crepa.experiment.report import TIMING_HEADING
 from crepa.experiment.runfiles import parse_variants, write_runs
 from crepa.experiment.runner import check_extractors_are_not_the_teacher
+from crepa.train.recipe import train
+from test_scale import assert_same_tensors, launch
 from test_train import write_world
 
 TIMING_KEYS = ("stage_seconds", "work", "machine")
@@ -154,3 +160,93 @@ def test_experiment_refuses_the_training_teacher_as_extractor(world, tmp_path):
     check_extractors_are_not_the_teacher(
         {"subject_consistency": "dino", "frechet_distance": "dinov2"}, load_config(world)
     )
+
+
+def test_gpus_are_split_into_groups_of_consecutive_devices(monkeypatch):
+    gpus = [str(index) for index in range(8)]
+    notes: list[str] = []
+    assert device_groups(gpus, 2, notes.append) == ["0,1", "2,3", "4,5", "6,7"] and notes == []
+    assert device_groups(gpus, 3, notes.append) == ["0,1,2", "3,4,5"]
+    assert len(notes) == 1 and "GPU(s) 6,7 stay idle" in notes[0]
+    assert device_groups(gpus, 8, notes.append) == [",".join(gpus)]
+    with pytest.raises(ConfigError, match="--processes-per-run 9: only 8 GPU"):
+        device_groups(gpus, 9)
+
+    # CUDA_VISIBLE_DEVICES of this process is what the groups split
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    slots = launch_slots(2, workers=3, accelerate_config=None)
+    assert slots == [{"CUDA_VISIBLE_DEVICES": "4,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch_slots(2, workers=3, accelerate_config=None) == [{}, {}, {}]  # CPU: --workers at once
+
+
+def test_impossible_process_groups_are_refused_before_any_work(world, tmp_path, monkeypatch):
+    args = experiment_args(world, tmp_path / "out")
+    not_parallel = tmp_path / "single.yaml"
+    not_parallel.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\n")
+    result = CliRunner().invoke(
+        app, [*args, "--processes-per-run", "2", "--accelerate-config", str(not_parallel)]
+    )
+    assert result.exit_code == 2
+    assert "--accelerate-config" in result.output and "distributed_type is 'NO'" in result.output
+    result = CliRunner().invoke(app, [*args, "--accelerate-config", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "--accelerate-config" in result.output
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    result = CliRunner().invoke(app, [*args, "--processes-per-run", "4"])
+    assert result.exit_code == 2
+    assert "--processes-per-run 4: only 2 GPU(s) visible (0,1)" in result.output
+    assert not (tmp_path / "out" / "runs" / "none-seed0" / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_runs_train_as_two_process_groups(world, tmp_path):
+    out = tmp_path / "groups"
+    args = experiment_args(world, out)
+    args[args.index("--seeds") + 1] = "1"
+    args += [
+        "--set",
+        "train.batch_size=1",
+        "--processes-per-run",
+        "2",
+        "--workers",
+        "2",
+    ]  # two launches at once
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for name in ("none-seed0", "crepa-seed0"):
+        run_dir = out / "runs" / name
+        summary = json.loads((run_dir / "training_summary.json").read_text())
+        assert summary["processes"] == 2 and summary["parallelism"] == "ddp" and summary["steps"] == 2
+        assert len(summary["rank_weight_checksums"]) == 2  # one per rank, equal: the ranks stayed in sync
+        assert len(set(summary["rank_weight_checksums"])) == 1
+        assert "accelerate.commands.launch" in (run_dir / "launch.log").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["machine"]["processes_per_run"] == 2 and (out / "report.md").stat().st_size > 0
+    assert set(report["rows"]) == {"none-seed0", "crepa-seed0"}
+
+    # Reference: the same run file launched by hand, 2 gloo processes (test_scale's recipe).
+    run_file = out / "runs" / "crepa-seed0" / "run.toml"
+    launch(run_file, f'output.dir="{tmp_path / "direct"}"')
+    for name in ("pytorch_lora_weights.safetensors", "projector.safetensors"):
+        assert_same_tensors(out / "runs" / "crepa-seed0" / name, tmp_path / "direct" / name, atol=1e-6)
+
+    # In one process with the same global batch (2) the LoRA cannot be equal: the trainer deals batches
+    # of train.batch_size round-robin to the ranks (other sample pairs than one batch of 2) and seeds each
+    # rank's noise and timesteps with its rank. What holds: the same initial LoRA (the run's seed) and
+    # two AdamW steps at optim.lr, each moving a weight by at most lr (1.0015 lr at step 2, betas
+    # 0.9 / 0.999) plus lr * weight_decay * |w|: the two LoRAs are within 2 x 2 steps of each other.
+    single = load_config(run_file, ["train.batch_size=2", f'output.dir="{tmp_path / "single"}"'])
+    train(single, progress=False)
+    launched = load_file(out / "runs" / "crepa-seed0" / "pytorch_lora_weights.safetensors")
+    alone = load_file(tmp_path / "single" / "pytorch_lora_weights.safetensors")
+    lr, decay = single.optim.lr, single.optim.weight_decay
+    assert launched.keys() == alone.keys()
+    for key, tensor in launched.items():
+        bound = 2 * 2 * lr * (1.0015 + decay * float(tensor.abs().max()))
+        assert float((tensor - alone[key]).abs().max()) <= bound, key
+    assert any(not torch.equal(tensor, alone[key]) for key, tensor in launched.items())

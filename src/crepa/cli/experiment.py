@@ -60,6 +60,20 @@ def experiment(
     workers: int = typer.Option(
         1, "--workers", min=1, help="Processes for training runs and evaluations (1: one after the other)."
     ),
+    processes_per_run: int = typer.Option(
+        1,
+        "--processes-per-run",
+        min=1,
+        help="Train each run with `accelerate launch` in K processes (data parallel; train.batch_size is per "
+        "process). On CUDA every run gets K GPUs of its own and as many runs go at once as groups of K fit; "
+        "on the CPU, --workers runs go at once. 1: runs train in this process (or the --workers pool).",
+    ),
+    accelerate_config: Path | None = typer.Option(
+        None,
+        "--accelerate-config",
+        help="accelerate config file for the launched runs (e.g. examples/accelerate/fsdp.yaml); its "
+        "num_processes is replaced by --processes-per-run.",
+    ),
     sample_batch_size: int = typer.Option(1, "--sample-batch-size", min=1, help="Prompts per pipeline call."),
     device: str = typer.Option("auto", "--device", help="Device of the evaluation's feature extractors."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -96,6 +110,8 @@ def experiment(
             base=base,
             workers=workers,
             sample_batch_size=sample_batch_size,
+            processes_per_run=processes_per_run,
+            accelerate_config=accelerate_config.resolve() if accelerate_config is not None else None,
         )
         results = run_experiment(spec, progress=progress, log=lambda text: console.rule(text, style="dim"))
     except (ConfigError, ValueError) as error:

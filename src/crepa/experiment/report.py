@@ -161,6 +161,8 @@ def timing_blocks(results: ExperimentResults, extras: ReportExtras) -> list[Bloc
         "was finished by an earlier invocation and reused."
     )
     machine = results.machine
+    launched = machine.get("processes_per_run", 1)
+    groups = f" Each run trained in {launched} processes (accelerate launch)." if launched > 1 else ""
     return [
         ("h", 2, TIMING_HEADING),
         ("table", ["stage", "seconds", ""], rows),
@@ -169,7 +171,8 @@ def timing_blocks(results: ExperimentResults, extras: ReportExtras) -> list[Bloc
             "p",
             f"Machine: {machine['cpus']} CPUs, {machine['workers']} worker process(es) with "
             f"{machine['torch_threads']} torch thread(s) each, load average (1, 5, 15 min) "
-            f"{machine['load_average_before']} at the start and {machine['load_average_after']} at the end.",
+            f"{machine['load_average_before']} at the start and {machine['load_average_after']} at the end."
+            + groups,
         ),
     ]
 

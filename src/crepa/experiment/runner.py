@@ -279,7 +279,8 @@ def sample_and_evaluate(job: ModelJob) -> tuple[str, dict[str, dict[str, Any]], 
 
 # ---------------------------------------------------------------- training
 class ExperimentStopped(RuntimeError):
-    """A run stopped before its last step (Ctrl-C / SIGTERM): the experiment stops too, resumable."""
+    """A run stopped before its last step (Ctrl-C / SIGTERM, or its launched training failed): the
+    experiment stops too, resumable."""
 
 
 def training_finished(config: RunConfig) -> bool:
@@ -295,22 +296,30 @@ def training_finished(config: RunConfig) -> bool:
     )
 
 
+def start_run(config: RunConfig, run_file: Path) -> str | None:
+    """How an unfinished run starts: "latest" when it has a checkpoint to resume from, else None after
+    clearing its folder (the run file stays)."""
+    from crepa.train.checkpoint import checkpoint_dirs
+
+    output = config.output.dir
+    if checkpoint_dirs(output / "checkpoints"):
+        return "latest"
+    for path in output.iterdir():
+        if path != run_file:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
+
+
 def train_run(run_file: Path) -> bool:
     """``crepa train RUN_FILE`` unless finished: resumes from the last checkpoint, or starts afresh in
     a cleared folder (the run file stays). Returns whether it trained. A top-level function, so worker
     processes can run it."""
-    from crepa.train.checkpoint import checkpoint_dirs
     from crepa.train.recipe import train
 
     config = load_config(run_file)
     if training_finished(config):
         return False
-    output = config.output.dir
-    resume = "latest" if checkpoint_dirs(output / "checkpoints") else None
-    if resume is None:
-        for path in output.iterdir():
-            if path != run_file:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resume = start_run(config, run_file)
     if train(config, resume=resume, progress=False).interrupted:
         raise ExperimentStopped(
             f"{config.output.dir.name}: training was interrupted (checkpoint saved); rerun the same command to "
@@ -326,7 +335,9 @@ class ExperimentSpec:
 
     Sampling uses the run file's ``[validation]`` settings. base: also sample and evaluate the base model at
     every seed (a table row; not part of the verdict). workers: processes for the runs and the
-    evaluations (1: everything in this process, one run after the other)."""
+    evaluations (1: everything in this process, one run after the other). processes_per_run > 1 or an
+    accelerate_config: each run is trained by ``accelerate launch`` in that many processes, on a GPU
+    group of its own (:mod:`crepa.experiment.launch`)."""
 
     run_file: Path
     out: Path
@@ -339,6 +350,13 @@ class ExperimentSpec:
     base: bool = True
     workers: int = 1
     sample_batch_size: int = 1
+    processes_per_run: int = 1
+    accelerate_config: Path | None = None
+
+    @property
+    def launched(self) -> bool:
+        """Whether runs train in launched process groups rather than in the worker processes."""
+        return self.processes_per_run > 1 or self.accelerate_config is not None
 
 
 @dataclass
@@ -421,6 +439,7 @@ def model_jobs(spec: ExperimentSpec, runs: Sequence[tuple[Run, RunConfig]]) -> l
 def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> ExperimentResults:
     """Prepare, precompute, train, sample and evaluate (skipping what is finished); returns the results
     (the caller writes the report: :func:`crepa.experiment.report.write_report`)."""
+    from crepa.experiment.launch import launch_runs, launch_slots
     from crepa.precompute import precompute
 
     quiet_libraries()
@@ -428,6 +447,9 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
     load_before = os.getloadavg()
     threads = torch.get_num_threads()
     runs = prepare(spec)
+    slots: list[dict[str, str]] = []
+    if spec.launched:  # impossible options stop here, before any work
+        slots = launch_slots(spec.processes_per_run, spec.workers, spec.accelerate_config, log)
     configs = [config for _, config in runs]
     log(f"precompute: one shared cache in {configs[0].cache.dir}")
     with timer.stage("precompute"):
@@ -437,13 +459,20 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
     pending_runs = [run for run, config in runs if not training_finished(config)]
     jobs = model_jobs(spec, runs)
     rows: dict[str, dict[str, Any]] = {}
+    run_files = [run.run_file for run in pending_runs]
     with worker_pool(spec.workers, threads) as pool:
+        how = f"{spec.workers} worker(s)"
+        if spec.launched:
+            how = f"{len(slots)} at once, {spec.processes_per_run} process(es) each"
         log(
             f"fine-tune: {len(spec.variants)} variants x {len(spec.seeds)} seeds, {len(pending_runs)} to train "
-            f"({spec.workers} worker(s))"
+            f"({how})"
         )
         with timer.stage("fine-tune"):
-            run_jobs(pool, train_run, [run.run_file for run in pending_runs], "fine-tune", progress)
+            if spec.launched:
+                launch_runs(run_files, slots, spec.processes_per_run, spec.accelerate_config, progress)
+            else:
+                run_jobs(pool, train_run, run_files, "fine-tune", progress)
         for run in pending_runs:
             work[run.name]["trained"] = True
         for job in jobs:
@@ -472,6 +501,7 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
             "cpus": os.cpu_count(),
             "torch_threads": threads,
             "workers": spec.workers,
+            "processes_per_run": spec.processes_per_run,
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in os.getloadavg()],
         },
