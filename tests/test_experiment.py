@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,14 +209,14 @@ def test_runs_train_as_two_process_groups(world, tmp_path):
     out = tmp_path / "groups"
     args = experiment_args(world, out)
     args[args.index("--seeds") + 1] = "1"
-    args += [
-        "--set",
-        "train.batch_size=1",
-        "--processes-per-run",
-        "2",
-        "--workers",
-        "2",
-    ]  # two launches at once
+    args += ["--processes-per-run", "2", "--workers", "2"]  # two launches at once
+    # 4 clips: a batch of 4 per process does not fit 2 processes; the trainer's error reaches the user
+    result = CliRunner().invoke(app, [*args, "--set", "train.batch_size=4"])
+    assert result.exit_code == 1
+    assert "-seed0: `crepa train` in 2 processes stopped (exit code" in result.output
+    assert "train.batch_size: 4 x 2 process(es) is more than the largest bucket" in result.output
+
+    args += ["--set", "train.batch_size=1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     for name in ("none-seed0", "crepa-seed0"):
@@ -224,10 +225,23 @@ def test_runs_train_as_two_process_groups(world, tmp_path):
         assert summary["processes"] == 2 and summary["parallelism"] == "ddp" and summary["steps"] == 2
         assert len(summary["rank_weight_checksums"]) == 2  # one per rank, equal: the ranks stayed in sync
         assert len(set(summary["rank_weight_checksums"])) == 1
-        assert "accelerate.commands.launch" in (run_dir / "launch.log").read_text()
+        assert "--num_processes 2" in (run_dir / "launch.log").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["machine"]["processes_per_run"] == 2 and (out / "report.md").stat().st_size > 0
     assert set(report["rows"]) == {"none-seed0", "crepa-seed0"}
+
+    # A run stopped after its step-1 checkpoint resumes from it and ends where it ended.
+    crepa_dir = out / "runs" / "crepa-seed0"
+    finished = load_file(crepa_dir / "pytorch_lora_weights.safetensors")
+    shutil.rmtree(crepa_dir / "checkpoints" / "step-000002")
+    (crepa_dir / "training_summary.json").unlink()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in (crepa_dir / "launch.log").read_text()
+    resumed = load_file(crepa_dir / "pytorch_lora_weights.safetensors")
+    assert finished.keys() == resumed.keys() and all(torch.equal(finished[k], resumed[k]) for k in finished)
+    work = json.loads((out / "report.json").read_text())["work"]
+    assert work["crepa-seed0"]["trained"] and not work["none-seed0"]["trained"]
 
     # Reference: the same run file launched by hand, 2 gloo processes (test_scale's recipe).
     run_file = out / "runs" / "crepa-seed0" / "run.toml"

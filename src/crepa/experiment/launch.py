@@ -124,13 +124,21 @@ def launch_run(run_file: Path, processes: int, accelerate_config: Path | None, e
         log.flush()
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0 or not training_finished(config):
-        lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
-        tail = "\n".join(lines[-LOG_TAIL_LINES:])
         raise ExperimentStopped(
             f"{config.output.dir.name}: `crepa train` in {processes} processes stopped (exit code {code}); its "
-            f"checkpoints are kept and rerunning the same command resumes it. Last lines of {log_file}:\n{tail}"
+            f"checkpoints are kept and rerunning the same command resumes it. From {log_file}:\n{log_tail(log_file)}"
         )
     return True
+
+
+def log_tail(log_file: Path) -> str:
+    """The last lines of a launch log, above the launcher's own traceback when a process failed (that
+    only says which rank failed; the lines above say why)."""
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    report = text.rfind("Traceback (most recent call last):")
+    if report >= 0 and "ChildFailedError" in text[report:]:
+        text = text[:report]
+    return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
 
 
 def launch_runs(
