@@ -161,8 +161,8 @@ def timing_blocks(results: ExperimentResults, extras: ReportExtras) -> list[Bloc
         "was finished by an earlier invocation and reused."
     )
     machine = results.machine
-    launched = machine.get("processes_per_run", 1)
-    groups = f" Each run trained in {launched} processes (accelerate launch)." if launched > 1 else ""
+    per_run = machine["processes_per_run"]
+    groups = f" Each run trained in {per_run} processes (accelerate launch)." if per_run > 1 else ""
     return [
         ("h", 2, TIMING_HEADING),
         ("table", ["stage", "seconds", ""], rows),
