@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from crepa.cli import app
@@ -115,6 +115,39 @@ def test_killed_experiment_resumes_to_the_same_report(world, tmp_path):
     work = json.loads((resumed / "report.json").read_text())["work"]
     assert not any(done for entry in work.values() for done in entry.values()), work
     assert report_without_timing(resumed) == report_without_timing(straight)
+
+
+def test_a_rebuilt_base_model_is_never_paired_with_old_runs_or_samples(world, tmp_path):
+    """The base model's folder changes between two invocations (rebuilt, same path): every run trains
+    again from the start (its checkpoints belong to the old base) and the base model is sampled again."""
+    base = tmp_path / "pipe"
+    shutil.copytree(world.parent / "pipe", base)
+    args = experiment_args(world, tmp_path / "out")
+    args[args.index("--seeds") + 1] = "1"
+    args[args.index("--no-base")] = "--base"
+    args += ["--set", f'model.pretrained="{base}"']
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, args)  # unchanged: nothing is redone
+    work = json.loads((tmp_path / "out" / "report.json").read_text())["work"]
+    assert not any(done for entry in work.values() for done in entry.values()), work
+
+    loras = {
+        name: load_file(str(tmp_path / "out" / "runs" / name / "pytorch_lora_weights.safetensors"))
+        for name in ("none-seed0", "crepa-seed0")
+    }
+    weights = next((base / "transformer").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    save_file({name: tensor * 1.5 for name, tensor in tensors.items()}, str(weights))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    work = json.loads((tmp_path / "out" / "report.json").read_text())["work"]
+    assert work["none-seed0"]["trained"] and work["crepa-seed0"]["trained"], work
+    assert work["base-seed0"]["sampled"] and work["base-seed0"]["evaluated"], work
+    for name, before in loras.items():  # trained afresh, not resumed from the old base's last checkpoint
+        after = load_file(str(tmp_path / "out" / "runs" / name / "pytorch_lora_weights.safetensors"))
+        assert any(not torch.equal(after[key], before[key]) for key in before), name
 
 
 def test_variant_run_files_differ_only_in_the_variant(world, tmp_path):

@@ -6,10 +6,13 @@ while their settings are unchanged; the experiment skips what an earlier run fin
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from crepa.demo.artefacts import STAMP_FILE, build_once
@@ -41,7 +44,7 @@ from crepa.eval.report import write_json, write_png
 from crepa.experiment.report import ReportExtras, write_report
 from crepa.experiment.runfiles import parse_variants
 from crepa.experiment.runner import ExperimentResults, ExperimentSpec, run_experiment
-from crepa.experiment.workers import quiet_libraries
+from crepa.experiment.workers import quiet_libraries, torch_threads
 from crepa.io.video import read_video_frames
 
 
@@ -102,24 +105,30 @@ def run_demo(
     reused: dict[str, bool] = {}
     world_record = {"world": asdict(settings.world), "world_version": WORLD_VERSION}
 
-    def stage(name: str, text: str):
+    @contextmanager
+    def stage(name: str, text: str, threads: int | None = None) -> Iterator[None]:
+        """A timed stage; ``threads``: torch threads while it runs (the stages before the experiment
+        have the machine to themselves, so they use as many threads as the experiment has workers)."""
         console.rule(f"[bold]{name}[/bold]: {text}")
-        return timer.stage(name)
+        with timer.stage(name), torch_threads(threads or torch.get_num_threads()):
+            yield
 
     with stage("world", "procedural clips with captions (mp4 + txt)"):
         world, reused["world"] = write_world(out / "world", settings.world, progress)
     models = out / "models"
     generic = RenderedSplit(settings.world, "generic")  # rendered only if an artefact must be built
-    with stage("teacher", "tiny DINOv2, self-supervised on generic frames"):
+    with stage("teacher", "tiny DINOv2, self-supervised on generic frames", workers):
         reused["teacher"] = build_teacher(
             models / "teacher", generic, settings.teacher, world_record, progress
         )
-    with stage("extractor", "attribute and motion classifiers for the evaluation"):
+    with stage("extractor", "attribute and motion classifiers for the evaluation", workers):
         probe = RenderedSplit(settings.world, PROBE)
         reused["extractor"] = build_extractor(
             models / "extractor", probe, settings.extractor, world_record, progress
         )
-    with stage("base model", "PCA latent space + CogVideoX transformer pre-trained on the generic split"):
+    with stage(
+        "base model", "PCA latent space + CogVideoX transformer pre-trained on the generic split", workers
+    ):
         initial = models / "initial-pipeline"
         build_initial_pipeline(initial, generic, settings.base, world_record)
         reused["base model"] = build_base_model(
@@ -156,7 +165,9 @@ def run_demo(
         run_file, sections(world.split_dir("attribute"), out / "cache" / "attribute", out / "runs")
     )
     heldout_cache = out / "cache" / "heldout"
-    with stage("held-out clips", "latents and teacher grids; real clips and VAE reconstructions measured"):
+    with stage(
+        "held-out clips", "latents and teacher grids; real clips and VAE reconstructions measured", workers
+    ):
         summary = precompute_heldout(
             out / "heldout.toml", sections(heldout_dir, heldout_cache, out / "runs")
         )[1]

@@ -11,7 +11,8 @@ Folder layout under ``out``::
 Resumable: every stage decides "finished" from the file written atomically last, and checks that it
 belongs to the current inputs (a run's summary holds its whole config; a samples manifest the prompts,
 seed, settings and the trained weights' checksum; an evaluation the manifest's digest and the
-evaluator's settings). A rerun skips what is finished and redoes the rest: an interrupted training
+evaluator's settings; runs and samples also the base model's files, so a rebuilt base model is never
+paired with LoRAs or clips made from the old one). A rerun skips what is finished and redoes the rest: an interrupted training
 run resumes from its last checkpoint (or restarts when it has none).
 """
 
@@ -48,6 +49,7 @@ from crepa.generation import SAMPLES_FILE, ClipRequest, GenerationSettings, gene
 
 EVAL_FILE = "experiment_metrics.json"
 SUMMARY_FILE = "training_summary.json"
+BASE_STAMP_FILE = "base_model_stamp.json"  # the base model a run's folder was started from
 LOSSLESS_CRF = 0  # the metrics then see exactly the sampled frames, the same in every run
 SEED_STRIDE = 100_003  # prime: the noise seeds of different (seed, prompt) pairs never coincide in practice
 
@@ -186,12 +188,27 @@ def check_extractors_are_not_the_teacher(specs: dict[str, str], config: RunConfi
             )
 
 
-def weights_stamp(run_dir: Path | None) -> str:
-    """What identifies a model's weights: the run's trained-weight checksums, or "base"."""
-    if run_dir is None:
-        return "base"
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    return f"{summary['steps']}:{summary['rank_weight_checksums']}"
+def pretrained_stamp(config: RunConfig) -> str:
+    """What identifies the base model a run starts from: for a local folder, a digest of every file's
+    path, size and modification time (a rebuilt or replaced model changes it); for a hub id, the id and
+    revision. Runs, samples and evaluations made from another base model are redone, never reused."""
+    source = Path(config.model.pretrained)
+    if not source.is_dir():
+        return f"{config.model.pretrained}@{config.model.revision or 'main'}"
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        status = path.stat()
+        digest.update(f"{path.relative_to(source)}:{status.st_size}:{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def weights_stamp(job: ModelJob, config: RunConfig) -> str:
+    """What identifies a model's weights: the base model's stamp, plus the run's trained-weight checksums."""
+    base = pretrained_stamp(config)
+    if job.run_dir is None:
+        return f"base:{base}"
+    summary = json.loads((job.run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    return f"{base}:{summary['steps']}:{summary['rank_weight_checksums']}"
 
 
 def samples_current(job: ModelJob, settings: GenerationSettings, stamp: str) -> bool:
@@ -244,8 +261,9 @@ def current_evaluation(job: ModelJob, stamp: dict[str, Any]) -> dict[str, dict[s
 def finished_metrics(job: ModelJob) -> dict[str, dict[str, Any]] | None:
     """The job's metrics when its samples and their evaluation are current (reads a few files only,
     so the experiment checks this before starting any worker)."""
-    settings = GenerationSettings.from_validation(load_config(job.run_file).validation)
-    if not samples_current(job, settings, weights_stamp(job.run_dir)):
+    config = load_config(job.run_file)
+    settings = GenerationSettings.from_validation(config.validation)
+    if not samples_current(job, settings, weights_stamp(job, config)):
         return None
     return current_evaluation(job, evaluation_stamp(job))
 
@@ -256,7 +274,7 @@ def sample_and_evaluate(job: ModelJob) -> tuple[str, dict[str, dict[str, Any]], 
     worker processes can run it."""
     model = LoadedModel(job)
     settings = GenerationSettings.from_validation(model.config.validation)
-    stamp = weights_stamp(job.run_dir)
+    stamp = weights_stamp(job, model.config)
     done = {"sampled": False, "evaluated": False}
     if not samples_current(job, settings, stamp):
         shutil.rmtree(job.samples_dir, ignore_errors=True)
@@ -283,8 +301,18 @@ class ExperimentStopped(RuntimeError):
     experiment stops too, resumable."""
 
 
+def started_from_current_base(config: RunConfig) -> bool:
+    """Whether the run's folder was started from the base model the run file names as it is now."""
+    try:
+        recorded = json.loads((config.output.dir / BASE_STAMP_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return recorded.get("pretrained") == pretrained_stamp(config)
+
+
 def training_finished(config: RunConfig) -> bool:
-    """A run is finished when its summary (written last) says it ran all steps with this config."""
+    """A run is finished when its summary (written last) says it ran all steps with this config, from
+    the base model as it is now."""
     try:
         summary = json.loads((config.output.dir / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -293,6 +321,7 @@ def training_finished(config: RunConfig) -> bool:
         not summary.get("interrupted")
         and summary.get("steps") == config.train.max_steps
         and summary.get("config") == json.loads(config.model_dump_json())
+        and started_from_current_base(config)
     )
 
 
@@ -302,11 +331,12 @@ def start_run(config: RunConfig, run_file: Path) -> str | None:
     from crepa.train.checkpoint import checkpoint_dirs
 
     output = config.output.dir
-    if checkpoint_dirs(output / "checkpoints"):
+    if checkpoint_dirs(output / "checkpoints") and started_from_current_base(config):
         return "latest"
     for path in output.iterdir():
         if path != run_file:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+    atomic_write_json(output / BASE_STAMP_FILE, {"pretrained": pretrained_stamp(config)})
     return None
 
 

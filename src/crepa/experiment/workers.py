@@ -34,6 +34,17 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*no supported trackers are currently installed.*")
 
 
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads (e.g. a stage that has the machine to itself)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
     quiet_libraries()
