@@ -36,8 +36,8 @@ class BaseSettings:
     head_dim: int = 24
     layers: int = 4
     time_embed_dim: int = 64
-    steps: int = 2400
-    batch_size: int = 8
+    steps: int = 1000
+    batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 100
     seed: int = 0

@@ -63,7 +63,7 @@ CKNNA_DRAWS = 2  # noised copies of each held-out clip (timesteps and noise as i
 class SamplingSettings:
     """Sampling of the evaluation clips (no classifier-free guidance: training never drops captions)."""
 
-    inference_steps: int = 25
+    inference_steps: int = 20
     fps: float = 8.0
     samples_per_prompt: int = 2
 
