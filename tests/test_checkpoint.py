@@ -9,6 +9,8 @@ import os
 import pickle
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +183,38 @@ def test_prune_leaves_no_half_deleted_checkpoint_under_a_valid_name(tmp_path, mo
     ckpt.write_checkpoint_files(staged, {"transformer.w": torch.ones(2)}, {"step": 4}, rank=0)
     ckpt.publish_checkpoint(root, 4, keep=1)
     assert sorted(p.name for p in root.iterdir()) == ["step-000004"]
+
+
+def test_fresh_start_into_a_folder_with_checkpoints_is_refused(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.write_checkpoint_files(root / "step-000004", {"transformer.w": torch.ones(2)}, {"step": 4}, rank=0)
+    with pytest.raises(ConfigError, match=r"earlier run \(up to step-000004\).*--resume latest"):
+        ckpt.resolve_resume(root, None)
+    assert ckpt.resolve_resume(root, "auto") == root / "step-000004"
+
+
+def test_crepa_train_twice_keeps_the_first_runs_checkpoints(tmp_path):
+    """The second `crepa train` without --resume stops before writing anything (exit 2, says how to
+    resume); the first run's checkpoint is byte for byte what it was."""
+    from test_train import write_world
+
+    run = write_world(tmp_path, "wan")
+
+    def crepa(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "crepa", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
+
+    steps = ["--set", "train.max_steps=1", "--set", "train.checkpoint_every=1", "--no-progress"]
+    assert crepa("precompute", str(run)).returncode == 0
+    first = crepa("train", str(run), *steps)
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoints = sorted((tmp_path / "out" / "checkpoints").rglob("*"))
+    assert checkpoints
+    before = {path: path.read_bytes() for path in checkpoints if path.is_file()}
+    second = crepa("train", str(run), *steps)
+    message = " ".join(second.stderr.split())
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert "holds checkpoints of an earlier run" in message and "--resume latest" in message
+    assert "Traceback" not in second.stderr
+    assert {path: path.read_bytes() for path in before} == before

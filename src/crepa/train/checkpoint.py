@@ -108,6 +108,13 @@ def resolve_resume(root: Path, resume: str | None) -> Path | None:
     """``--resume latest`` -> the newest checkpoint under ``root``; ``auto`` -> the same, or None (a
     fresh start) when there is none yet; a path -> that checkpoint. Raises :class:`ConfigError`."""
     if resume is None:
+        found = checkpoint_dirs(root)
+        if found:  # a fresh start would prune them as its own checkpoints arrive
+            raise ConfigError(
+                f"{root} holds checkpoints of an earlier run (up to {found[-1].name}); a fresh start would "
+                "delete them. Resume with --resume latest (or --resume auto), or set output.dir to another "
+                "folder (or remove this one) to start from step 0"
+            )
         return None
     if resume in ("latest", "auto"):
         found = checkpoint_dirs(root)
