@@ -227,7 +227,7 @@ def test_every_rank_exits_promptly_on_a_loaded_machine(wan_run, sharded):
                 wan_run,
                 "train.max_steps=2",
                 "train.batch_size=1",
-                f'output.dir="exit{attempt}"',
+                f'output.dir="exit-{"fsdp" if sharded else "ddp"}{attempt}"',  # fresh folders: no resume
                 sharded=sharded,
             )
             finished = 0
