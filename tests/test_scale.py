@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -26,7 +25,7 @@ from crepa.precompute import precompute
 from crepa.train import checkpoint as ckpt
 from crepa.train.batches import BucketedBatchOrder, batch_loader
 from crepa.train.recipe import train
-from test_train import write_world
+from test_train import set_wan_layers, write_world
 
 real_checksum = shards.tensors_checksum
 
@@ -250,12 +249,7 @@ def test_every_rank_exits_promptly_on_a_loaded_machine(wan_run, sharded):
 @pytest.mark.slow
 def test_fsdp2_with_repvideo_equals_data_parallel(tmp_path):
     wan_run = write_world(tmp_path, "wan")
-    # RepVideo with window 2 gates block 2 of 3 (blocks 0 and 1 follow a restart)
-    config = diffusers.WanTransformer3DModel.load_config(tmp_path / "pipe/transformer")
-    torch.manual_seed(0)
-    diffusers.WanTransformer3DModel.from_config({**config, "num_layers": 3}).save_pretrained(
-        tmp_path / "pipe/transformer"
-    )
+    set_wan_layers(tmp_path / "pipe", 3)  # RepVideo with window 2 gates block 2 of 3 (0, 1 follow a restart)
     precompute(load_config(wan_run), progress=False)
     common = ["train.max_steps=2", "train.batch_size=1", "repvideo.enabled=true", "repvideo.window=2"]
     common += ["repvideo.gate_init=0.5", "repvideo.lr=0.01", "crepa.block_index=1"]

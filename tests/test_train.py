@@ -126,6 +126,15 @@ def test_precompute_train_resume_and_load_lora(tmp_path, family):
     assert summary_file["steps"] == 4 and summary_file["config"]["crepa"]["block_index"] == 0
 
 
+def set_wan_layers(pipe: Path, num_layers: int) -> None:
+    """Replace the tiny Wan pipeline's transformer with a fresh one of ``num_layers`` blocks (seed 0)."""
+    config = diffusers.WanTransformer3DModel.load_config(pipe / "transformer")
+    torch.manual_seed(0)
+    diffusers.WanTransformer3DModel.from_config({**config, "num_layers": num_layers}).save_pretrained(
+        pipe / "transformer"
+    )
+
+
 def type_of_pipeline(directory: Path) -> str:
     return json.loads((directory / "model_index.json").read_text())["_class_name"]
 
@@ -189,12 +198,7 @@ def test_two_processes_stay_in_sync(tmp_path):
 
 def test_repvideo_with_crepa_trains_and_resumes_exactly(tmp_path):
     run = write_world(tmp_path, "wan")
-    # four blocks, so that with window 2 blocks 2 and 3 are gated
-    config = diffusers.WanTransformer3DModel.load_config(tmp_path / "pipe/transformer")
-    torch.manual_seed(0)
-    diffusers.WanTransformer3DModel.from_config({**config, "num_layers": 4}).save_pretrained(
-        tmp_path / "pipe/transformer"
-    )
+    set_wan_layers(tmp_path / "pipe", 4)  # so that with window 2 blocks 2 and 3 are gated
     precompute(load_config(run), progress=False)
     rep = ["repvideo.enabled=true", "repvideo.window=2", "repvideo.gate_init=0.5", "repvideo.lr=0.01"]
     straight = load_config(run, [*rep, 'output.dir="straight"'])
