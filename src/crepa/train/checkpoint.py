@@ -106,7 +106,8 @@ def checkpoint_dirs(root: Path) -> list[Path]:
 
 def resolve_resume(root: Path, resume: str | None) -> Path | None:
     """``--resume latest`` -> the newest checkpoint under ``root``; ``auto`` -> the same, or None (a
-    fresh start) when there is none yet; a path -> that checkpoint. Raises :class:`ConfigError`."""
+    fresh start) when there is none yet; a path -> that checkpoint; no ``--resume`` -> None, refused
+    when ``root`` already holds checkpoints. Raises :class:`ConfigError`."""
     if resume is None:
         found = checkpoint_dirs(root)
         if found:  # a fresh start would prune them as its own checkpoints arrive
