@@ -96,7 +96,8 @@ def run_demo(
     """Run the whole demo into ``out``; returns what the report shows (also written to ``out``).
 
     ``workers`` processes (one torch thread each) run the fine-tuning runs and evaluations side by side;
-    they are started with ``spawn``, so a script calling this needs the ``if __name__ == "__main__"`` guard.
+    they import the calling script as spawned processes do, so a script calling this needs the
+    ``if __name__ == "__main__"`` guard.
     """
     console = Console(stderr=True)
     quiet_libraries()
