@@ -75,7 +75,8 @@ HOW_IT_IS_BUILT = [
     "then costs 1.25x a batch of 8 instead of 2x), the base model pre-trains for 1000 steps of batch 16 "
     "(about the same clips seen as before; its training loss is flat after a few hundred steps, and 1200 "
     "steps of batch 16 scored like 2400 of batch 8 on the base samples' world metrics within the noise of "
-    "24 clips), and sampling uses 20 DDIM steps: 9 min 36 s on 2 idle cores.",
+    "24 clips), and sampling uses 20 DDIM steps: 9 min 36 s on 2 idle cores (9 min 6 s once the "
+    "experiment's workers started from a fork server that imports the libraries once).",
     "Tried on seed 0 to make the base model's samples show recognisable objects (world metrics of 24 base "
     "samples; 2400 steps of batch 8 as reference: colour 0.25, shape 0.47, texture 0.37, identity 0.20, "
     "motion 0.04): whitened latents (every PCA channel scaled to variance 1, so the noise schedule treats "
