@@ -1,9 +1,11 @@
 """The worker pool of ``crepa experiment`` / ``crepa demo``: results in job order, one torch thread per
 worker, and workers that start with the heavy modules already imported (paid once, in the fork server)."""
 
+import multiprocessing
 import os
 import sys
 
+import pytest
 import torch
 
 from crepa.experiment.workers import WORKER_MODULES, run_jobs, worker_pool
@@ -14,6 +16,10 @@ def describe_worker(job: int) -> tuple[int, int, int, list[str]]:
     return job, os.getpid(), torch.get_num_threads(), [name for name in WORKER_MODULES if name in sys.modules]
 
 
+@pytest.mark.skipif(
+    "forkserver" not in multiprocessing.get_all_start_methods(),
+    reason="no fork server here (spawned workers)",
+)
 def test_two_workers_return_results_in_job_order_with_modules_preloaded() -> None:
     jobs = list(range(6))
     with worker_pool(2, threads=1) as pool:
