@@ -97,10 +97,12 @@ HOW_IT_IS_BUILT = [
     "clips (1000 steps) it neither memorises nor generalises (blobs again). Against the best linear denoiser (each PCA channel shrunk by "
     "its variance) the base model's clean-latent error is 0.022 / 0.071 / 0.165 against 0.043 / 0.143 / "
     "0.341 at t = 20 / 100 / 300: it halves a linear denoiser's error, and training 3x longer improves it "
-    "slowly (a standalone loop: 0.025 -> 0.024 at t = 20 from step 1000 to 1500). None of these gives "
-    "recognisable shapes; an 8x8 token grid (64x64 frames, or 4x4-pixel tokens) would give each object "
-    "more tokens, but a pre-training step then costs 0.62 s instead of 0.14 s (4.3x), a budget this demo "
-    "does not have on 2 cores.",
+    "slowly (a standalone loop: 0.025 -> 0.024 at t = 20 from step 1000 to 1500). An 8x8 token grid "
+    "(4x4-pixel tokens, 48 of 192 block components: round trip 27.2 dB) costs 0.62 s per pre-training "
+    "step instead of 0.14 s (4.3x) and after 1000 steps still samples blobs, now in 4x4 blocks. None of "
+    "these gives recognisable shapes: in this budget the model does not learn a distribution this "
+    "varied (backgrounds, 3 shapes x 3 patterns x 8 colours, two objects, four motions); a far simpler "
+    "world, or far more pre-training than 10 minutes on 2 cores allow, would be needed.",
     "What the full run on seed 0 shows (4 seeds x 48 clips): the held-out clips through the VAE keep "
     "recognisable objects (23.9 dB), but the base model's samples are blobs of the captioned colours with "
     "8x8-block artefacts, not recognisable shapes; the world metrics of every model sit far below the VAE "
