@@ -3,6 +3,7 @@ worker, and workers that start with the heavy modules already imported (paid onc
 
 import multiprocessing
 import os
+import subprocess
 import sys
 
 import pytest
@@ -42,8 +43,6 @@ def test_one_worker_runs_jobs_in_this_process() -> None:
 
 
 def test_this_module_does_not_import_the_worker_modules_itself() -> None:
-    import subprocess
-
     code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_workers; "
     code += "from crepa.experiment.workers import WORKER_MODULES; "
     code += "print([name for name in WORKER_MODULES if name in sys.modules])"
