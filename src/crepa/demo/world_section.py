@@ -114,7 +114,8 @@ HOW_IT_IS_BUILT = [
     "spreading the tiny config's spatial positions (CogVideoX-2B's interpolation scale 1.875 puts the 4x4 "
     "grid's positions within 1.6 of each other, cosine similarity 0.93-0.996 between their embeddings) "
     "with scale 0.125, CogVideoX-5B's 3D rotary embeddings (6 heads of 16), or scaling each latent "
-    "channel by its variance to the power -1/4 (half-way to whitening). Nor is the model short of data: 8x "
+    "channel by its variance to the power -1/4 (half-way to whitening), or weighting the loss of each "
+    "channel by its variance to the power -1/2 with the noising unchanged (more block noise). Nor is the model short of data: 8x "
     "the generic clips (4096) give the same clean-latent error at step 1000 (0.026 / 0.080 / 0.179) and "
     "the same blobs, for the default world and for the static one.",
     "What the full run on seed 0 shows (4 seeds x 48 clips): the held-out clips through the VAE keep "
