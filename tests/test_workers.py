@@ -48,3 +48,57 @@ def test_this_module_does_not_import_the_worker_modules_itself() -> None:
     code += "print([name for name in WORKER_MODULES if name in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+POOL_WITH_CUDA_FORBIDDEN = """
+import cuda_forbidden
+import torch
+from crepa.experiment import workers
+
+def probe(job):
+    # a library that checks for a GPU while the fork server preloads it, then the job itself
+    return job, torch.cuda.is_available()
+
+if __name__ == "__main__":
+    workers.WORKER_MODULES = ("cuda_forbidden", "probing_library", *workers.WORKER_MODULES)
+    with workers.worker_pool(2, threads=1) as pool:
+        print(workers.run_jobs(pool, probe, [0, 1, 2], "test", progress=False))
+"""
+
+
+@pytest.mark.skipif(
+    "forkserver" not in multiprocessing.get_all_start_methods(),
+    reason="no fork server here (spawned workers)",
+)
+def test_worker_pool_never_initialises_cuda_before_forking(tmp_path) -> None:
+    """The fork server preloads the heavy modules and a library that probes ``torch.cuda.is_available()``
+    at import (as some do on a CUDA build) with CUDA initialisation forbidden; the pool must still run
+    its jobs. Without the NVML-based check, the probe runs cuInit in the fork server and raises here."""
+    (tmp_path / "probing_library.py").write_text("import torch\nAVAILABLE = torch.cuda.is_available()\n")
+    script = tmp_path / "pool.py"
+    script.write_text(POOL_WITH_CUDA_FORBIDDEN)
+    tests_dir = os.path.dirname(__file__)
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), tests_dir, env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[(0, True), (1, True), (2, True)]"
+
+
+def test_importing_crepa_never_initialises_cuda() -> None:
+    """Every module of crepa imports with CUDA initialisation forbidden (and no NVML shortcut)."""
+    code = (
+        "import cuda_forbidden, importlib, pkgutil, crepa\n"
+        "names = [m.name for m in pkgutil.walk_packages(crepa.__path__, 'crepa.') if not m.name.endswith('__main__')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "print(len(names))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.strip().splitlines()[-1]) > 50

@@ -1,0 +1,43 @@
+"""Imported first (by a fork server's preload, or a fresh interpreter): torch's CUDA queries answer as
+on a machine with one GPU, except that every call which initialises CUDA, or runs ``cuInit`` and so
+poisons later forks (``cudaGetDeviceCount``), raises. NVML still answers, as it does on a GPU machine.
+Used to show that crepa's imports and its worker pool never initialise CUDA in a process that forks
+workers (on a GPU machine that made every worker fail with "Cannot re-initialize CUDA in forked
+subprocess")."""
+
+import functools
+
+import torch
+
+
+class CudaInitialised(RuntimeError):
+    pass
+
+
+def _forbidden(*args, **kwargs):
+    raise CudaInitialised("CUDA initialised (or cuInit run) in a process that forks workers")
+
+
+def _as_cuda_build(query):
+    """torch's own query, run as a CUDA build runs it, whose ``cudaGetDeviceCount`` raises (only for
+    the query: the rest of this CPU build's imports keep their CPU code paths; torch takes the
+    presence of that binding as "compiled with CUDA")."""
+
+    @functools.wraps(query)
+    def run(*args, **kwargs):
+        if hasattr(torch._C, "_cuda_getDeviceCount"):  # called from within another query
+            return query(*args, **kwargs)
+        torch._C._cuda_getDeviceCount = _forbidden
+        try:
+            return query(*args, **kwargs)
+        finally:
+            del torch._C._cuda_getDeviceCount
+
+    return run
+
+
+torch.cuda._device_count_nvml = lambda: 1  # what NVML reports on a one-GPU machine
+torch.cuda.is_available = _as_cuda_build(torch.cuda.is_available)
+torch.cuda.device_count = _as_cuda_build(torch.cuda.device_count)
+torch.cuda._lazy_init = _forbidden
+torch.cuda.init = _forbidden
