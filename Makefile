@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-all lint format bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_align.py
+
+# On a GPU machine: pytest -m gpu, the real-shape step benchmark, demo --quick on CUDA (<= 8 min, offline).
+# Uses .venv when it exists, else the machine's python3 with crepa's dependencies already installed.
+GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,350 @@
+"""One LoRA training step of a published video transformer at its published shape, per alignment mode,
+side by side in one run: step time, peak memory above the weights, tokens/s and model FLOPs utilisation.
+
+The transformer is the family's published config (``crepa.models.published``) with random weights, built
+on the device; the step is the trainer's own: ``add_lora`` + fp32 trainables over bf16 weights,
+``CrepaRegularizer``, ``install_repvideo``, ``StepParts`` / ``step_loss`` under bf16 autocast, AdamW.
+Rows:
+  none      diffusion loss only
+  cache     CREPA, teacher grids as read from the precomputed cache
+  repa      REPA* (frame-wise), grids from the cache
+  pixels    CREPA, a DINOv2-g-sized teacher (random weights) encodes every frame inside the step
+  vae       CREPA, the family's VAE decodes the clean latents, then the teacher, inside the step
+  repvideo  CREPA from the cache with RepVideo's gated cross-layer aggregation
+
+Model FLOPs (for MFU): a step counted by torch's FlopCounterMode, minus the forward that gradient
+checkpointing recomputes (counted once more in a no-grad forward), against the chip's dense bf16 peak.
+
+    python benchmarks/bench_real_step.py --family CogVideoX-5B [--steps 3] [--warmup 2] [--rows none,cache]
+    python benchmarks/bench_real_step.py --small        # the same code on a tiny config, CPU, < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from crepa.config import RunConfig
+from crepa.models.published import PUBLISHED
+from crepa.models.registry import detect_family
+from crepa.models.tiny import TEXT_WIDTH_KEYS
+from crepa.regularizer import CrepaRegularizer
+from crepa.repvideo import install_repvideo
+from crepa.teachers import load_teacher
+from crepa.train.lora import add_lora
+from crepa.train.recipe import StepParts, step_loss
+
+ROWS = ("none", "cache", "repa", "pixels", "vae", "repvideo")
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, vendor datasheets
+# DINOv2-g/14 (1.1 B): the paper's teacher
+GIANT = dict(
+    hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, use_swiglu_ffn=True, image_size=518
+)
+SMALL_TEACHER = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56
+)
+SMALL_VAE = {
+    "cogvideox": dict(
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=2,
+    ),
+    "wan": dict(base_dim=8, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+}
+VAE_CLASS = {
+    "cogvideox": "AutoencoderKLCogVideoX",
+    "wan": "AutoencoderKLWan",
+    "hunyuanvideo": "AutoencoderKLHunyuanVideo",
+}
+
+
+@dataclass
+class Measured:
+    row: str
+    step_ms: float
+    peak_gib: float | None
+    tokens_per_s: float
+    model_tflop: float | None
+    mfu: float | None
+
+
+def published(name: str, small: bool) -> tuple[str, dict, tuple[int, int, int]]:
+    """(class name, config, (frames, height, width)); ``small`` keeps the architecture, shrinks it."""
+    key = next((k for k in PUBLISHED if k.lower() == name.lower()), None)
+    if key is None:
+        raise SystemExit(f"--family {name}: unknown; choose one of {', '.join(PUBLISHED)}")
+    class_name, config, shape, *_ = PUBLISHED[key]
+    if not small:
+        return class_name, dict(config), shape
+    tiny = {**config, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2}
+    for key_, value in (
+        ("ffn_dim", 64),
+        ("num_single_layers", 1),
+        ("num_refiner_layers", 1),
+        ("text_dim", 32),
+    ):
+        if key_ in tiny:
+            tiny[key_] = value
+    if "text_embed_dim" in tiny:
+        tiny["text_embed_dim"] = 32
+    if "time_embed_dim" in tiny:
+        tiny["time_embed_dim"] = 32
+    if "rope_axes_dim" in tiny:
+        tiny["rope_axes_dim"] = (4, 6, 6)
+    return class_name, tiny, (9, 64, 96)
+
+
+def run_config(family: str, shape: tuple[int, int, int], row: str, rank: int, small: bool) -> RunConfig:
+    frames, height, width = shape
+    source = {"pixels": "pixels", "vae": "vae"}.get(row, "cache")
+    return RunConfig.model_validate(
+        {
+            "model": {"pretrained": "published", "family": family, "gradient_checkpointing": True},
+            "data": {"source": ".", "resolutions": [[height, width]], "num_frames": [frames]},
+            "cache": {"teacher_source": source},
+            "crepa": {
+                "enabled": row != "none",
+                "mode": "repa" if row == "repa" else "crepa",
+                "block_index": 0 if small else 8,
+                "projector_hidden_dim": 64 if small else 2048,
+            },
+            "lora": {"rank": rank, "alpha": rank},
+            "repvideo": {"enabled": row == "repvideo"},
+        }
+    )
+
+
+def ddpm_alphas(device: torch.device) -> torch.Tensor:
+    """CogVideoX's scheduler (scaled-linear betas 0.00085-0.012, zero terminal SNR, SNR shift 3)."""
+    scheduler = diffusers.CogVideoXDDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=3.0,
+        prediction_type="v_prediction",
+    )
+    return scheduler.alphas_cumprod.clone().to(device)
+
+
+def make_batch(
+    model, family, config: dict, shape, teacher_dim: int, device, dtype
+) -> dict[str, torch.Tensor]:
+    """A batch of one clip as the cache loader gives it (latents, text states, teacher grid, frames)."""
+    frames, height, width = shape
+    latent_frames = (frames - 1) // family.temporal_ratio + 1
+    h, w = height // family.spatial_ratio, width // family.spatial_ratio
+    _, patch_h, patch_w = family.patch_sizes(model)
+    channels = config.get("out_channels") or config["in_channels"]
+    text_width = next(config[key] for key in TEXT_WIDTH_KEYS if key in config)
+    text_length = config.get("max_text_seq_length", 226)
+    batch = {
+        "latents": torch.randn(1, channels, latent_frames, h, w, device=device, dtype=dtype),
+        "prompt_embeds": torch.randn(1, text_length, text_width, device=device, dtype=dtype),
+        "prompt_attention_mask": torch.ones(1, text_length, dtype=torch.bool, device=device),
+        "teacher": torch.randn(
+            1, latent_frames, h // patch_h, w // patch_w, teacher_dim, device=device
+        ).half(),
+        "frames": torch.rand(1, frames, 3, height, width, device=device),
+    }
+    if "pooled_projection_dim" in config:
+        batch["pooled_prompt_embeds"] = torch.randn(
+            1, config["pooled_projection_dim"], device=device, dtype=dtype
+        )
+    return batch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--family", default="CogVideoX-5B", help=f"one of {', '.join(PUBLISHED)}")
+    parser.add_argument("--small", action="store_true", help="tiny config and shape on the CPU (CI)")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=64)
+    args = parser.parse_args()
+    rows = args.rows.split(",")
+    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device.type == "cuda" else nullcontext
+    class_name, model_config, shape = published(args.family, args.small)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # random weights straight in bf16: no fp32 copy of a 14B model
+        try:
+            model = getattr(diffusers, class_name)(**model_config)
+        finally:
+            torch.set_default_dtype(previous)
+    family = detect_family(model)
+    model.enable_gradient_checkpointing()
+    base = run_config(family.name, shape, "none", args.rank, args.small)
+    add_lora(model, family, base.lora)
+    for parameter in model.parameters():  # fp32 trainables over bf16 weights, as the trainer does
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    model.train()
+    synchronize(device)
+    weights_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    print(f"{args.family}{' (small)' if args.small else ''} on {device}: {class_name}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, shape {shape}, "
+          f"built in {time.perf_counter() - started:.0f} s")  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as scratch:
+        teacher, vae = None, None
+        if {"pixels", "vae"} & set(rows):
+            from transformers import Dinov2Config, Dinov2Model
+
+            with torch.device(device):  # random init on the device: seconds for 1.1 B parameters
+                tower = Dinov2Model(Dinov2Config(**(SMALL_TEACHER if args.small else GIANT))).to(dtype)
+            tower.save_pretrained(Path(scratch) / "t")  # through the trainer's own loader
+            del tower
+            teacher = load_teacher(Path(scratch) / "t", device=device, dtype=dtype)
+        if "vae" in rows:
+            vae_class = getattr(diffusers, VAE_CLASS.get(family.name, "AutoencoderKLCogVideoX"))
+            vae = vae_class(**(SMALL_VAE.get(family.name, {}) if args.small else {}))  # default: published
+            vae = vae.to(device, dtype).eval().requires_grad_(False)
+        teacher_dim = teacher.dim if teacher is not None else (32 if args.small else 1536)
+        batch = make_batch(model, family, model_config, shape, teacher_dim, device, dtype)
+        if vae is not None and vae.config.latent_channels != batch["latents"].shape[1]:
+            rows = [row for row in rows if row != "vae"]
+        if device.type == "cuda":
+            weights_bytes = torch.cuda.memory_allocated() - sum(
+                t.numel() * t.element_size() for t in batch.values()
+            )
+        alphas = ddpm_alphas(device) if family.objective in ("v_prediction", "epsilon") else None
+        video_tokens = batch["teacher"].shape[1:4].numel()
+        parts = StepParts(
+            config=base, family=family, transformer=model, model=model, regularizer=None, teacher=None,
+            vae=None, dtype=dtype, alphas_cumprod=alphas, autocast=autocast,
+        )  # fmt: skip
+        with torch.no_grad(), FlopCounterMode(display=False) as counted_forward, autocast():
+            step_forward_only(parts, batch, torch.Generator(device).manual_seed(0))
+        recompute_flop = counted_forward.get_total_flops()  # the forward that checkpointing repeats
+        results = [
+            measure(row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas)
+            for row in rows
+        ]
+        for result in results:
+            result.model_tflop -= recompute_flop / 1e12
+    peak_tflops = next(
+        (
+            v
+            for k, v in PEAK_BF16_TFLOPS.items()
+            if device.type == "cuda" and k in torch.cuda.get_device_name()
+        ),
+        None,
+    )
+    print(f"weights resident: {weights_bytes / 2**30:.2f} GiB; {video_tokens} video tokens per clip")
+    print(
+        f"{'row':<9} {'ms/step':>9} {'vs none':>8} {'peak GiB':>9} {'vs none':>8} {'tokens/s':>9} {'TFLOP':>7} {'MFU':>6}"
+    )
+    none = next((r for r in results if r.row == "none"), None)
+    for r in results:
+        rel_t = f"{100 * (r.step_ms / none.step_ms - 1):+.2f}%" if none else ""
+        rel_m = (
+            f"{100 * (r.peak_gib / none.peak_gib - 1):+.2f}%" if none and r.peak_gib and none.peak_gib else ""
+        )
+        peak = f"{r.peak_gib:.2f}" if r.peak_gib is not None else "-"
+        tflop = f"{r.model_tflop:.3g}" if r.model_tflop is not None else "-"
+        mfu = (
+            f"{100 * r.model_tflop * 1e12 / (r.step_ms / 1e3) / (peak_tflops * 1e12):.1f}%"
+            if peak_tflops and r.model_tflop
+            else "-"
+        )
+        print(
+            f"{r.row:<9} {r.step_ms:>9.1f} {rel_t:>8} {peak:>9} {rel_m:>8} {video_tokens / (r.step_ms / 1e3):>9.0f} {tflop:>7} {mfu:>6}"
+        )
+
+
+def measure(
+    row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas
+) -> Measured:
+    """Time ``args.steps`` steps of ``row`` after ``args.warmup``; count one step's FLOPs (recompute
+    included: the caller subtracts it)."""
+    config = run_config(family.name, shape, row, args.rank, args.small)
+    regularizer, gates = None, None
+    if config.crepa.enabled:
+        regularizer = CrepaRegularizer(model, config.crepa, teacher_dim=batch["teacher"].shape[-1]).to(device)
+    if config.repvideo.enabled:
+        gates = install_repvideo(model, config.repvideo.window, config.repvideo.gate_init).to(device)
+    parts = StepParts(
+        config=config, family=family, transformer=model, model=model, regularizer=regularizer,
+        teacher=teacher if row in ("pixels", "vae") else None, vae=vae if row == "vae" else None,
+        dtype=dtype, alphas_cumprod=alphas, autocast=autocast,
+    )  # fmt: skip
+    trainables = [p for p in model.parameters() if p.requires_grad]
+    for module in (regularizer, gates):
+        if module is not None:
+            trainables += [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainables, lr=1e-5)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step(index: int) -> None:
+        loss, _ = step_loss(parts, batch, index, generator)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for index in range(args.warmup):
+        step(index)
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_bytes = torch.cuda.memory_allocated()
+    times = []
+    for index in range(args.steps):
+        synchronize(device)
+        started = time.perf_counter()
+        step(args.warmup + index)
+        synchronize(device)
+        times.append(1e3 * (time.perf_counter() - started))
+    peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2**30 if device.type == "cuda" else None
+    with FlopCounterMode(display=False) as counted_step:
+        step(0)
+    for module in (regularizer, gates):
+        if module is not None:
+            module.remove()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    median = statistics.median(times)
+    tokens = batch["teacher"].shape[1:4].numel()
+    return Measured(row, median, peak, tokens / (median / 1e3), counted_step.get_total_flops() / 1e12, None)
+
+
+def step_forward_only(parts: StepParts, batch, generator) -> None:
+    """The transformer's forward of one step (what gradient checkpointing recomputes in backward)."""
+    from crepa.models.conditioning import transformer_inputs
+    from crepa.train.recipe import batch_text, noise_batch
+
+    latents = batch["latents"].to(parts.dtype)
+    noised = noise_batch(parts.config, parts.family, latents, generator, parts.alphas_cumprod)
+    inputs = transformer_inputs(
+        parts.model, parts.family, noised.noisy, noised.timesteps, batch_text(batch, parts.dtype)
+    )
+    parts.transformer(**inputs)
+    if parts.regularizer is not None:
+        parts.regularizer.capture.pop()
+
+
+if __name__ == "__main__":
+    main()
