@@ -39,9 +39,8 @@ from crepa.models.registry import detect_family
 from crepa.models.tiny import TEXT_WIDTH_KEYS
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
-from crepa.teachers import load_teacher
 from crepa.train.lora import add_lora
-from crepa.train.recipe import StepParts, step_loss
+from crepa.train.recipe import StepParts, load_online_teacher, step_loss
 
 ROWS = ("none", "cache", "repa", "pixels", "vae", "repvideo")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, vendor datasheets
@@ -218,7 +217,9 @@ def main() -> None:
                 tower = Dinov2Model(Dinov2Config(**(SMALL_TEACHER if args.small else GIANT))).to(dtype)
             tower.save_pretrained(Path(scratch) / "t")  # through the trainer's own loader
             del tower
-            teacher = load_teacher(Path(scratch) / "t", device=device, dtype=dtype)
+            online = run_config(family.name, shape, "pixels", args.rank, args.small)
+            online.teacher.name = str(Path(scratch) / "t")
+            teacher, _ = load_online_teacher(online, family, device)
         if "vae" in rows:
             vae_class = getattr(diffusers, VAE_CLASS.get(family.name, "AutoencoderKLCogVideoX"))
             vae = vae_class(**(SMALL_VAE.get(family.name, {}) if args.small else {}))  # default: published

@@ -246,7 +246,12 @@ def load_online_teacher(config: RunConfig, family: ModelFamily, device: torch.de
     """(teacher, VAE or None) for the online teacher modes "pixels" and "vae"."""
     with hub_access(config.teacher.name, "teacher.name"):
         teacher = load_teacher(
-            config.teacher.name, config.teacher.kind, device=device, chunk_size=config.teacher.chunk_size
+            config.teacher.name,
+            config.teacher.kind,
+            device=device,
+            # bf16 weights on a GPU: autocast would otherwise cast every weight again for every chunk
+            dtype=torch.bfloat16 if device.type == "cuda" else None,
+            chunk_size=config.teacher.chunk_size,
         )
     vae = None
     if config.cache.teacher_source == "vae":
