@@ -241,6 +241,7 @@ def main() -> None:
         with torch.no_grad(), FlopCounterMode(display=False) as counted_forward, autocast():
             step_forward_only(parts, batch, torch.Generator(device).manual_seed(0))
         recompute_flop = counted_forward.get_total_flops()  # the forward that checkpointing repeats
+        print(f"forward (recomputed in backward): {recompute_flop / 1e12:.4g} TFLOP")
         results = [
             measure(row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas)
             for row in rows
