@@ -19,3 +19,5 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def pytest_configure(config: pytest.Config) -> None:
     if "gpu" not in (config.getoption("markexpr") or "").replace("not gpu", ""):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    else:  # cuBLAS picks deterministic kernels only with a fixed workspace, set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
