@@ -164,9 +164,10 @@ def heldout_representations(
     transformer = pipeline.transformer
     dataset = CachedDataset(cache_dir, teacher=True)
     items = [dataset[i] for i in range(len(dataset))]
-    latents = torch.stack([item["latents"] for item in items]).float()
+    weight = next(transformer.parameters())  # the model's device and dtype (CUDA + bf16 on a GPU)
+    latents = torch.stack([item["latents"] for item in items]).to(weight)
     teacher = torch.stack([item["teacher"] for item in items]).float()
-    text = {"prompt_embeds": torch.stack([item["prompt_embeds"] for item in items]).float()}
+    text = {"prompt_embeds": torch.stack([item["prompt_embeds"] for item in items]).to(weight)}
     alphas = pipeline.scheduler.alphas_cumprod
     generator = torch.Generator().manual_seed(seed)
     samples = []
