@@ -74,8 +74,7 @@ class Measured:
     step_ms: float
     peak_gib: float | None
     tokens_per_s: float
-    model_tflop: float | None
-    mfu: float | None
+    model_tflop: float
 
 
 def published(name: str, small: bool) -> tuple[str, dict, tuple[int, int, int]]:
@@ -176,8 +175,9 @@ def main() -> None:
     parser.add_argument("--family", default="CogVideoX-5B", help=f"one of {', '.join(PUBLISHED)}")
     parser.add_argument("--small", action="store_true", help="tiny config and shape on the CPU (CI)")
     parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per row and round")
+    parser.add_argument("--warmup", type=int, default=1, help="steps before each row's timed steps")
+    parser.add_argument("--rounds", type=int, default=2, help="rows interleaved this many times")
     parser.add_argument("--rank", type=int, default=64)
     args = parser.parse_args()
     rows = args.rows.split(",")
@@ -242,12 +242,24 @@ def main() -> None:
             step_forward_only(parts, batch, torch.Generator(device).manual_seed(0))
         recompute_flop = counted_forward.get_total_flops()  # the forward that checkpointing repeats
         print(f"forward (recomputed in backward): {recompute_flop / 1e12:.4g} TFLOP")
-        results = [
-            measure(row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas)
-            for row in rows
-        ]
-        for result in results:
-            result.model_tflop -= recompute_flop / 1e12
+        resident = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # weights + batch
+        times: dict[str, list[float]] = {row: [] for row in rows}
+        peaks: dict[str, float | None] = dict.fromkeys(rows)
+        flop: dict[str, float] = {}
+        for round_index in range(args.rounds):  # rows interleaved round by round: drift hits all alike
+            for row in rows:
+                row_times, peak, step_flop = measure(
+                    row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas,
+                    count_flops=round_index == 0,
+                )  # fmt: skip
+                times[row] += row_times
+                if peak is not None:
+                    peaks[row] = max(peaks[row] or 0.0, (peak - resident) / 2**30)
+                flop.setdefault(row, step_flop - recompute_flop)
+        results = []
+        for row in rows:
+            median = statistics.median(times[row])
+            results.append(Measured(row, median, peaks[row], video_tokens / (median / 1e3), flop[row] / 1e12))
     peak_tflops = next(
         (
             v
@@ -256,7 +268,9 @@ def main() -> None:
         ),
         None,
     )
-    print(f"weights resident: {weights_bytes / 2**30:.2f} GiB; {video_tokens} video tokens per clip")
+    print(
+        f"weights resident: {weights_bytes / 2**30:.2f} GiB (peaks below: above weights and batch); {video_tokens} video tokens per clip"
+    )
     print(
         f"{'row':<9} {'ms/step':>9} {'vs none':>8} {'peak GiB':>9} {'vs none':>8} {'tokens/s':>9} {'TFLOP':>7} {'MFU':>6}"
     )
@@ -279,10 +293,11 @@ def main() -> None:
 
 
 def measure(
-    row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas
-) -> Measured:
-    """Time ``args.steps`` steps of ``row`` after ``args.warmup``; count one step's FLOPs (recompute
-    included: the caller subtracts it)."""
+    row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas, count_flops: bool
+) -> tuple[list[float], int | None, float]:
+    """ms of ``args.steps`` steps of ``row`` after ``args.warmup``, the peak bytes allocated during them
+    (None off CUDA), and one step's FLOPs when ``count_flops`` (recompute included: the caller
+    subtracts it)."""
     config = run_config(family.name, shape, row, args.rank, args.small)
     regularizer, gates = None, None
     if config.crepa.enabled:
@@ -312,7 +327,6 @@ def measure(
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base_bytes = torch.cuda.memory_allocated()
     times = []
     for index in range(args.steps):
         synchronize(device)
@@ -320,17 +334,17 @@ def measure(
         step(args.warmup + index)
         synchronize(device)
         times.append(1e3 * (time.perf_counter() - started))
-    peak = (torch.cuda.max_memory_allocated() - base_bytes) / 2**30 if device.type == "cuda" else None
-    with FlopCounterMode(display=False) as counted_step:
-        step(0)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    counted_step = FlopCounterMode(display=False)
+    if count_flops:
+        with counted_step:
+            step(0)
     for module in (regularizer, gates):
         if module is not None:
             module.remove()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    median = statistics.median(times)
-    tokens = batch["teacher"].shape[1:4].numel()
-    return Measured(row, median, peak, tokens / (median / 1e3), counted_step.get_total_flops() / 1e12, None)
+    return times, peak, float(counted_step.get_total_flops())
 
 
 def step_forward_only(parts: StepParts, batch, generator) -> None:

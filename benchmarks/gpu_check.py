@@ -31,8 +31,8 @@ def main() -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     checks = {
-        "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
-        "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "3", "--warmup", "1"],
+        "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--durations=0", "tests"],
+        "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "2", "--warmup", "1", "--rounds", "2"],
         "demo": [python, "-m", "crepa", "demo", "--quick", "--workers", "2", "--no-progress", "--out", str(args.logs / "demo")],
     }  # fmt: skip
     skipped = set(filter(None, args.skip.split(",")))
