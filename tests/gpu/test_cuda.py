@@ -120,14 +120,22 @@ def test_nccl_process_group_trains(wan_run, sharded):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    topology = ["--config_file", str(EXAMPLES / "fsdp.yaml")] if sharded else ["--multi_gpu"]
     output = f"nccl-{'fsdp' if sharded else 'ddp'}"
-    command = [
-        *("accelerate", "launch", *topology, "--num_processes", str(processes), "--num_machines", "1"),
-        *("--main_process_port", str(port), "--mixed_precision", "bf16", "--dynamo_backend", "no"),
+    train_args = [
         *("-m", "crepa", "train", str(wan_run), "--no-progress", "--set", "train.max_steps=2"),
         *("--set", "train.batch_size=1", "--set", f'output.dir="{output}"', "--set", 'model.dtype="bf16"'),
     ]
+    if sharded:
+        command = [
+            *("accelerate", "launch", "--config_file", str(EXAMPLES / "fsdp.yaml")),
+            *("--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(port)),
+            *("--mixed_precision", "bf16", "--dynamo_backend", "no", *train_args),
+        ]
+    else:  # torchrun: accelerate's --multi_gpu refuses one process, an NCCL group of one is still DDP
+        command = [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)),
+            *("--master_port", str(port), *train_args),
+        ]
     result = subprocess.run(
         command, cwd=wan_run.parent, capture_output=True, text=True, timeout=300, env=cli_env()
     )
@@ -205,7 +213,8 @@ def test_batch_size_halves_on_a_real_out_of_memory(lora_run, capsys):
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert [clip.request.seed for clip in clips] == [0, 1, 2, 3]
-    assert np.array_equal(clips[0].frames, alone.frames)
+    # batched bf16 kernels may round differently from a call of one clip
+    assert np.abs(clips[0].frames.astype(int) - alone.frames.astype(int)).mean() < 2
     assert "out of memory" in capsys.readouterr().err
 
 
