@@ -13,7 +13,7 @@ import html
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +137,12 @@ def motion_comparisons(results: ExperimentResults) -> dict[tuple[str, str, str],
         if any(pair is None for seeds in per_clip.values() for pair in seeds.values()):
             continue
         residuals = motion_adjusted_values(per_clip)
+        flow = {name: seed_values(results, name, MOTION_METRIC) for name in names}
         for candidate, baseline in pairs_in_order(names):
-            found[(metric.key, candidate, baseline)] = compare_pair(
-                metric, candidate, baseline, residuals, results.clips
+            moved = compare_pair(metric, candidate, baseline, flow, results.clips).mean
+            found[(metric.key, candidate, baseline)] = replace(
+                compare_pair(metric, candidate, baseline, residuals, results.clips),
+                flow_difference=moved if math.isfinite(moved) else None,
             )
     return found
 

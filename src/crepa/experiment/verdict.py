@@ -170,6 +170,7 @@ class PairedComparison:
     family_size: int = 1
     margin: float | None = None
     motion: PairedComparison | None = None
+    flow_difference: float | None = None  # of a motion-adjusted comparison: mean paired flow magnitude change
 
     @property
     def count(self) -> int:
@@ -226,11 +227,15 @@ class PairedComparison:
 
     @property
     def verdict(self) -> str:
-        """The headline category: better, worse, explained by less / more motion (a gain / loss that does
-        not survive the motion adjustment), within margin, undecided, or no difference (no margin)."""
+        """The headline category: better, worse, explained by less / more motion (a difference that does
+        not survive the motion adjustment, by the candidate's change in flow magnitude), within margin,
+        undecided, or no difference (no margin)."""
         if self.outcome != "no difference":
             if self.explained_by_motion:
-                return "explained by less motion" if self.outcome == "better" else "explained by more motion"
+                flow = self.motion.flow_difference  # type: ignore[union-attr]
+                if flow is None or flow == 0.0:
+                    return "explained by the difference in motion"
+                return "explained by less motion" if flow < 0 else "explained by more motion"
             return self.outcome
         equivalence = self.equivalence
         if equivalence is None:
@@ -312,6 +317,7 @@ class PairedComparison:
             "p_adjusted": self.p_adjusted,
             "correction": self.correction,
             "outcome": self.outcome,
+            "flow_difference": self.flow_difference,
         }
 
     def power_sentence(self) -> str:
@@ -624,9 +630,11 @@ def summary_sentences(
             scope = "on any primary metric" if leads else "on any metric"
             sentence = f"{name} vs {other}: {undetectable(fewest, headline[0].clips)} {scope}"
         else:
-            sentence = f"{name} vs {other}: better on {join_names(names['better'])}, worse on {join_names(names['worse'])}"
+            sentence = f"{name} vs {other}: "
+            if names["better"] or names["worse"]:
+                sentence += f"better on {join_names(names['better'])}, worse on {join_names(names['worse'])}"
             if explained:
-                sentence += f", {join_names(explained)}"
+                sentence += (", " if names["better"] or names["worse"] else "") + join_names(explained)
             if undetected:
                 sentence += (
                     f", no difference detectable on {join_names([c.metric.title for c in undetected])}"
