@@ -593,7 +593,7 @@ def questions_sentence(comparisons: Sequence[PairedComparison], plan: AnalysisPl
         head = "No primary metric was declared (or none could be tested), so no headline question was asked"
     else:
         head = (
-            f"{len(primary)} headline questions were asked ({pairs} pairs x {len(titles)} primary metrics, "
+            f"{len(primary)} headline questions were asked ({_plural(pairs, 'pair')} x {len(titles)} primary metrics, "
             f"declared before the run: {join_names(titles)}); a difference is called better or worse only when "
             f"it survives Holm-Bonferroni over all {len(primary)} at a family-wise error of {plan.alpha:.0%}"
         )
