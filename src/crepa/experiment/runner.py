@@ -49,6 +49,7 @@ from crepa.generation import SAMPLES_FILE, ClipRequest, GenerationSettings, gene
 
 EVAL_FILE = "experiment_metrics.json"
 REPORT_FILE = "report.json"
+PLAN_KEYS = ("primary", "margins", "alpha")  # what makes a plan another experiment
 # Evaluations keep every clip's values (for the motion-adjusted verdict); older ones are redone.
 PER_CLIP_VALUES = "summary and per clip"
 SUMMARY_FILE = "training_summary.json"
@@ -473,7 +474,8 @@ def declare_plan(out: Path, plan: AnalysisPlan) -> None:
         declared = json.loads(path.read_text(encoding="utf-8")).get("plan")
     except (OSError, json.JSONDecodeError):
         declared = None
-    if declared is not None and declared != json.loads(json.dumps(plan.record())):
+    current = json.loads(json.dumps(plan.record()))
+    if declared is not None and any(declared.get(key) != current[key] for key in PLAN_KEYS):
         raise ConfigError(
             f"{path} declared primary metrics {','.join(declared['primary']) or '(none)'} and margins "
             f"{declared['margins']} before its results; a different --primary or --margin is a new experiment: "

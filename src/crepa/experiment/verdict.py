@@ -26,12 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
 
 from crepa.experiment.stats import (
+    ALPHA,
     Equivalence,
     benjamini_hochberg,
     holm_adjusted,
@@ -187,7 +189,7 @@ class PairedComparison:
 
     @property
     def alpha(self) -> float:
-        return 1 - self.confidence
+        return round(1 - self.confidence, 12)  # 0.05, not 0.050000000000000044
 
     @property
     def correction(self) -> str:
@@ -242,7 +244,7 @@ class PairedComparison:
             return "no difference"
         return "within margin" if equivalence.equivalent else "undecided"
 
-    @property
+    @cached_property
     def equivalence(self) -> Equivalence | None:
         """TOST against ±:attr:`margin` at alpha (None without a margin or with one seed)."""
         return None if self.margin is None else tost(np.asarray(self.differences), self.margin, self.alpha)
@@ -464,7 +466,7 @@ class AnalysisPlan:
 
     primary: tuple[str, ...]
     margins: Mapping[str, float]
-    alpha: float = 1 - CONFIDENCE
+    alpha: float = ALPHA
 
     def record(self) -> dict[str, Any]:
         return {
@@ -597,13 +599,17 @@ def questions_sentence(comparisons: Sequence[PairedComparison], plan: AnalysisPl
             f"declared before the run: {join_names(titles)}); a difference is called better or worse only when "
             f"it survives Holm-Bonferroni over all {len(primary)} at a family-wise error of {plan.alpha:.0%}"
         )
+    motion = (
+        " Consistency metrics are also compared at matched motion (regressed on flow magnitude); a gain that "
+        "does not survive that is explained by less motion."
+        if any(c.motion is not None for c in comparisons)
+        else ""
+    )
     return (
         f"{head}. The other {len(exploratory)} comparisons are exploratory: each carries a Benjamini-Hochberg "
         "q-value, and none is called an effect. Where nothing is detected, a metric with a margin gets an "
         f"equivalence test (TOST at {plan.alpha:.0%}): the effect lies within ±margin when the "
-        f"{1 - 2 * plan.alpha:.0%} interval does, undecided otherwise. Consistency metrics are also compared "
-        "at matched motion (regressed on flow magnitude); a gain that does not survive that is explained by "
-        "less motion."
+        f"{1 - 2 * plan.alpha:.0%} interval does, undecided otherwise." + motion
     )
 
 
