@@ -249,6 +249,23 @@ def test_quick_demo_writes_the_report(tmp_path):
     for row in ("| no alignment |", "| REPA* |", "| CREPA |"):
         assert row in markdown
     assert "## Verdict" in markdown and "<table>" in (out / "report.html").read_text()
+    # The headline names its primary metrics and correction; CKNNA is a diagnostic, exploratory.
+    assert report["plan"]["primary"] == [
+        "subject_consistency",
+        "temporal_flickering",
+        "warping_error",
+        "frechet_distance",
+    ]
+    assert "12 headline questions were asked (3 pairs x 4 primary metrics" in markdown
+    assert "survives Holm-Bonferroni over all 12" in markdown
+    assert "CKNNA is a diagnostic of the trained representation" in markdown
+    for record in report["comparisons"]:
+        primary = record["metric"] in report["plan"]["primary"]
+        assert record["correction"] == ("holm" if primary else "benjamini-hochberg"), record["metric"]
+        assert record["p_adjusted"] >= record["p_value"]
+        # Per-clip values reached the report: the consistency metrics carry the motion-adjusted comparison.
+        consistency = record["metric"] in ("subject_consistency", "temporal_flickering", "warping_error")
+        assert (record["motion_adjusted"] is not None) == consistency, record["metric"]
     assert "CREPA" in result.output  # the terminal ends with the table
     for run in report["runs"]:
         assert (out / "runs" / run / "pytorch_lora_weights.safetensors").is_file()

@@ -74,7 +74,7 @@ def experiment(
         None,
         "--primary",
         help="Comma-separated metrics the verdict's headline is about, declared before the run (default: the "
-        "run file's [experiment] primary, else subject_consistency, temporal_flickering, warping_error, "
+        "run file's experiment.primary, else subject_consistency, temporal_flickering, warping_error, "
         "frechet_distance). Holm over pairs x these; every other metric is exploratory (BH q-values).",
     ),
     margin: list[str] = typer.Option(

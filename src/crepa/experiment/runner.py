@@ -462,7 +462,9 @@ def analysis_plan(spec: ExperimentSpec) -> AnalysisPlan:
             spec.evaluator.metrics(spec.reference is not None), primary, {**section.margins, **spec.margins}
         )
     except ValueError as error:
-        raise ConfigError(f"{error} (or the run file's [experiment] section)") from None
+        raise ConfigError(
+            f"{error} (set by --primary / --margin or the run file's experiment.primary / experiment.margins)"
+        ) from None
 
 
 def declare_plan(out: Path, plan: AnalysisPlan) -> None:

@@ -73,7 +73,7 @@ class Equivalence:
             "method": f"TOST (two one-sided paired t-tests) at {self.alpha:g}",
             "p_value": self.p_value,
             "interval": list(self.interval),
-            "interval_confidence": 1 - 2 * self.alpha,
+            "interval_confidence": round(1 - 2 * self.alpha, 12),
             "outcome": "within margin" if self.equivalent else "undecided",
         }
 

@@ -476,7 +476,7 @@ class AnalysisPlan:
             "primary_correction": CORRECTIONS["primary"],
             "exploratory_correction": CORRECTIONS["exploratory"],
             "equivalence": f"TOST at {self.alpha:g} (the {1 - 2 * self.alpha:.0%} interval inside ±margin)",
-            "motion_adjusted_metrics": [key for key in CONSISTENCY_METRICS],
+            "motion_adjusted_metrics": list(CONSISTENCY_METRICS),
         }
 
 
