@@ -249,6 +249,74 @@ def test_quick_demo_writes_the_report(tmp_path):
     for row in ("| no alignment |", "| REPA* |", "| CREPA |"):
         assert row in markdown
     assert "## Verdict" in markdown and "<table>" in (out / "report.html").read_text()
+    # The headline names its primary metrics and correction; CKNNA is a diagnostic, exploratory.
+    assert report["plan"]["primary"] == [
+        "subject_consistency",
+        "temporal_flickering",
+        "warping_error",
+        "frechet_distance",
+    ]
+    assert "12 headline questions were asked (3 pairs x 4 primary metrics" in markdown
+    assert "survives Holm-Bonferroni over all 12" in markdown
+    assert "CKNNA is a diagnostic of the trained representation" in markdown
+    for record in report["comparisons"]:
+        primary = record["metric"] in report["plan"]["primary"]
+        assert record["correction"] == ("holm" if primary else "benjamini-hochberg"), record["metric"]
+        assert record["p_adjusted"] >= record["p_value"]
+        # Per-clip values reached the report: the consistency metrics carry the motion-adjusted comparison.
+        consistency = record["metric"] in ("subject_consistency", "temporal_flickering", "warping_error")
+        assert (record["motion_adjusted"] is not None) == consistency, record["metric"]
     assert "CREPA" in result.output  # the terminal ends with the table
     for run in report["runs"]:
         assert (out / "runs" / run / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_demo_verdict_headlines_only_corrected_primary_metrics():
+    # Noise on every metric, but CREPA's shape accuracy leads by about 0.05 at every seed: a lead in an
+    # exploratory metric, reported with its q-value and never as an effect.
+    results = _results(
+        {
+            "none": (0.10, 0.20, 0.30, 0.40),
+            "repa": (0.12, 0.19, 0.30, 0.41),
+            "crepa": (0.09, 0.22, 0.29, 0.40),
+        }
+    )
+    for seed, lead in enumerate((0.05, 0.06, 0.04, 0.05)):
+        none = results.rows[f"none-seed{seed}"]["shape_accuracy"]["value"]
+        results.rows[f"crepa-seed{seed}"]["shape_accuracy"] = {"value": none + lead}
+    text, found = _verdict_text(results)
+    shape = next(
+        c for c in found if (c.metric.key, c.candidate, c.baseline) == ("shape_accuracy", "crepa", "none")
+    )
+    assert shape.family == "exploratory" and shape.correction == "benjamini-hochberg"
+    assert shape.p_adjusted == pytest.approx(min(1.0, shape.p_value * 21))  # the one small p among 21
+    assert {c.metric.key for c in found if c.family == "primary"} == {
+        "subject_consistency",
+        "temporal_flickering",
+        "warping_error",
+        "frechet_distance",
+    }
+    paragraphs = verdict_paragraphs(results, found)
+    assert paragraphs["questions"][0].startswith(
+        "12 headline questions were asked (3 pairs x 4 primary metrics"
+    )
+    assert (
+        "CREPA vs no alignment: no difference detectable with 4 seeds and 8 clips on any primary metric"
+        in text
+    )
+    assert "this run shows no effect of alignment" in text
+    assert (
+        f"shape accuracy higher for CREPA than no alignment (p = {shape.p_value:.2g}, q = {shape.p_adjusted:.2g})"
+        in (paragraphs["exploratory"][0])
+    )
+    assert "CKNNA is a diagnostic of the trained representation" in " ".join(
+        block[1] for block in demo_verdict(results, found, {})
+    )
+    # With every metric ahead, the alignment sentence names the primary metrics only (not CKNNA).
+    text, _ = _verdict_text(
+        _results({"none": (0.10, 0.20, 0.30), "repa": (0.11, 0.21, 0.31), "crepa": (0.12, 0.22, 0.32)})
+    )
+    assert (
+        "Alignment (REPA* or CREPA) beats no alignment on subject consistency, temporal flickering, warping "
+        "error and Frechet distance (Holm-corrected)." in text
+    )

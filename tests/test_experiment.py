@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,17 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from crepa.cli import app
-from crepa.cli.experiment import parse_seeds
+from crepa.cli.experiment import parse_margins, parse_seeds
 from crepa.config import ConfigError, load_config
 from crepa.experiment.launch import device_groups, launch_slots
 from crepa.experiment.report import TIMING_HEADING
 from crepa.experiment.runfiles import parse_variants, write_runs
-from crepa.experiment.runner import check_extractors_are_not_the_teacher
+from crepa.experiment.runner import (
+    CrepaEvaluator,
+    ExperimentSpec,
+    analysis_plan,
+    check_extractors_are_not_the_teacher,
+)
 from crepa.train.recipe import train
 from test_scale import assert_same_tensors, launch
 from test_train import write_world
@@ -96,7 +102,10 @@ def test_killed_experiment_resumes_to_the_same_report(world, tmp_path):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # midway: the first run is done, the second is training
     assert process.wait() == -signal.SIGKILL
-    assert first.is_file() and not (resumed / "report.json").exists()
+    # The analysis plan was declared in report.json before any result; the report itself is not written.
+    declared = json.loads((resumed / "report.json").read_text())
+    assert first.is_file() and not (resumed / "report.md").exists() and "comparisons" not in declared
+    assert declared["plan"]["primary"] == ["temporal_flickering", "warping_error"]
     assert not (resumed / "runs" / "crepa-seed1" / "training_summary.json").exists()
 
     result = runner.invoke(app, experiment_args(world, resumed))
@@ -115,6 +124,25 @@ def test_killed_experiment_resumes_to_the_same_report(world, tmp_path):
     work = json.loads((resumed / "report.json").read_text())["work"]
     assert not any(done for entry in work.values() for done in entry.values()), work
     assert report_without_timing(resumed) == report_without_timing(straight)
+
+    # Every pair and metric carries raw and adjusted p, the correction, its margin, TOST and the
+    # motion-adjusted comparison; the plan names the primary metrics.
+    assert content["plan"] == declared["plan"] and content["plan"]["margins"]["warping_error"] == 0.0005
+    for record in content["comparisons"]:
+        assert record["correction"] == "holm" and record["family"] == "primary" and record["family_size"] == 2
+        assert 0 <= record["p_value"] <= record["p_adjusted"] <= 1
+        assert record["margin"] is not None and record["equivalence"]["outcome"] in (
+            "within margin",
+            "undecided",
+        )
+        assert record["motion_adjusted"]["correction"] == "holm"
+    assert "2 headline questions were asked (1 pair x 2 primary metrics" in markdown
+    # Another --primary in the same folder is another experiment: refused, the old report untouched.
+    before = (resumed / "report.json").read_bytes()
+    result = runner.invoke(app, [*experiment_args(world, resumed), "--primary", "warping_error"])
+    assert result.exit_code == 2
+    assert "a different --primary or --margin is a new experiment" in " ".join(result.output.split())
+    assert (resumed / "report.json").read_bytes() == before
 
 
 def test_a_rebuilt_base_model_is_never_paired_with_old_runs_or_samples(world, tmp_path):
@@ -297,3 +325,37 @@ def test_runs_train_as_two_process_groups(world, tmp_path):
         bound = 2 * 2 * lr * (1.0015 + decay * float(tensor.abs().max()))
         assert float((tensor - alone[key]).abs().max()) <= bound, key
     assert any(not torch.equal(tensor, alone[key]) for key, tensor in launched.items())
+
+
+def test_the_plan_comes_from_the_run_file_and_the_command_line(world, tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(
+        world.read_text() + '\n[experiment]\nprimary = ["warping_error"]\nmargins = {warping_error = 0.001}\n'
+    )
+    spec = ExperimentSpec(
+        run_file=run_file,
+        out=tmp_path / "out",
+        variants=parse_variants("none,crepa")[0],
+        seeds=(0, 1),
+        prompts=("a prompt",),
+        reference=None,
+        evaluator=CrepaEvaluator(metrics_requested=("temporal_flickering", "warping_error")),
+    )
+    plan = analysis_plan(spec)
+    assert plan.primary == ("warping_error",)
+    assert plan.margins == {"temporal_flickering": 0.002, "warping_error": 0.001}
+    plan = analysis_plan(
+        replace(spec, primary=("temporal_flickering",), margins={"temporal_flickering": 0.01})
+    )
+    assert plan.primary == ("temporal_flickering",) and plan.margins["temporal_flickering"] == 0.01
+    with pytest.raises(ConfigError, match="--primary frechet_distance: not a judged metric"):
+        analysis_plan(replace(spec, primary=("frechet_distance",)))
+    # The plan is the experiment's, not a run's: the variants' run files leave it out.
+    runs = write_runs(run_file, parse_variants("none,crepa")[0], (), (0,), tmp_path / "runs")
+    assert all("[experiment]" not in run.run_file.read_text() for run, _ in runs)
+    assert parse_margins(["warping_error=0.001", "subject_consistency=2e-3"]) == {
+        "warping_error": 0.001,
+        "subject_consistency": 0.002,
+    }
+    with pytest.raises(ConfigError, match="--margin: expected METRIC=VALUE"):
+        parse_margins(["warping_error"])

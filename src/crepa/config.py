@@ -177,6 +177,15 @@ class RepVideoSection(_Section):
     lr: float | None = Field(default=None, gt=0)
 
 
+class ExperimentSection(_Section):
+    """``crepa experiment``'s analysis plan (never read by training): the primary metrics of the verdict's
+    headline (None: subject consistency, flicker, warping error, Frechet distance) and equivalence margins
+    by metric; ``--primary`` / ``--margin`` override them."""
+
+    primary: list[str] | None = None
+    margins: dict[str, float] = Field(default_factory=dict)
+
+
 class RunConfig(_Section):
     """A whole run file. Relative paths are resolved against the file's directory."""
 
@@ -192,6 +201,7 @@ class RunConfig(_Section):
     validation: ValidationSection = Field(default_factory=ValidationSection)
     output: OutputSection = Field(default_factory=OutputSection)
     repvideo: RepVideoSection = Field(default_factory=RepVideoSection)
+    experiment: ExperimentSection = Field(default_factory=ExperimentSection)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:

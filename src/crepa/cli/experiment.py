@@ -27,6 +27,20 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def parse_margins(values: list[str]) -> dict[str, float]:
+    """``["subject_consistency=0.002", ...]`` -> {metric: margin}."""
+    margins = {}
+    for value in values:
+        metric, _, number = value.partition("=")
+        try:
+            margins[metric.strip()] = float(number)
+        except ValueError:
+            raise ConfigError(
+                f"--margin: expected METRIC=VALUE (subject_consistency=0.002), got {value!r}"
+            ) from None
+    return margins
+
+
 @app.command()
 def experiment(
     run_file: Path = typer.Argument(..., help="The run file (TOML) every variant starts from."),
@@ -55,6 +69,19 @@ def experiment(
         None,
         "--extractor",
         help="crepa eval --extractor values (SPEC or METRIC=SPEC); never the training teacher.",
+    ),
+    primary: str | None = typer.Option(
+        None,
+        "--primary",
+        help="Comma-separated metrics the verdict's headline is about, declared before the run (default: the "
+        "run file's experiment.primary, else subject_consistency, temporal_flickering, warping_error, "
+        "frechet_distance). Holm over pairs x these; every other metric is exploratory (BH q-values).",
+    ),
+    margin: list[str] = typer.Option(
+        [],
+        "--margin",
+        help="METRIC=VALUE: the equivalence margin (metric units) of the TOST reported when no difference is "
+        "detected (defaults: subject_consistency, temporal_flickering 0.002; warping_error 0.0005).",
     ),
     base: bool = typer.Option(True, "--base/--no-base", help="Also sample and evaluate the base model."),
     workers: int = typer.Option(
@@ -112,6 +139,8 @@ def experiment(
             sample_batch_size=sample_batch_size,
             processes_per_run=processes_per_run,
             accelerate_config=accelerate_config.resolve() if accelerate_config is not None else None,
+            primary=None if primary is None else tuple(split_values([primary])),
+            margins=parse_margins(margin),
         )
         results = run_experiment(spec, progress=progress, log=lambda text: console.rule(text, style="dim"))
     except (ConfigError, ValueError) as error:

@@ -26,7 +26,7 @@ from crepa.demo.verdict import METRICS
 from crepa.demo.world import ClipSpec, WorldSettings
 from crepa.eval.videos import SAMPLES_MANIFEST, read_manifest
 from crepa.experiment.runfiles import write_run_file
-from crepa.experiment.runner import LoadedModel, ModelJob
+from crepa.experiment.runner import PER_CLIP_VALUES, LoadedModel, ModelJob
 from crepa.experiment.verdict import MetricSpec
 from crepa.precompute import PrecomputeSummary, precompute
 
@@ -135,7 +135,12 @@ class DemoEvaluator:
 
     def describe(self) -> dict[str, Any]:
         stamp = json.loads((self.extractor_dir / STAMP_FILE).read_text(encoding="utf-8"))
-        return {"evaluator": "crepa demo", **asdict(self), "extractor_digest": stamp.get("digest")}
+        return {
+            "evaluator": "crepa demo",
+            "values": PER_CLIP_VALUES,
+            **asdict(self),
+            "extractor_digest": stamp.get("digest"),
+        }
 
     def __call__(self, job: ModelJob, model: LoadedModel) -> dict[str, dict[str, Any]]:
         reader = WorldReader.load(self.extractor_dir)

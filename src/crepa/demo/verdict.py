@@ -1,10 +1,11 @@
 """From the demo's numbers to its verdict, with the paired statistics of :mod:`crepa.experiment.verdict`:
 at each seed the three variants share batches, noise and timesteps and sample from the same noise, so
-each pair is judged on its per-seed differences (mean, 95 % t interval, seeds needed). On top of the
-generic per-pair sentences, the demo says what the outcomes mean for alignment in general (REPA* or
-CREPA against none) and for CREPA's cross-frame term (CREPA against REPA*, which differ only in it),
-flags consistency gains that come with less motion, and gives the base model and VAE ceiling as
-context. Every sentence is assembled from the measured values.
+each pair is judged on its per-seed differences, corrected for the number of questions (Holm over the
+primary metrics, BH q-values for the rest). On top of the generic per-pair sentences, the demo says
+what the corrected verdicts mean for alignment in general (REPA* or CREPA against none) and for CREPA's
+cross-frame term (CREPA against REPA*, which differ only in it), whether consistency gains survive the
+motion adjustment, what CKNNA is (a diagnostic), and gives the base model and VAE ceiling as context.
+Every sentence is assembled from the measured values.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from crepa.experiment.report import Block, aggregates, seed_values
 from crepa.experiment.runfiles import VARIANT_LABELS
 from crepa.experiment.runner import ExperimentResults
 from crepa.experiment.verdict import (
+    DIAGNOSTIC_METRICS,
     Aggregate,
     MetricSpec,
     PairedComparison,
     compare_pair,
     fmt,
+    fmt_signed,
     join_names,
 )
 
@@ -35,7 +38,6 @@ QUALITY_METRICS: dict[str, str] = {
     "cknna": "higher",
     **dict.fromkeys(WORLD_METRICS, "higher"),  # the world-aware metrics (crepa.demo.evaluate)
 }
-CONSISTENCY_METRICS = ("subject_consistency", "temporal_flickering", "warping_error")
 MOTION_METRICS = ("dynamic_degree", "flow_magnitude")
 TABLE_METRICS = (*QUALITY_METRICS, *MOTION_METRICS)
 METRIC_TITLES = {
@@ -82,13 +84,16 @@ TERMINAL_METRICS = ("subject_consistency", "frechet_distance", "identity_persist
 MORE_MOTION = MetricSpec("flow_magnitude", "flow magnitude", higher_is_better=True)
 
 
-def _outcomes(
-    comparisons: Sequence[PairedComparison], candidate: str, baseline: str, outcome: str
+def _verdicts(
+    comparisons: Sequence[PairedComparison], candidate: str, baseline: str, verdict: str
 ) -> list[str]:
+    """The primary metrics on which ``candidate`` vs ``baseline`` has the corrected ``verdict``."""
     return [
         c.metric.key
         for c in comparisons
-        if (c.candidate, c.baseline) == (candidate, baseline) and c.outcome == outcome
+        if (c.candidate, c.baseline) == (candidate, baseline)
+        and c.family == "primary"
+        and c.verdict == verdict
     ]
 
 
@@ -97,69 +102,86 @@ def _titles(keys: Sequence[str]) -> str:
 
 
 def interpretation(comparisons: Sequence[PairedComparison], seeds: int) -> list[str]:
-    """What the paired outcomes say about alignment in general and about the cross-frame term."""
+    """What the corrected headline verdicts say about alignment in general and about the cross-frame
+    term; exploratory comparisons never enter these sentences."""
     if seeds < 2:
         return []
-    detected = [c for c in comparisons if c.outcome != "no difference"]
-    if not detected:
+    if not any(c.family == "primary" and c.verdict in ("better", "worse") for c in comparisons):
         return [
-            "No pair of variants differs detectably on any metric: at this scale the differences in the "
-            "table are within seed noise, and this run shows no effect of alignment or of CREPA's "
-            "cross-frame term."
+            "No pair of variants differs on any primary metric at the corrected level: at this scale the "
+            "differences in the table are within seed noise, and this run shows no effect of alignment or of "
+            "CREPA's cross-frame term."
         ]
-    sentences = []
     aligned = [
         key
         for key in QUALITY_METRICS
-        if any(key in _outcomes(comparisons, variant, "none", "better") for variant in ("repa", "crepa"))
+        if any(key in _verdicts(comparisons, variant, "none", "better") for variant in ("repa", "crepa"))
     ]
-    if aligned:
-        sample_metrics = [key for key in aligned if key != "cknna"]
-        sentences.append(
-            f"Alignment (REPA* or CREPA) beats no alignment on {_titles(aligned)}"
-            + (
-                ": the block's representation moved towards the teacher, but no measure of the generated "
-                "clips changed detectably."
-                if not sample_metrics
-                else "."
-            )
-        )
-    else:
-        sentences.append("Neither aligned variant beats no alignment detectably on any metric.")
-    better = _outcomes(comparisons, "crepa", "repa", "better")
-    worse = _outcomes(comparisons, "crepa", "repa", "worse")
+    sentences = [
+        f"Alignment (REPA* or CREPA) beats no alignment on {_titles(aligned)} (Holm-corrected)."
+        if aligned
+        else "Neither aligned variant beats no alignment on any primary metric at the corrected level."
+    ]
+    better = _verdicts(comparisons, "crepa", "repa", "better")
+    worse = _verdicts(comparisons, "crepa", "repa", "worse")
     if not better and not worse:
         sentences.append(
-            "The cross-frame term itself (CREPA against REPA*, which differ only in it) shows no detectable "
-            "effect on any metric."
+            "The cross-frame term itself (CREPA against REPA*, which differ only in it) shows no effect on any "
+            "primary metric at the corrected level."
         )
     else:
         sentences.append(
             f"The cross-frame term itself (CREPA against REPA*, which differ only in it) helps on "
-            f"{_titles(better)} and hurts on {_titles(worse)}."
+            f"{_titles(better)} and hurts on {_titles(worse)} (Holm-corrected)."
         )
     return sentences
 
 
-def motion_caveats(
+def diagnostic_sentence(comparisons: Sequence[PairedComparison]) -> str:
+    """CKNNA as what it is: a diagnostic of the trained representation, with its q-values."""
+    found = [c for c in comparisons if c.metric.key in DIAGNOSTIC_METRICS and c.count > 1]
+    numbers = "; ".join(
+        f"{VARIANT_LABELS.get(c.candidate, c.candidate)} vs {VARIANT_LABELS.get(c.baseline, c.baseline)} "
+        f"{fmt_signed(c.mean)} (q = {fmt(c.p_adjusted if c.p_adjusted is not None else math.nan, 2)})"
+        for c in found
+    )
+    return (
+        "CKNNA is a diagnostic of the trained representation, not a measure of the clips: alignment trains "
+        "the aligned block's features towards the teacher's directly, so a higher CKNNA shows that the alignment term "
+        "took effect, not that the videos improved; it is never a headline metric"
+        + (f" ({numbers})." if numbers else ".")
+    )
+
+
+def motion_sentences(
     comparisons: Sequence[PairedComparison],
     values: Mapping[str, Mapping[str, Mapping[int, float | None]]],
     clips: int,
 ) -> list[str]:
-    """A consistency gain that comes with detectably less motion (paired flow magnitude) gets a
-    caveat: a frozen clip maximises every consistency score."""
+    """Whether each headline consistency gain survives the motion adjustment, with the paired change in
+    flow magnitude (a frozen clip maximises every consistency score)."""
     sentences = []
     for comparison in comparisons:
-        if comparison.metric.key not in CONSISTENCY_METRICS or comparison.outcome != "better":
+        if comparison.family != "primary" or comparison.outcome != "better" or comparison.motion is None:
             continue
         motion = compare_pair(
             MORE_MOTION, comparison.candidate, comparison.baseline, values["flow_magnitude"], clips
         )
-        if motion.outcome == "worse":
+        adjusted = comparison.motion.p_adjusted
+        head = (
+            f"{VARIANT_LABELS[comparison.candidate]}'s gain in {comparison.metric.title} over "
+            f"{VARIANT_LABELS[comparison.baseline]} (flow magnitude {fmt_signed(motion.mean, 2)} px per frame)"
+        )
+        if comparison.explained_by_motion:
             sentences.append(
-                f"{VARIANT_LABELS[comparison.candidate]}'s gain in {comparison.metric.title} over "
-                f"{VARIANT_LABELS[comparison.baseline]} comes with detectably less motion (flow magnitude "
-                f"{fmt(motion.mean, 3)} px per frame on average); less motion raises consistency scores by itself."
+                f"{head} does not survive the motion adjustment (Holm-adjusted p at matched motion "
+                f"{fmt(adjusted if adjusted is not None else math.nan, 2)}): it is explained by less motion, not "
+                "more consistency."
+            )
+        else:
+            sentences.append(
+                f"{head} survives the motion adjustment (Holm-adjusted p at matched motion "
+                f"{fmt(adjusted if adjusted is not None else math.nan, 2)})."
             )
     return sentences
 
@@ -198,6 +220,8 @@ def demo_verdict(
     values = {"flow_magnitude": {v: seed_values(results, v, "flow_magnitude") for v in VARIANTS}}
     variants = {v: aggregates(results, v) for v in VARIANTS}
     sentences = interpretation(comparisons, len(results.seeds))
-    sentences += motion_caveats(comparisons, values, results.clips)
+    sentences += motion_sentences(comparisons, values, results.clips)
+    if any(m.key in DIAGNOSTIC_METRICS for m in results.metrics):
+        sentences.append(diagnostic_sentence(comparisons))
     sentences += context_sentences(variants, aggregates(results, "base"), references)
     return [("p", sentence) for sentence in sentences]

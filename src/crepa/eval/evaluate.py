@@ -315,24 +315,32 @@ def summarize(clips: Sequence[ClipResult], metrics: Sequence[str]) -> dict[str, 
 
     Subject and background consistency are averaged over all frame pairs (VBench's sum / count), so
     longer clips weigh more; every other metric is a plain mean over clips. NaN values (a clip
-    with no consistent pixel for the warping error) are left out.
+    with no consistent pixel for the warping error) are left out. ``per_clip`` keeps every clip's value
+    in clip order (None for NaN), so metrics of one clip can be related (e.g. consistency to motion).
     """
     summary: dict[str, dict[str, Any]] = {}
     for metric in metrics:
         values = np.array([clip.values[metric] for clip in clips], dtype=np.float64)
+        per_clip = [float(v) if math.isfinite(v) else None for v in values]
         weights = np.array([clip.frames - 1 for clip in clips], dtype=np.float64)
         finite = np.isfinite(values)
         values, weights = values[finite], weights[finite]
         count = int(values.size)
         if count == 0:
-            summary[metric] = {"value": None, "std": None, "sem": None, "count": 0}
+            summary[metric] = {"value": None, "std": None, "sem": None, "count": 0, "per_clip": per_clip}
             continue
         if metric in ("subject_consistency", "background_consistency"):
             value = float((values * weights).sum() / weights.sum())
         else:
             value = float(values.mean())
         std = float(values.std(ddof=1)) if count > 1 else 0.0
-        summary[metric] = {"value": value, "std": std, "sem": std / math.sqrt(count), "count": count}
+        summary[metric] = {
+            "value": value,
+            "std": std,
+            "sem": std / math.sqrt(count),
+            "count": count,
+            "per_clip": per_clip,
+        }
     return summary
 
 

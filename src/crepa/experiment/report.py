@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,25 @@ from rich.table import Table
 
 from crepa.cache.atomic import atomic_write_bytes
 from crepa.eval.report import write_json, write_png
-from crepa.experiment.runner import ExperimentResults, clip_file
+from crepa.experiment.runner import REPORT_FILE, ExperimentResults, clip_file
 from crepa.experiment.verdict import (
+    CONSISTENCY_METRICS,
+    MOTION_METRIC,
     Aggregate,
+    AnalysisPlan,
     PairedComparison,
     compare_all,
+    compare_pair,
     comparison_table,
+    exploratory_sentence,
     fmt,
+    judge,
     method_sentence,
+    motion_adjusted_values,
+    pairs_in_order,
+    questions_sentence,
     ranking_sentence,
+    resolve_plan,
     summary_sentences,
 )
 from crepa.io.video import read_video_frames, write_video
@@ -39,6 +50,12 @@ from crepa.io.video import read_video_frames, write_video
 GRID_SCALE = 3
 LABEL_WIDTH = 92
 TIMING_HEADING = "Time per stage"
+TABLE_NOTE = (
+    "p: the paired t-test on its own; adjusted p: Holm over the primary family (the headline) or the "
+    "Benjamini-Hochberg q-value over the exploratory one; adjusted p at matched motion: the same test on the "
+    "residuals of the metric regressed on flow magnitude (consistency metrics). Seeds needed: at the "
+    "family's corrected level."
+)
 # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", src, alt) | ("list", items)
 Block = tuple
 
@@ -86,19 +103,69 @@ def aggregates(results: ExperimentResults, prefix: str) -> dict[str, Aggregate]:
     }
 
 
+def plan_of(results: ExperimentResults) -> AnalysisPlan:
+    """The plan the experiment declared, or the default plan for its metrics."""
+    return results.plan or resolve_plan(results.metrics)
+
+
+def per_clip_pairs(
+    results: ExperimentResults, prefix: str, metric: str
+) -> dict[int, tuple[list[float], list[float]] | None]:
+    """{seed: (metric per clip, flow magnitude per clip)} of rows ``<prefix>-seed<k>`` (None where the
+    evaluation kept no per-clip values of both, or their clip counts differ)."""
+    found: dict[int, tuple[list[float], list[float]] | None] = {}
+    for seed in results.seeds:
+        row = results.rows.get(f"{prefix}-seed{seed}", {})
+        values, flow = (
+            [math.nan if v is None else v for v in (row.get(key) or {}).get("per_clip") or []]
+            for key in (metric, MOTION_METRIC)
+        )
+        found[seed] = (values, flow) if values and len(values) == len(flow) else None
+    return found
+
+
+def motion_comparisons(results: ExperimentResults) -> dict[tuple[str, str, str], PairedComparison]:
+    """The consistency metrics' comparisons at matched motion, (metric, candidate, baseline) -> the
+    paired comparison of per-seed mean residuals (:func:`motion_adjusted_values`); only where every run
+    of every variant has per-clip values."""
+    names = [v["name"] for v in results.variants]
+    found = {}
+    for metric in results.metrics:
+        if metric.key not in CONSISTENCY_METRICS or metric.higher_is_better is None:
+            continue
+        per_clip = {name: per_clip_pairs(results, name, metric.key) for name in names}
+        if any(pair is None for seeds in per_clip.values() for pair in seeds.values()):
+            continue
+        residuals = motion_adjusted_values(per_clip)
+        flow = {name: seed_values(results, name, MOTION_METRIC) for name in names}
+        for candidate, baseline in pairs_in_order(names):
+            moved = compare_pair(metric, candidate, baseline, flow, results.clips).mean
+            found[(metric.key, candidate, baseline)] = replace(
+                compare_pair(metric, candidate, baseline, residuals, results.clips),
+                flow_difference=moved if math.isfinite(moved) else None,
+            )
+    return found
+
+
 def comparisons(results: ExperimentResults) -> list[PairedComparison]:
-    """Every judged metric for every pair of variants (later vs earlier), paired by seed."""
+    """Every judged metric for every pair of variants (later vs earlier), paired by seed, placed in the
+    plan's families (:func:`crepa.experiment.verdict.judge`) with the motion-adjusted comparisons."""
     names = [v["name"] for v in results.variants]
     values = {m.key: {name: seed_values(results, name, m.key) for name in names} for m in results.metrics}
-    return compare_all(results.metrics, names, values, results.clips)
+    raw = compare_all(results.metrics, names, values, results.clips)
+    return judge(raw, plan_of(results), motion_comparisons(results))
 
 
 def verdict_paragraphs(results: ExperimentResults, found: list[PairedComparison]) -> dict[str, list[str]]:
-    """Method, per-pair summary and per-metric rankings, all from the numbers."""
+    """Method, the questions asked, per-pair summary (headline only), exploratory leads and per-metric
+    rankings, all from the numbers."""
     variants = {v["name"]: aggregates(results, v["name"]) for v in results.variants}
+    tested = len(results.seeds) > 1
     return {
         "method": [method_sentence(len(results.seeds), results.clips)],
+        "questions": [questions_sentence(found, plan_of(results))] if tested else [],
         "summary": summary_sentences(found, results.labels),
+        "exploratory": [exploratory_sentence(found, results.labels)] if tested else [],
         "metrics": [
             ranking_sentence(m, {v: variants[v][m.key] for v in variants}, results.labels)
             for m in results.metrics
@@ -359,11 +426,13 @@ def report_blocks(
         ("h", 1, extras.title),
         *(extras.intro if extras.intro is not None else default_intro(results)),
         ("h", 2, "Verdict"),
-        *(("p", sentence) for sentence in paragraphs["method"]),
+        *(("p", sentence) for sentence in paragraphs["method"] + paragraphs["questions"]),
         ("list", paragraphs["summary"]),
+        *(("p", sentence) for sentence in paragraphs["exploratory"]),
         *(extras.verdict(results, found) if extras.verdict else ()),
         *((("list", paragraphs["metrics"]),) if paragraphs["metrics"] else ()),
         ("h", 3, "Paired differences (later variant minus earlier, per seed)"),
+        ("p", TABLE_NOTE),
         ("table", *comparison_table(found, results.labels)),
         ("h", 2, "Metrics (mean ± std over seeds)"),
         ("table", *summary_table(results, extras)),
@@ -408,6 +477,7 @@ def write_report(results: ExperimentResults, extras: ReportExtras | None = None)
             }
             for name in names
         },
+        "plan": plan_of(results).record(),
         "comparisons": [c.record() for c in found],
         "verdict": paragraphs,
         "runs": results.runs,
@@ -416,7 +486,7 @@ def write_report(results: ExperimentResults, extras: ReportExtras | None = None)
         "machine": results.machine,
         **extras.json,
     }
-    write_json(out / "report.json", content)
+    write_json(out / REPORT_FILE, content)
     return content
 
 

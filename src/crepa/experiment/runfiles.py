@@ -119,8 +119,9 @@ def write_run_file(path: Path, sections: Mapping[str, Mapping[str, Any]], commen
 
 
 def run_sections(config: RunConfig) -> dict[str, dict[str, Any]]:
-    """The keys the run file set (with paths already absolute), as {section: {key: value}}."""
-    return config.model_dump(mode="json", exclude_unset=True)
+    """The keys the run file set (with paths already absolute), as {section: {key: value}}, less the
+    ``[experiment]`` analysis plan (it is the experiment's, recorded in its report, not a run's)."""
+    return config.model_dump(mode="json", exclude_unset=True, exclude={"experiment"})
 
 
 def variant_config(

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,11 +43,15 @@ from crepa.eval.extractors import DEFAULT_SOURCES
 from crepa.eval.report import write_eval_report
 from crepa.eval.videos import find_clips
 from crepa.experiment.runfiles import Run, Variant, write_runs
-from crepa.experiment.verdict import MetricSpec
+from crepa.experiment.verdict import AnalysisPlan, MetricSpec, resolve_plan
 from crepa.experiment.workers import quiet_libraries, run_jobs, worker_pool
 from crepa.generation import SAMPLES_FILE, ClipRequest, GenerationSettings, generate_clips, write_clips
 
 EVAL_FILE = "experiment_metrics.json"
+REPORT_FILE = "report.json"
+PLAN_KEYS = ("primary", "margins", "alpha")  # what makes a plan another experiment
+# Evaluations keep every clip's values (for the motion-adjusted verdict); older ones are redone.
+PER_CLIP_VALUES = "summary and per clip"
 SUMMARY_FILE = "training_summary.json"
 BASE_STAMP_FILE = "base_model_stamp.json"  # the base model a run's folder was started from
 LOSSLESS_CRF = 0  # the metrics then see exactly the sampled frames, the same in every run
@@ -149,7 +153,7 @@ class CrepaEvaluator:
         return extractor_specs(list(self.extractors), self.chosen(with_reference))
 
     def describe(self) -> dict[str, Any]:
-        return {"evaluator": "crepa eval", **asdict(self)}
+        return {"evaluator": "crepa eval", "values": PER_CLIP_VALUES, **asdict(self)}
 
     def __call__(self, job: ModelJob, model: LoadedModel) -> dict[str, dict[str, Any]]:
         from crepa.eval.evaluate import load_extractors
@@ -367,7 +371,9 @@ class ExperimentSpec:
     every seed (a table row; not part of the verdict). workers: processes for the runs and the
     evaluations (1: everything in this process, one run after the other). processes_per_run > 1 or an
     accelerate_config: each run is trained by ``accelerate launch`` in that many processes, on a GPU
-    group of its own (:mod:`crepa.experiment.launch`)."""
+    group of its own (:mod:`crepa.experiment.launch`). primary / margins: the verdict's primary metrics
+    and equivalence margins (None / missing keys: the run file's ``[experiment]`` section, then the
+    defaults of :func:`crepa.experiment.verdict.resolve_plan`)."""
 
     run_file: Path
     out: Path
@@ -382,6 +388,8 @@ class ExperimentSpec:
     sample_batch_size: int = 1
     processes_per_run: int = 1
     accelerate_config: Path | None = None
+    primary: tuple[str, ...] | None = None
+    margins: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def launched(self) -> bool:
@@ -405,6 +413,7 @@ class ExperimentResults:
     work: dict[str, dict[str, bool]]  # model -> {"trained", "sampled", "evaluated"}
     machine: dict[str, Any]
     out: Path
+    plan: AnalysisPlan | None = None  # None: the default plan for ``metrics``
 
     @property
     def clips(self) -> int:
@@ -443,6 +452,41 @@ def prepare(spec: ExperimentSpec) -> list[tuple[Run, RunConfig]]:
     return runs
 
 
+def analysis_plan(spec: ExperimentSpec) -> AnalysisPlan:
+    """The verdict's plan: ``spec.primary`` / ``spec.margins`` over the run file's ``[experiment]``
+    section, over the defaults; a bad metric name or margin is a ConfigError."""
+    section = load_config(spec.run_file).experiment
+    primary = spec.primary if spec.primary is not None else section.primary
+    try:
+        return resolve_plan(
+            spec.evaluator.metrics(spec.reference is not None), primary, {**section.margins, **spec.margins}
+        )
+    except ValueError as error:
+        raise ConfigError(
+            f"{error} (set by --primary / --margin or the run file's experiment.primary / experiment.margins)"
+        ) from None
+
+
+def declare_plan(out: Path, plan: AnalysisPlan) -> None:
+    """Write the plan into ``out/report.json`` before any result exists (the report, written at the end,
+    keeps it). A folder whose report declared another plan is another experiment: refused, so the old
+    report is never rewritten under new questions."""
+    path = out / REPORT_FILE
+    try:
+        declared = json.loads(path.read_text(encoding="utf-8")).get("plan")
+    except (OSError, json.JSONDecodeError):
+        declared = None
+    current = json.loads(json.dumps(plan.record()))
+    if declared is not None and any(declared.get(key) != current[key] for key in PLAN_KEYS):
+        raise ConfigError(
+            f"{path} declared primary metrics {','.join(declared['primary']) or '(none)'} and margins "
+            f"{declared['margins']} before its results; a different --primary or --margin is a new experiment: "
+            "give it a new --out (the old report stays as it is)"
+        )
+    if declared is None:
+        atomic_write_json(path, {"plan": plan.record(), "status": "planned: no result yet"})
+
+
 def model_jobs(spec: ExperimentSpec, runs: Sequence[tuple[Run, RunConfig]]) -> list[ModelJob]:
     """One sample + evaluate job per run, and per seed for the base model."""
     models = [(run.name, run.run_file, run.directory, run.seed) for run, _ in runs]
@@ -477,6 +521,8 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
     load_before = os.getloadavg()
     threads = torch.get_num_threads()
     runs = prepare(spec)
+    plan = analysis_plan(spec)
+    declare_plan(spec.out, plan)
     slots: list[dict[str, str]] = []
     if spec.launched:  # impossible options stop here, before any work
         slots = launch_slots(spec.processes_per_run, spec.workers, spec.accelerate_config, log)
@@ -536,6 +582,7 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
             "load_average_after": [round(v, 2) for v in os.getloadavg()],
         },
         out=spec.out,
+        plan=plan,
     )
 
 
