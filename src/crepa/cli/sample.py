@@ -94,12 +94,9 @@ def sample(
             fps=fps,
             negative_prompt=negative_prompt,
         )
-    except (RunDirectoryError, FileNotFoundError, ValueError) as error:
+    except (RunDirectoryError, FileNotFoundError, ValueError, HubUnreachableError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
-    except HubUnreachableError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(1) from None
     except torch.OutOfMemoryError as error:
         console.print(
             f"[red]out of memory:[/red] {error}\nTo use less memory: --batch-size 1, --offload, --vae-tiling, "
