@@ -30,9 +30,9 @@ CONSISTENCY_METRICS: tuple[str, ...] = (
     "warping_error",
 )
 MOTION_METRICS: tuple[str, ...] = ("dynamic_degree", "flow_magnitude")
-UNREADABLE = "unreadable clip"  # the problem recorded for a video or frame folder that cannot be decoded
 PER_CLIP_METRICS: tuple[str, ...] = CONSISTENCY_METRICS + MOTION_METRICS
 METRICS: tuple[str, ...] = (*PER_CLIP_METRICS, "frechet_distance")
+UNREADABLE = "unreadable clip"  # the problem recorded for a video or frame folder that cannot be decoded
 # The metrics that need a feature extractor, and the one each uses unless told otherwise.
 DEFAULT_EXTRACTORS: dict[str, str] = {
     "subject_consistency": "dino",

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import constants
+from huggingface_hub import constants, get_session
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 # Seconds the reachability request may take: long enough for a slow link, short enough to answer fast.
@@ -44,8 +44,6 @@ def hub_reachable() -> bool:
 
     Goes through huggingface_hub's own HTTP session, so its proxy and certificate settings apply.
     """
-    from huggingface_hub.utils import get_session
-
     if constants.HF_HUB_OFFLINE:
         return False
     try:
@@ -59,7 +57,9 @@ def go_offline_unless_reachable(name: str) -> None:
     """For a hub id (not an existing folder): switch huggingface_hub to offline mode when the hub does
     not answer, so that loading reads the local cache at once instead of retrying the network."""
     if not Path(name).expanduser().exists() and not hub_reachable():
-        constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub, transformers, diffusers
+        constants.HF_HUB_OFFLINE = (
+            True  # read at request time by huggingface_hub (diffusers' and transformers' downloads)
+        )
 
 
 @contextmanager
