@@ -31,6 +31,7 @@ from crepa.data import (
     scan_dataset,
     uniform_timestamps,
 )
+from crepa.data.sources import read_text
 from crepa.io.video import VideoDecodeError, decode_frames, probe_video, video_backend, write_video
 
 BLOCK = 8  # frame-number code: one 8x8 block per bit along the top row, white = 1
@@ -334,3 +335,31 @@ def test_caption_bom_is_dropped(tmp_path: Path) -> None:
     ):
         samples, _ = scan_dataset(source, CONFIG)
         assert [sample.caption for sample in samples] == [caption], source
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        ("caf\u00e9 \u2013 cr\u00e8me".encode("utf-8"), "caf\u00e9 \u2013 cr\u00e8me"),
+        (b"\xef\xbb\xbf" + "na\u00efve".encode("utf-8"), "na\u00efve"),  # UTF-8 byte-order mark dropped
+        ("na\u00efve \u2013 dash".encode("utf-16"), "na\u00efve \u2013 dash"),
+        ("wide \U0001f600".encode("utf-32"), "wide \U0001f600"),
+        (b"caf\xe9 \x96 cr\xe8me", "caf\u00e9 \u2013 cr\u00e8me"),  # Windows-1252: 0x96 is an en dash
+        (b"caf\xe9 \x81", "caf\u00e9 \x81"),  # 0x81 is undefined in Windows-1252: Latin-1
+    ],
+)
+def test_caption_and_table_files_are_read_in_any_encoding(tmp_path, data, text):
+    path = tmp_path / "caption.txt"
+    path.write_bytes(data)
+    assert read_text(path) == text
+
+
+def test_dataset_listings_read_latin1_captions_and_tables(dataset, tmp_path):
+    shutil.copytree(dataset, tmp_path / "clips")
+    (tmp_path / "clips/wide.txt").write_bytes("un caf\u00e9".encode("latin-1"))
+    table = tmp_path / "data.csv"
+    table.write_bytes("video,caption\nclips/tall.mp4,cr\u00e8me br\u00fbl\u00e9e\n".encode("latin-1"))
+    samples, _ = scan_dataset(tmp_path / "clips", CONFIG)
+    assert {s.path.name: s.caption for s in samples}["wide.mp4"] == "un caf\u00e9"
+    samples, _ = scan_dataset(table, CONFIG)
+    assert [s.caption for s in samples] == ["cr\u00e8me br\u00fbl\u00e9e"]

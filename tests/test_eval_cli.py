@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import struct
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from crepa.cli import app
 from crepa.eval import report
 from crepa.eval.report import write_layer_report
 from crepa.eval.tiny import save_tiny_extractors
-from crepa.io.video import write_video
+from crepa.io.video import read_video_frames, write_video
 from test_eval_support import textured_image, translating_clip
 
 runner = CliRunner()
@@ -175,3 +177,115 @@ def test_report_writes_are_atomic(tmp_path, monkeypatch):
         report.write_json(target, {"value": float("nan"), "other": 2})
     assert json.loads(target.read_text()) == {"value": 1.0}  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temporary left behind
+
+
+def write_foreign_files(folder: Path) -> dict[str, str]:
+    """One file of each kind a user's folder may hold next to its clips; returns name -> reason part."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zero.mp4").write_bytes(b"")
+    (folder / "notes.mp4").write_text("a text file with a video extension\n" * 20)
+    with av.open(str(folder / "audio.mp4"), "w") as container:  # an audio stream only
+        stream = container.add_stream("aac", rate=16000)
+        for index in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, index * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    cv2.imwrite(str(folder / "photo.png"), textured_image(32, 32, seed=5))
+    (folder / "photo.png").rename(folder / "photo.mp4")  # a single still image
+    write_video(folder / "whole.mp4", translating_clip(9, 32, 32, (1, 0), seed=6), fps=8)
+    whole = (folder / "whole.mp4").read_bytes()
+    (folder / "truncated.mp4").write_bytes(whole[: len(whole) // 2])  # index at the end: cut away
+    (folder / "whole.mp4").unlink()
+    # a GIF whose logical screen claims 65535 x 65535 pixels, with no image data behind it
+    (folder / "huge.gif").write_bytes(
+        b"GIF89a" + struct.pack("<HH", 65535, 65535) + b"\xf7\x00\x00" + bytes(800)
+    )
+    return {
+        "zero.mp4": "empty file (0 bytes)",
+        "notes.mp4": "not a readable video",
+        "audio.mp4": "no video stream",
+        "photo.mp4": "a still image",
+        "truncated.mp4": "not a readable video",
+        "huge.gif": "decoding failed",
+    }
+
+
+def test_eval_of_a_mixed_folder_evaluates_readable_clips_and_lists_the_others(tmp_path):
+    folder = tmp_path / "mixed"
+    expected = write_foreign_files(folder)
+    write_video(folder / "a.mp4", translating_clip(9, 32, 32, (1, 0)), fps=8)
+    write_video(folder / "b.mp4", translating_clip(9, 32, 32, (2, 0), seed=1), fps=8)
+    (folder / "a.txt").write_bytes("un caf\xe9 br\xfblant".encode("latin-1"))  # not UTF-8
+    (folder / "b.txt").write_bytes("na\xefve \u2013 dash".encode("utf-16"))  # with a byte-order mark
+    out = tmp_path / "out"
+
+    result = run_eval(str(folder), "--metrics", "temporal_flickering", "--out", str(out))
+
+    assert result.exit_code == 0, result.output
+    rows = read_rows(out / "per_video.csv")
+    assert set(rows) == {"a.mp4", "b.mp4"}
+    assert rows["a.mp4"]["caption"] == "un café brûlant" and rows["b.mp4"]["caption"] == "naïve \u2013 dash"
+    for name in ("a.mp4", "b.mp4"):  # VBench's formula, a naive loop over the decoded frames
+        frames, _ = read_video_frames(folder / name)
+        naive = np.mean(
+            [np.abs(frames[t + 1].astype(float) - frames[t]).mean() for t in range(len(frames) - 1)]
+        )
+        assert float(rows[name]["temporal_flickering"]) == pytest.approx((255 - naive) / 255, rel=1e-9)
+    with (out / "skipped.csv").open() as handle:
+        skipped = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    assert set(skipped) == set(expected)
+    for name, reason in expected.items():
+        assert skipped[name]["set"] == "videos" and skipped[name]["problem"] == "unreadable clip"
+        assert reason in skipped[name]["detail"], (name, skipped[name]["detail"])
+        assert f"{folder / name}: unreadable clip: {reason}" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["clips"] == 2 and metrics["metrics"]["temporal_flickering"]["count"] == 2
+    assert {Path(item["path"]).name for item in metrics["skipped"]} == set(expected)
+    assert "skipped.csv" in metrics["files"]
+
+
+def test_eval_of_a_latin1_manifest_skips_its_bad_lines(tmp_path):
+    folder = tmp_path / "samples"
+    write_video(folder / "clips" / "one.mp4", translating_clip(9, 32, 32, (1, 0)), fps=8)
+    lines = [
+        json.dumps({"file": "clips/one.mp4", "prompt": "\u00e9t\u00e9"}, ensure_ascii=False),
+        "{not json",
+        json.dumps({"prompt": "no file entry"}),
+        json.dumps({"file": "clips/missing.mp4", "prompt": "gone"}),
+    ]
+    (folder / "samples.jsonl").write_bytes("\n".join(lines).encode("latin-1"))
+    out = tmp_path / "out"
+
+    result = run_eval(str(folder), "--metrics", "temporal_flickering", "--out", str(out))
+
+    assert result.exit_code == 0, result.output
+    assert read_rows(out / "per_video.csv")["one.mp4"]["caption"] == "été"
+    with (out / "skipped.csv").open() as handle:
+        skipped = {row["path"]: row for row in csv.DictReader(handle)}
+    manifest = folder / "samples.jsonl"
+    assert (
+        skipped[f"{manifest}:2"]["problem"] == "bad row"
+        and "invalid JSON" in skipped[f"{manifest}:2"]["detail"]
+    )
+    assert "'file'" in skipped[f"{manifest}:3"]["detail"]
+    assert skipped[str(folder / "clips/missing.mp4")]["detail"] == "file not found"
+    assert len(skipped) == 3
+
+
+def test_eval_with_no_readable_clip_exits_2_with_one_line(tmp_path):
+    folder = tmp_path / "broken"
+    expected = write_foreign_files(folder)
+    out = tmp_path / "out"
+
+    result = run_eval(str(folder), "--metrics", "temporal_flickering", "--out", str(out))
+
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert f"none of its {len(expected)} clip(s) could be read" in errors[0]
+    assert str(out / "skipped.csv") in errors[0]
+    with (out / "skipped.csv").open() as handle:
+        assert {Path(row["path"]).name for row in csv.DictReader(handle)} == set(expected)

@@ -1,9 +1,12 @@
 """Offline / unreachable model hub: every command that loads weights names the network, the id and the
-key to set, exits 1, and prints no traceback (HF_HUB_OFFLINE=1 makes the hub unreachable here)."""
+key to set, exits 2, and prints no traceback. The hub is made unreachable either with HF_HUB_OFFLINE=1
+or, as on a machine without network, by pointing HF_ENDPOINT at a closed local port."""
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +63,80 @@ def test_unreachable_hub_is_named_without_traceback(world, command, hub_id, key)
     result = crepa(command, world, world / "hf-home")
     output = result.stdout + result.stderr
     message = " ".join(output.split())
-    assert result.returncode == 1, output[-2000:]
+    assert result.returncode == 2, output[-2000:]
     assert f"cannot reach the model hub and {hub_id} is not in the local cache" in message, message[-2000:]
     assert key in message and "Traceback" not in output
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Runs the real command in a subprocess and reports the seconds it took after the imports of
+# `crepa.cli` (the part a retry loop would lengthen), on stderr after everything else.
+TIMED_COMMAND = """
+import sys, time
+from crepa.cli import app
+start = time.perf_counter()
+try:
+    app(sys.argv[1:], prog_name="crepa")
+finally:
+    print(f"command seconds: {time.perf_counter() - start:.2f}", file=sys.stderr)
+"""
+
+
+NO_MODEL = 'model.pretrained="someorg/no-such-model"'
+
+
+@pytest.mark.parametrize(
+    ("command", "hub_id", "key"),
+    [
+        (["train", "run.toml", "--set", NO_MODEL], "someorg/no-such-model", "model.pretrained"),
+        (["precompute", "run.toml", "--set", NO_MODEL], "someorg/no-such-model", "model.pretrained"),
+        (
+            ["precompute", "run.toml", "--set", 'teacher.name="someorg/no-such-teacher"'],
+            "someorg/no-such-teacher",
+            "teacher.name",
+        ),
+        (
+            ["eval", "videos", "--out", "eval", "--metrics", "subject_consistency"],
+            "facebook/dino-vitb16",
+            "--extractor",
+        ),
+    ],
+)
+def test_without_network_every_command_answers_at_once_with_exit_2(world, command, hub_id, key):
+    """No HF_HUB_OFFLINE: the hub endpoint refuses connections, as without network. One quick check,
+    no retries with backoff, no library warning before the message, exit 2 naming the key."""
+    env = {
+        **os.environ,
+        "HF_HOME": str(world / "hf-home"),  # an empty cache
+        "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+        "PYTHONWARNINGS": "default",  # every warning would show
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    result = subprocess.run(
+        [sys.executable, "-c", TIMED_COMMAND, *command],
+        cwd=world,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    message = " ".join(output.split())
+    assert f"cannot reach the model hub and {hub_id} is not in the local cache" in message, output[-3000:]
+    assert key in message and "Traceback" not in output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[0].startswith("error: cannot reach the model hub"), output[-3000:]  # nothing before it
+    assert "Retry" not in output and "Warning" not in output, output[-3000:]
+    seconds = float(re.search(r"command seconds: ([\d.]+)", result.stderr).group(1))
+    assert seconds < 10.0, output[-3000:]
 
 
 @pytest.mark.parametrize("export_format", ["comfyui", "merged"])
@@ -87,7 +161,7 @@ def test_export_names_the_unreachable_hub(world, tmp_path, export_format):
     )
     output = result.stdout + result.stderr
     message = " ".join(output.split())
-    assert result.returncode == 1, output[-2000:]
+    assert result.returncode == 2, output[-2000:]
     assert f"cannot reach the model hub and {hub_id} is not in the local cache" in message, message[-2000:]
     assert "model.pretrained" in message and "Traceback" not in output
     assert not (tmp_path / "out").exists()

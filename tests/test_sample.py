@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import crepa.repvideo
 import crepa.sample
 from crepa.cli import app
-from crepa.config import load_config
+from crepa.config import ConfigError, load_config
 from crepa.export import export_run
 from crepa.generation import ClipRequest, GenerationSettings, generate_clips
 from crepa.io.video import read_video_frames
@@ -267,3 +267,109 @@ def test_sample_with_first_frames_reproduces_image_to_video_validation(tmp_path,
     assert_same_clip(tmp_path / "s/prompt-0-seed-0.mp4", validation)
     record = json.loads((tmp_path / "s/samples.jsonl").read_text())
     assert Path(record["image"]).name == "0.png"
+
+
+def run_without_validation_shape(lora_run: Path, root: Path, num_frames: int, size: tuple[int, int]) -> Path:
+    """A copy of ``lora_run`` whose run file sets no validation frame count or size, and whose first
+    training bucket is ``num_frames`` x ``size`` (the LoRA fits any clip shape)."""
+    import shutil
+
+    run_dir = shutil.copytree(lora_run, root / "run")
+    document = json.loads((run_dir / "run_config.json").read_text())
+    for key in ("num_frames", "height", "width"):
+        del document["validation"][key]
+    document["data"]["num_frames"] = [num_frames, 9]
+    document["data"]["resolutions"] = [list(size), [32, 32]]
+    (run_dir / "run_config.json").write_text(json.dumps(document))
+    return run_dir
+
+
+def test_sample_defaults_to_the_first_training_bucket(lora_run, tmp_path):
+    """Not ValidationSection's 49 x 480 x 720 (CogVideoX-5B's shape, beyond the tiny Wan's rotary
+    table): the clip has the shape of the run's first training bucket, data.num_frames[0] x
+    data.resolutions[0]."""
+    run_dir = run_without_validation_shape(lora_run, tmp_path, 5, (16, 48))
+    config = read_run_config(run_dir)
+    assert (config.validation.num_frames, config.validation.height, config.validation.width) == (5, 16, 48)
+    (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
+    out = tmp_path / "samples"
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            str(run_dir),
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert frames_of(out / "prompt-0-seed-0.gif").shape == (5, 16, 48, 3)
+    assert json.loads((out / "samples.jsonl").read_text())["settings"]["num_frames"] == 5
+
+
+# tiny Wan: rope_max_seq_len = 32 positions per axis; 8 (VAE) x 2 (patch) = 16 pixels per position
+BEYOND_TABLE = "more than the transformer's rotary table holds (rope_max_seq_len = 32)"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--height", "720"],
+            f"--height: 720 needs 45 positions along that axis, {BEYOND_TABLE}; use at most 512",
+        ),
+        (
+            ["--frames", "133"],
+            f"--frames: 133 needs 34 positions along that axis, {BEYOND_TABLE}; use at most 125",
+        ),
+        (["--width", "44"], "--width: 44 is not a multiple of 16 (VAE stride x patch size); use 48"),
+        (["--frames", "8"], "--frames: the model generates 1 + 4*m frames, not 8; use 9"),
+    ],
+)
+def test_sample_refuses_a_shape_the_model_cannot_generate(lora_run, tmp_path, monkeypatch, args, message):
+    (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
+    calls = []
+    monkeypatch.setattr(crepa.sample, "generate_clips", lambda *a, **k: calls.append(a) or iter(()))
+    command = [
+        "sample",
+        str(lora_run),
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--out",
+        str(tmp_path / "s"),
+    ]
+    result = CliRunner().invoke(app, [*command, *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not calls and not (tmp_path / "s").exists()  # refused before sampling
+
+
+def test_sample_names_the_run_file_key_of_a_default_it_cannot_generate(lora_run, tmp_path):
+    run_dir = run_without_validation_shape(lora_run, tmp_path, 9, (32, 32))
+    document = json.loads((run_dir / "run_config.json").read_text())
+    document["validation"]["height"] = 992
+    (run_dir / "run_config.json").write_text(json.dumps(document))
+    (tmp_path / "prompts.txt").write_text(PROMPTS[0] + "\n")
+    result = CliRunner().invoke(app, ["sample", str(run_dir), "--prompts", str(tmp_path / "prompts.txt")])
+    assert result.exit_code == 2, result.output
+    expected = f"--height (default: the run's validation.height): 992 needs 62 positions along that axis, {BEYOND_TABLE}"
+    assert expected in " ".join(result.output.split()), result.output
+
+
+def test_validation_shape_beyond_the_rotary_table_is_refused_before_training(tmp_path):
+    run = write_world(tmp_path, "wan", clips=1)
+    config = load_config(run, ["validation.every=1", "validation.width=720"])
+    with pytest.raises(
+        ConfigError, match=r"validation\.width: 720 needs 45 positions .*rope_max_seq_len = 32.*at most 512"
+    ):
+        train(config, progress=False)
+    # unset, the validation shape is the first training bucket, which the model can generate
+    text = run.read_text()
+    run.write_text(text.replace("num_frames = 9\nheight = 32\nwidth = 32\n", ""))
+    config = load_config(run, ["data.num_frames=[5, 9]", "data.resolutions=[[16, 48], [32, 32]]"])
+    assert (config.validation.num_frames, config.validation.height, config.validation.width) == (5, 16, 48)
+    settings = GenerationSettings.from_validation(config.validation)
+    assert (settings.num_frames, settings.height, settings.width) == (5, 16, 48)

@@ -145,9 +145,10 @@ class LoggingSection(_Section):
 class ValidationSection(_Section):
     every: int = Field(default=0, ge=0, description="steps between validations; 0 turns validation off")
     prompts: list[str] = Field(default_factory=list)
-    num_frames: int = Field(default=49, ge=1)
-    height: int = Field(default=480, ge=8)
-    width: int = Field(default=720, ge=8)
+    # Unset: the run's first training bucket (data.num_frames[0], data.resolutions[0]), filled in by RunConfig.
+    num_frames: int | None = Field(default=None, ge=1, description="default: data.num_frames[0]")
+    height: int | None = Field(default=None, ge=8, description="default: data.resolutions[0][0]")
+    width: int | None = Field(default=None, ge=8, description="default: data.resolutions[0][1]")
     inference_steps: int = Field(default=30, ge=1)
     guidance_scale: float = Field(default=6.0, ge=0)
     fps: float = Field(default=8.0, gt=0)
@@ -202,6 +203,19 @@ class RunConfig(_Section):
     output: OutputSection = Field(default_factory=OutputSection)
     repvideo: RepVideoSection = Field(default_factory=RepVideoSection)
     experiment: ExperimentSection = Field(default_factory=ExperimentSection)
+
+    @model_validator(mode="after")
+    def _validation_shape_from_first_bucket(self) -> RunConfig:
+        """Validation clips unset in size take the shape of the first training bucket: one the model
+        was just trained on (never another model's defaults)."""
+        validation, data = self.validation, self.data
+        if validation.num_frames is None:
+            validation.num_frames = data.num_frames[0]
+        if validation.height is None:
+            validation.height = data.resolutions[0][0]
+        if validation.width is None:
+            validation.width = data.resolutions[0][1]
+        return self
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from crepa.align.grids import valid_frame_counts_near
 from crepa.cache.atomic import atomic_write_bytes
 from crepa.config import ModelSection, ValidationSection
 from crepa.io.video import write_video
@@ -32,6 +33,13 @@ from crepa.models.pipelines import _DTYPE_KWARG, text_length
 
 SAMPLES_FILE = "samples.jsonl"
 CONTACT_SHEET = "contact_sheet.png"
+# What the user changes to set each clip dimension, in the run file and on the command line.
+VALIDATION_KEYS = {
+    "num_frames": "validation.num_frames",
+    "height": "validation.height",
+    "width": "validation.width",
+}
+SAMPLE_OPTIONS = {"num_frames": "--frames", "height": "--height", "width": "--width"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,67 @@ class GenerationSettings:
             fps=section.fps,
         )
         return replace(settings, **{key: value for key, value in overrides.items() if value is not None})
+
+
+def shape_problems(
+    family: ModelFamily, transformer: nn.Module, settings: GenerationSettings, names: Mapping[str, str]
+) -> list[str]:
+    """What keeps the model from generating clips of ``settings``' frame count, height and width,
+    one message each naming the limit and ``names[field]``, the key or option to change (never
+    silently rounded). ``transformer`` may be a skeleton on the meta device: only its config is read.
+
+    Frame counts must encode to whole latent frames (1 + r*m for a causal VAE, r*m otherwise) in
+    whole temporal patches; height and width must be multiples of VAE stride x patch size; and the
+    token grid must fit the rotary position table where the family has one.
+    """
+    ratio, count = family.temporal_ratio, settings.num_frames
+    patch_t, patch_h, patch_w = family.patch_sizes(transformer)
+    frames_key = names["num_frames"]
+    problems = []
+    if family.causal_vae and (count - 1) % ratio:
+        near = " or ".join(map(str, valid_frame_counts_near(count, ratio, latent_multiple=patch_t)))
+        problems.append(f"{frames_key}: the model generates 1 + {ratio}*m frames, not {count}; use {near}")
+    elif not family.causal_vae and count % (ratio * patch_t):
+        near = max(1, round(count / (ratio * patch_t))) * ratio * patch_t
+        problems.append(
+            f"{frames_key}: the model generates a multiple of {ratio * patch_t} frames, not {count}; use {near}"
+        )
+    elif family.causal_vae and (1 + (count - 1) // ratio) % patch_t:
+        near = " or ".join(map(str, valid_frame_counts_near(count, ratio, latent_multiple=patch_t)))
+        problems.append(
+            f"{frames_key}: {count} frames give {1 + (count - 1) // ratio} latent frames, but the model "
+            f"patches {patch_t} latent frames per token; use {near}"
+        )
+    multiples = {"height": family.spatial_ratio * patch_h, "width": family.spatial_ratio * patch_w}
+    for field, multiple in multiples.items():
+        value = getattr(settings, field)
+        if value % multiple:
+            near = max(1, round(value / multiple)) * multiple
+            problems.append(
+                f"{names[field]}: {value} is not a multiple of {multiple} (VAE stride x patch size); use {near}"
+            )
+    limit = family.max_tokens_per_axis(transformer)
+    if limit is None or problems:
+        return problems
+    latent_frames = 1 + (count - 1) // ratio if family.causal_vae else count // ratio
+    most_latent = limit * patch_t
+    most = {
+        "num_frames": 1 + ratio * (most_latent - 1) if family.causal_vae else ratio * most_latent,
+        **{field: limit * multiple for field, multiple in multiples.items()},
+    }
+    tokens = {
+        "num_frames": latent_frames // patch_t,
+        "height": settings.height // multiples["height"],
+        "width": settings.width // multiples["width"],
+    }
+    for field, count_along in tokens.items():
+        if count_along > limit:
+            problems.append(
+                f"{names[field]}: {getattr(settings, field)} needs {count_along} positions along that axis, "
+                f"more than the transformer's rotary table holds ({family.rotary_table_key} = {limit}); "
+                f"use at most {most[field]}"
+            )
+    return problems
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,16 @@ from torch import nn
 from crepa import repvideo
 from crepa.config import RunConfig
 from crepa.eval.videos import IMAGE_SUFFIXES, natural_key
-from crepa.generation import ClipRequest, GenerationSettings, generate_clips, load_pipeline, write_clips
+from crepa.generation import (
+    SAMPLE_OPTIONS,
+    VALIDATION_KEYS,
+    ClipRequest,
+    GenerationSettings,
+    generate_clips,
+    load_pipeline,
+    shape_problems,
+    write_clips,
+)
 from crepa.models import ModelFamily
 from crepa.models.pipelines import _DTYPE_KWARG
 from crepa.runs import RunDirectoryError, read_run_config, read_transformer_weights
@@ -202,7 +211,10 @@ def sample_run(
     """``crepa sample`` as a function: load the run (:func:`load_run_pipeline`), generate one clip per
     (prompt, seed) with the run's validation settings, overridden by ``overrides`` (num_frames,
     height, width, inference_steps, guidance_scale, fps, negative_prompt), write them to ``out``.
-    Returns ``out/samples.jsonl``."""
+    Returns ``out/samples.jsonl``.
+
+    A clip shape the model cannot generate raises ``ValueError`` naming the limit and the option
+    before any clip is sampled. Unset in the run file, the shape is the run's first training bucket."""
     if not prompts or not seeds:
         raise ValueError("give at least one prompt and one seed")
     run = load_run_pipeline(
@@ -214,6 +226,15 @@ def sample_run(
         **(components or {}),
     )
     settings = GenerationSettings.from_validation(run.config.validation, **overrides)
+    names = {
+        field: option
+        if overrides.get(field) is not None
+        else f"{option} (default: the run's {VALIDATION_KEYS[field]})"
+        for field, option in SAMPLE_OPTIONS.items()
+    }
+    problems = shape_problems(run.family, run.pipeline.transformer, settings, names)
+    if problems:
+        raise ValueError("cannot generate this clip shape: " + "; ".join(problems))
     return sample_pipeline(
         run, prompts, seeds, out, settings, images=images, batch_size=batch_size, progress=progress
     )

@@ -83,8 +83,9 @@ def disk_problem(error: BaseException) -> tuple[int, str | None] | None:
 
 @contextmanager
 def command_errors(console: Console, state: Callable[[], tuple[Path | None, str]]) -> Iterator[None]:
-    """Exit 2 for a :class:`ConfigError`; exit 1 with one line for a disk error or an unreachable model
-    hub (:class:`~crepa.models.hub.HubUnreachableError`); 130 for Ctrl-C.
+    """Exit 2 for a :class:`ConfigError` or an unreachable model hub with the weights not cached
+    (:class:`~crepa.models.hub.HubUnreachableError`: nothing was started); exit 1 with one line for a
+    disk error; 130 for Ctrl-C.
 
     ``state()`` gives (the folder the command writes, what survives): the folder is named when the
     writer did not say which file failed."""
@@ -92,10 +93,8 @@ def command_errors(console: Console, state: Callable[[], tuple[Path | None, str]
         yield
     except typer.Exit:
         raise
-    except ConfigError as error:
+    except (ConfigError, HubUnreachableError) as error:
         fail(console, "error", str(error), EXIT_CONFIG)
-    except HubUnreachableError as error:
-        fail(console, "error", str(error), EXIT_FAILURE)
     except KeyboardInterrupt as error:
         name = error.signal if isinstance(error, Terminated) else "SIGINT"
         fail(console, f"stopped by {name}", state()[1], EXIT_SIGNAL[name])

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from crepa.cli import app
-from crepa.cli._errors import command_errors
+from crepa.cli._errors import EXIT_CONFIG, command_errors, fail
+from crepa.data.report import DataReport
 from crepa.eval.evaluate import (
     DEFAULT_EXTRACTORS,
     METRICS,
@@ -24,7 +25,7 @@ from crepa.eval.evaluate import (
 )
 from crepa.eval.extractors import EXTRACTOR_KINDS
 from crepa.eval.flow import FLOW_METHODS
-from crepa.eval.report import write_comparison, write_eval_report, write_layer_report
+from crepa.eval.report import SKIPPED_FILE, write_comparison, write_eval_report, write_layer_report
 from crepa.eval.videos import find_clips
 
 METRICS_HELP = f"Comma-separated or repeated; default all per-clip metrics. From: {', '.join(METRICS)}."
@@ -79,10 +80,10 @@ def eval_(
     seed: int = typer.Option(0, "--seed", help="With --diagnostics: seed of the noise draws."),
 ) -> None:
     """Measure generated videos (consistency, motion, distance to real clips), compare runs, or diagnose a model."""
-    console = Console()
+    console, errors = Console(), Console(stderr=True)
     paths = paths or []
     written = (out, "no partial report was left (each report file is written whole or not at all)")
-    with command_errors(Console(stderr=True), lambda: written):
+    with command_errors(errors, lambda: written):
         try:
             if diagnostics is not None:
                 if paths or compare:
@@ -97,8 +98,7 @@ def eval_(
                     console, paths, out, reference, metrics, extractor, flow, device, batch_size, progress
                 )
         except ValueError as error:
-            console.print(f"[red]error:[/red] {error}")
-            raise typer.Exit(2) from error
+            fail(errors, "error", str(error), EXIT_CONFIG)
 
 
 def _evaluate(
@@ -121,10 +121,13 @@ def _evaluate(
         raise ValueError(f"--flow must be one of {', '.join(FLOW_METHODS)}, got {flow!r}")
     videos_dir = paths[0]
     chosen = resolve_metrics(split_values(metrics) or None, with_reference=reference is not None)
-    clips = find_clips(videos_dir)
+    listing, reference_listing = DataReport(), DataReport()
+    clips = find_clips(videos_dir, listing)
     if not clips:
-        raise ValueError(f"{videos_dir}: no videos (mp4, gif, webm, mov, mkv, avi) or frame folders found")
-    reference_clips = find_clips(reference) if reference is not None else []
+        raise ValueError(
+            f"{videos_dir}: no videos (mp4, gif, webm, mov, mkv, avi, ...) or frame folders found"
+        )
+    reference_clips = find_clips(reference, reference_listing) if reference is not None else []
     if reference is not None and not reference_clips:
         raise ValueError(f"{reference}: no reference videos or frame folders found")
     if device == "auto":
@@ -137,8 +140,16 @@ def _evaluate(
         reference=reference_clips,
         flow_method=flow,
         progress=progress,  # type: ignore[arg-type]
+        report=listing,
+        reference_report=reference_listing,
     )
     write_eval_report(out, result, videos_dir=videos_dir, reference_dir=reference)
+    if not result.clips:
+        counts = ", ".join(f"{problem}: {count}" for problem, count in listing.problem_counts().items())
+        raise ValueError(
+            f"{videos_dir}: none of its {len(clips)} clip(s) could be read ({counts}); each file and "
+            f"its reason is in {out / SKIPPED_FILE}"
+        )
 
     table = Table("metric", "value", "± sem", "clips", "extractor", title=f"crepa eval: {videos_dir}")
     for metric, entry in result.summary.items():
@@ -156,10 +167,10 @@ def _evaluate(
         console.print(f"[yellow]warning:[/yellow] frechet_distance: {warning}")
     for label, skipped in (("skipped", result.skipped), ("skipped reference", result.reference_skipped)):
         if skipped:
-            console.print(f"[yellow]{label} {len(skipped)} unreadable clip(s):[/yellow]")
+            console.print(f"[yellow]{label} {len(skipped)} unreadable file(s):[/yellow]")
             for item in skipped:
-                console.print(f"  {item.path}: {item.reason}")
-    console.print(f"{len(result.clips)} clips evaluated; report in {out}")
+                console.print(f"  {item.path}: {item.reason}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{len(result.clips)} clips evaluated; report in {out} (skipped files in {SKIPPED_FILE})")
 
 
 def _compare(console: Console, paths: list[Path], out: Path) -> None:

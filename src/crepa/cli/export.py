@@ -50,10 +50,7 @@ def export(
             eval_dir=eval_dir,
             overwrite=overwrite,
         )
-    except (RunDirectoryError, FileNotFoundError, FileExistsError, ValueError) as error:
+    except (RunDirectoryError, FileNotFoundError, FileExistsError, ValueError, HubUnreachableError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
-    except HubUnreachableError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(1) from None
     console.print(f"exported {format_} to {written}", highlight=False)

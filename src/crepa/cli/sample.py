@@ -42,9 +42,18 @@ def sample(
     images: Path | None = typer.Option(
         None, "--images", help="Folder of first frames, one per prompt in name order (image-to-video)."
     ),
-    num_frames: int | None = typer.Option(None, "--frames", min=1, help="Frames per clip."),
-    height: int | None = typer.Option(None, "--height", min=8),
-    width: int | None = typer.Option(None, "--width", min=8),
+    num_frames: int | None = typer.Option(
+        None,
+        "--frames",
+        min=1,
+        help="Frames per clip; default validation.num_frames, else data.num_frames[0].",
+    ),
+    height: int | None = typer.Option(
+        None, "--height", min=8, help="Default validation.height, else the first of data.resolutions."
+    ),
+    width: int | None = typer.Option(
+        None, "--width", min=8, help="Default validation.width, else the first of data.resolutions."
+    ),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Inference steps."),
     guidance: float | None = typer.Option(
         None, "--guidance", min=0.0, help="Classifier-free guidance scale."
@@ -94,12 +103,9 @@ def sample(
             fps=fps,
             negative_prompt=negative_prompt,
         )
-    except (RunDirectoryError, FileNotFoundError, ValueError) as error:
+    except (RunDirectoryError, FileNotFoundError, ValueError, HubUnreachableError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
-    except HubUnreachableError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(1) from None
     except torch.OutOfMemoryError as error:
         console.print(
             f"[red]out of memory:[/red] {error}\nTo use less memory: --batch-size 1, --offload, --vae-tiling, "

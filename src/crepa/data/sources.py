@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +14,37 @@ from pathlib import Path
 from crepa.data.report import DataReport
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif", ".mpg", ".mpeg"})
+# Byte-order marks and the codec each one means; UTF-32 first (its LE mark starts with UTF-16's).
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+logger = logging.getLogger("crepa.data")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A caption or table file as text, whatever its encoding.
+
+    The encoding a byte-order mark names, else UTF-8, else Windows-1252 (a superset of Latin-1's
+    printable characters), else Latin-1, which decodes any bytes; a fallback is logged. Statistical
+    detection (charset_normalizer) is not used: on a one-line caption it guesses wrong (Latin-1
+    "café" comes back as cp1006).
+    """
+    data = Path(path).read_bytes()
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError:
+        pass
+    try:
+        text, fallback = data.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:  # one of the five bytes Windows-1252 leaves undefined
+        text, fallback = data.decode("latin-1"), "Latin-1"
+    logger.warning("%s is not valid %s; read as %s", path, encoding, fallback)
+    return text
 
 
 @dataclass(frozen=True)
@@ -58,8 +92,8 @@ def _list_folder(folder: Path, report: DataReport) -> list[SourceEntry]:
             report.skip(video, "missing caption", f"{caption_file.name} not found")
             continue
         try:
-            entries.append(SourceEntry(video, caption_file.read_text(encoding="utf-8-sig")))
-        except (OSError, UnicodeDecodeError) as error:
+            entries.append(SourceEntry(video, read_text(caption_file)))
+        except OSError as error:
             report.skip(video, "unreadable caption", f"{caption_file.name}: {error}")
     return entries
 
@@ -76,21 +110,18 @@ def _row_entry(
 
 
 def _list_csv(table: Path, report: DataReport, video_column: str, caption_column: str) -> list[SourceEntry]:
-    with table.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = {video_column, caption_column} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(
-                f"{table}: missing column(s) {sorted(missing)}; columns found: {reader.fieldnames}"
-            )
-        rows = [(f"{table}:{reader.line_num}", row) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_text(table), newline=""))
+    missing = {video_column, caption_column} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{table}: missing column(s) {sorted(missing)}; columns found: {reader.fieldnames}")
+    rows = [(f"{table}:{reader.line_num}", row) for row in reader]
     entries = [_row_entry(table, row, where, report, video_column, caption_column) for where, row in rows]
     return [entry for entry in entries if entry is not None]
 
 
 def _list_jsonl(table: Path, report: DataReport, video_column: str, caption_column: str) -> list[SourceEntry]:
     entries = []
-    for number, line in enumerate(table.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(read_text(table).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{table}:{number}"

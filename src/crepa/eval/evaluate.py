@@ -14,12 +14,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from crepa.data.report import DataReport, SkippedFile
 from crepa.eval.consistency import consistency_score
 from crepa.eval.extractors import FeatureExtractor, load_extractor
 from crepa.eval.flicker import temporal_flickering
 from crepa.eval.flow import FlowMethod, clip_motion
 from crepa.eval.frechet import MIN_STABLE_CLIPS, frechet_distance
 from crepa.eval.videos import Clip
+from crepa.io.video import VideoDecodeError
 
 CONSISTENCY_METRICS: tuple[str, ...] = (
     "subject_consistency",
@@ -30,6 +32,7 @@ CONSISTENCY_METRICS: tuple[str, ...] = (
 MOTION_METRICS: tuple[str, ...] = ("dynamic_degree", "flow_magnitude")
 PER_CLIP_METRICS: tuple[str, ...] = CONSISTENCY_METRICS + MOTION_METRICS
 METRICS: tuple[str, ...] = (*PER_CLIP_METRICS, "frechet_distance")
+UNREADABLE = "unreadable clip"  # the problem recorded for a video or frame folder that cannot be decoded
 # The metrics that need a feature extractor, and the one each uses unless told otherwise.
 DEFAULT_EXTRACTORS: dict[str, str] = {
     "subject_consistency": "dino",
@@ -83,24 +86,16 @@ class ClipResult:
 
 
 @dataclass
-class Skipped:
-    """A clip that could not be evaluated, and why."""
-
-    path: str
-    reason: str
-
-
-@dataclass
 class EvalResult:
     """Everything ``crepa eval`` reports for one folder of clips."""
 
     clips: list[ClipResult]
-    skipped: list[Skipped]
+    skipped: list[SkippedFile]
     summary: dict[str, dict[str, Any]]
     extractors: dict[str, str]
     flow_method: str
     timings: dict[str, float] = field(default_factory=dict)
-    reference_skipped: list[Skipped] = field(default_factory=list)
+    reference_skipped: list[SkippedFile] = field(default_factory=list)
 
 
 class StageTimer:
@@ -234,10 +229,12 @@ def evaluate_clip(
 
 
 def read_clip(clip: Clip, timer: StageTimer) -> tuple[np.ndarray, float]:
-    """Decode a clip; raises ValueError with the reason when it cannot be evaluated."""
+    """Decode a clip; raises ValueError with the reason (without the path) when it cannot be evaluated."""
     with timer.stage("decode"):
         try:
             frames, fps = clip.read()
+        except VideoDecodeError as error:
+            raise ValueError(error.reason) from error
         except ValueError:
             raise
         except Exception as error:  # any decoder failure means "skip this clip and say why"
@@ -255,22 +252,28 @@ def evaluate_clips(
     reference: Sequence[Clip] = (),
     flow_method: FlowMethod = "dis",
     progress: bool = True,
+    report: DataReport | None = None,
+    reference_report: DataReport | None = None,
 ) -> EvalResult:
     """Evaluate ``clips`` (and, for the Frechet distance, ``reference``); unreadable clips are skipped.
 
     ``extractors`` maps each feature metric to its extractor (one instance may serve several).
+    ``report`` / ``reference_report``: what listing the clips already skipped (see
+    :func:`~crepa.eval.videos.find_clips`); each clip evaluated or skipped here is added to it.
     """
     check_extractors(metrics, extractors)
+    report = report if report is not None else DataReport()
+    reference_report = reference_report if reference_report is not None else DataReport()
     timer = StageTimer()
     results: list[ClipResult] = []
-    skipped: list[Skipped] = []
     frechet_features: list[np.ndarray] = []
     for clip in tqdm(clips, desc="clips", unit="clip", disable=not progress):
         try:
             frames, fps = read_clip(clip, timer)
         except ValueError as error:
-            skipped.append(Skipped(str(clip.path), str(error)))
+            report.skip(clip.path, UNREADABLE, str(error))
             continue
+        report.use(clip.path)
         values, feature = evaluate_clip(frames, fps, metrics, extractors, flow_method, timer)
         if feature is not None:
             frechet_features.append(feature)
@@ -280,7 +283,6 @@ def evaluate_clips(
         )
 
     summary = summarize(results, [m for m in metrics if m in PER_CLIP_METRICS])
-    reference_skipped: list[Skipped] = []
     if "frechet_distance" in metrics:
         extractor = extractors["frechet_distance"]
         reference_features = []
@@ -288,8 +290,9 @@ def evaluate_clips(
             try:
                 frames, _ = read_clip(clip, timer)
             except ValueError as error:
-                reference_skipped.append(Skipped(str(clip.path), str(error)))
+                reference_report.skip(clip.path, UNREADABLE, str(error))
                 continue
+            reference_report.use(clip.path)
             with timer.stage("features"):
                 reference_features.append(per_clip_feature(extractor(frames)))
         with timer.stage("frechet"):
@@ -301,12 +304,12 @@ def evaluate_clips(
                 summary[metric]["extractor"] = extractors[metric].name
     return EvalResult(
         clips=results,
-        skipped=skipped,
+        skipped=list(report.skipped),
         summary=summary,
         extractors={metric: extractors[metric].name for metric in metrics if metric in DEFAULT_EXTRACTORS},
         flow_method=flow_method,
         timings=timer.seconds,
-        reference_skipped=reference_skipped,
+        reference_skipped=list(reference_report.skipped),
     )
 
 

@@ -12,7 +12,6 @@ import io
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from crepa.cache.atomic import atomic_write_bytes
+from crepa.data.report import SkippedFile
 from crepa.eval.evaluate import BETTER, PER_CLIP_METRICS, EvalResult
 
 METRICS_FILE = "metrics.json"
 # Scores in [0, 1] that usually sit close to 1: their bar charts start just below the lowest bar.
 NEAR_ONE_METRICS = ("subject_consistency", "background_consistency", "temporal_flickering")
 LAYERS_FILE = "layers.json"
+SKIPPED_FILE = "skipped.csv"
 
 
 def write_json(path: Path, content: Any) -> None:
@@ -91,8 +92,16 @@ def write_eval_report(
     videos_dir: str | Path,
     reference_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write per_video.csv, distributions.png and metrics.json (last) into ``out_dir``; returns the metrics."""
+    """Write per_video.csv, skipped.csv (every skipped file and why; header only when none),
+    distributions.png and metrics.json (last) into ``out_dir``; returns the metrics."""
     out = Path(out_dir)
+    skipped = [("videos", item) for item in result.skipped]
+    skipped += [("reference", item) for item in result.reference_skipped]
+    write_csv(
+        out / SKIPPED_FILE,
+        ["set", "path", "problem", "detail"],
+        [[label, item.path, item.problem, item.detail] for label, item in skipped],
+    )
     metrics = [m for m in PER_CLIP_METRICS if m in result.summary]
     write_csv(
         out / "per_video.csv",
@@ -116,16 +125,20 @@ def write_eval_report(
         "videos_dir": str(videos_dir),
         "reference_dir": str(reference_dir) if reference_dir is not None else None,
         "clips": len(result.clips),
-        "skipped": [asdict(item) for item in result.skipped],
-        "reference_skipped": [asdict(item) for item in result.reference_skipped],
+        "skipped": [_skipped_entry(item) for item in result.skipped],
+        "reference_skipped": [_skipped_entry(item) for item in result.reference_skipped],
         "extractors": result.extractors,
         "flow_method": result.flow_method,
         "metrics": result.summary,
         "timings_s": {stage: round(seconds, 3) for stage, seconds in result.timings.items()},
-        "files": ["per_video.csv", *plots],
+        "files": ["per_video.csv", SKIPPED_FILE, *plots],
     }
     write_json(out / METRICS_FILE, content)
     return content
+
+
+def _skipped_entry(item: SkippedFile) -> dict[str, str]:
+    return {"path": item.path, "problem": item.problem, "detail": item.detail, "reason": item.reason}
 
 
 def distributions_figure(result: EvalResult, metrics: Sequence[str]) -> Figure:

@@ -3,7 +3,6 @@ and the clips a ``samples.jsonl`` manifest lists (``crepa sample``, training val
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from crepa.data.report import DataReport
+from crepa.data.sources import VIDEO_EXTENSIONS, list_source, read_text
 from crepa.io.video import read_video_frames
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 SAMPLES_MANIFEST = "samples.jsonl"
 
@@ -36,50 +36,52 @@ class Clip:
         return read_video_frames(self.path)
 
 
-def find_clips(path: str | Path) -> list[Clip]:
+def find_clips(path: str | Path, report: DataReport | None = None) -> list[Clip]:
     """The clips of a folder, or of a ``samples.jsonl`` manifest.
 
     A manifest (given, or in the folder) lists the clips to take (its ``file`` entries) with their
-    ``prompt`` as caption. Otherwise: video files (mp4, gif, webm, mov, mkv, avi) and sub-folders
-    (frame folders), sorted by name, each captioned by a ``.txt`` file of the same stem if there is one.
+    ``prompt`` as caption. Otherwise: video files (mp4, gif, webm, mov, mkv, avi, ...) and sub-folders
+    (frame folders), sorted by name, each captioned by a ``.txt`` file of the same stem if there is one,
+    in any encoding. A manifest row or caption file that cannot be read goes to ``report`` (a warning
+    is logged either way); only a path that is neither a folder nor a manifest raises ``ValueError``.
     """
     path = Path(path)
+    report = report if report is not None else DataReport()
     if path.is_file() and path.suffix == ".jsonl":
-        return read_manifest(path)
+        return read_manifest(path, report)
     if not path.is_dir():
         raise ValueError(
             f"{path} is not a directory: give the folder that holds the videos or a samples.jsonl"
         )
     if (path / SAMPLES_MANIFEST).is_file():
-        return read_manifest(path / SAMPLES_MANIFEST)
+        return read_manifest(path / SAMPLES_MANIFEST, report)
     entries = sorted(path.iterdir(), key=lambda p: natural_key(p.name))
     return [
-        Clip(entry, _caption_beside(entry))
+        Clip(entry, _caption_beside(entry, report))
         for entry in entries
-        if not entry.name.startswith(".") and (entry.is_dir() or entry.suffix.lower() in VIDEO_SUFFIXES)
+        if not entry.name.startswith(".") and (entry.is_dir() or entry.suffix.lower() in VIDEO_EXTENSIONS)
     ]
 
 
-def _caption_beside(clip: Path) -> str | None:
+def _caption_beside(clip: Path, report: DataReport) -> str | None:
+    """The clip's caption file (same stem, ``.txt``) as text; None when absent or unreadable (reported)."""
     text = clip.with_suffix(".txt") if clip.is_file() else clip.parent / f"{clip.name}.txt"
-    return text.read_text(encoding="utf-8").strip() if text.is_file() else None
+    if not text.is_file():
+        return None
+    try:
+        return read_text(text).strip()
+    except OSError as error:
+        report.skip(
+            text, "unreadable caption", f"{error.strerror or error}; {clip.name} is evaluated without it"
+        )
+        return None
 
 
-def read_manifest(path: Path) -> list[Clip]:
-    """Clips of a ``samples.jsonl``: one JSON object per line with ``file`` (relative to the manifest's
-    folder, or absolute) and ``prompt``."""
-    clips = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            clips.append(Clip(path.parent / record["file"], record.get("prompt")))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(
-                f"{path}:{number}: expected a JSON object with a 'file' entry (as crepa sample writes)"
-            ) from None
-    return clips
+def read_manifest(path: Path, report: DataReport | None = None) -> list[Clip]:
+    """Clips of a ``samples.jsonl`` (any encoding): one JSON object per line with ``file`` (relative to
+    the manifest's folder, or absolute) and ``prompt``; a malformed line goes to ``report``."""
+    entries = list_source(path, report if report is not None else DataReport(), "file", "prompt")
+    return [Clip(entry.video, entry.caption) for entry in entries]
 
 
 def natural_key(name: str) -> list[int | str]:

@@ -245,12 +245,20 @@ def _checked(
 
 
 def read_video_frames(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """All decoded frames of ``path`` as (T, H, W, 3) uint8 RGB, and the stream's average fps."""
+    """All decoded frames of ``path`` as (T, H, W, 3) uint8 RGB, and the stream's average fps.
+
+    Raises :class:`VideoDecodeError` for a missing, empty, unreadable or undecodable file."""
     path = Path(path)
+    frames: list[np.ndarray] = []
     with _open(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate) if stream.average_rate else 0.0
-        frames = [frame.to_ndarray(format="rgb24") for frame in _decoded(container)]
+        try:
+            frames.extend(frame.to_ndarray(format="rgb24") for frame in _decoded(container))
+        except av.error.FFmpegError as error:
+            raise VideoDecodeError(
+                path, f"decoding failed after {len(frames)} frames ({_ffmpeg_message(error)})"
+            ) from error
     if not frames:
         raise VideoDecodeError(path, "no video frames could be decoded")
     return np.stack(frames), fps

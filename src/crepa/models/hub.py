@@ -1,18 +1,30 @@
-"""One place that turns "the hub cannot be reached" into an error a user can act on.
+"""One place that turns "the hub cannot be reached" into an error a user can act on, quickly.
 
-Every command that loads weights by hub id (precompute, train, eval extractors, sample) wraps the
-loading in :func:`hub_access`. When the files are neither reachable (no network, firewall,
-``HF_HUB_OFFLINE=1``) nor in the local cache, diffusers and transformers raise an ``OSError`` that
-blames the repository ("does not appear to have a file named model_index.json"); the wrapper
-raises :class:`HubUnreachableError` naming the network, the id and the run-file key instead.
+Every command that loads weights by hub id (precompute, train, eval extractors, sample, export)
+wraps the loading in :func:`hub_access`. Before the first hub id is loaded, one request with a short
+timeout asks whether the hub endpoint (``HF_ENDPOINT``) answers; when it does not, huggingface_hub's
+offline mode is switched on for the rest of the process, so diffusers and transformers read the
+local cache only instead of retrying each file with backoff. When the files are neither reachable
+(no network, firewall, ``HF_HUB_OFFLINE=1``) nor cached, the libraries raise an ``OSError`` that
+blames the repository ("does not appear to have a file named model_index.json"); the wrapper raises
+:class:`HubUnreachableError` naming the network, the id and the run-file key instead, and drops the
+warnings the failed attempt printed (e.g. a deprecated-argument ``UserWarning`` between diffusers
+and huggingface_hub) so that the error is the first thing the user reads.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+from huggingface_hub import constants, get_session
 from huggingface_hub.errors import LocalEntryNotFoundError
+
+# Seconds the reachability request may take: long enough for a slow link, short enough to answer fast.
+REACHABILITY_TIMEOUT_S = 3.0
 
 
 class HubUnreachableError(RuntimeError):
@@ -26,15 +38,57 @@ def unreachable_message(name: str, key: str) -> str:
     )
 
 
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the hub endpoint answers one HEAD request (any HTTP status counts), asked once per process.
+
+    Goes through huggingface_hub's own HTTP session, so its proxy and certificate settings apply.
+    """
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=REACHABILITY_TIMEOUT_S)
+    except Exception:  # no response at all (refused, DNS, timeout, proxy): the transport's error types
+        return False  # differ between huggingface_hub versions (httpx, httpx2)
+    return True
+
+
+def go_offline_unless_reachable(name: str) -> None:
+    """For a hub id (not an existing folder): switch huggingface_hub to offline mode when the hub does
+    not answer, so that loading reads the local cache at once instead of retrying the network."""
+    if not Path(name).expanduser().exists() and not hub_reachable():
+        constants.HF_HUB_OFFLINE = (
+            True  # read at request time by huggingface_hub (diffusers' and transformers' downloads)
+        )
+
+
 @contextmanager
 def hub_access(name: str, key: str) -> Iterator[None]:
-    """Load ``name`` (hub id or folder, given by run-file key ``key``) inside this block."""
+    """Load ``name`` (hub id or folder, given by run-file key ``key``) inside this block.
+
+    Warnings raised inside are held back and shown when the block ends, unless the block ends with
+    :class:`HubUnreachableError` (they were about the failed download).
+    """
+    go_offline_unless_reachable(name)
+    held: list[warnings.WarningMessage] = []
     try:
-        yield
+        with warnings.catch_warnings(record=True) as held:  # the filters in force still apply
+            yield
     except Exception as error:
         cause: BaseException | None = error
         while cause is not None:
             if isinstance(cause, LocalEntryNotFoundError):
+                held.clear()
                 raise HubUnreachableError(unreachable_message(name, key)) from None
             cause = cause.__cause__ or cause.__context__
         raise
+    finally:
+        for warning in held:
+            warnings.showwarning(
+                warning.message,
+                warning.category,
+                warning.filename,
+                warning.lineno,
+                warning.file,
+                warning.line,
+            )

@@ -45,6 +45,9 @@ class ModelFamily:
     objective, timestep_scale: the training objective (see :data:`Objective`).
     lora_target_regex: peft ``target_modules`` regex (full match) selecting the attention
     projections inside the block lists.
+    rotary_table_key: the transformer config key holding the length of its precomputed rotary
+    position table, the most tokens it can place along each axis (latent frames, rows, columns);
+    None when positions are computed for any size.
     """
 
     name: str
@@ -62,6 +65,7 @@ class ModelFamily:
     causal_vae: bool = True
     timestep_scale: float = 1000.0
     config_match: tuple[tuple[str, Any], ...] = ()
+    rotary_table_key: str | None = None
 
     def matches(self, class_name: str, config: Mapping[str, Any]) -> bool:
         """Whether a transformer of class ``class_name`` with ``config`` belongs to this family."""
@@ -86,6 +90,12 @@ class ModelFamily:
             return int(patch[0]), int(patch[1]), int(patch[2])
         patch_t = getattr(config, "patch_size_t", None) or 1
         return int(patch_t), int(patch), int(patch)
+
+    def max_tokens_per_axis(self, transformer: nn.Module) -> int | None:
+        """Most tokens along any one axis the transformer's rotary table covers; None: no limit."""
+        if self.rotary_table_key is None:
+            return None
+        return int(getattr(transformer.config, self.rotary_table_key))
 
     def latent_grid(self, transformer: nn.Module, call: Mapping[str, Any]) -> tuple[int, int, int]:
         """(F', H', W') token grid of a forward call, from its bound arguments ``call``."""
@@ -203,6 +213,7 @@ FAMILIES: dict[str, ModelFamily] = {
             pipeline_class="WanPipeline",
             vae_class="AutoencoderKLWan",
             lora_target_regex=_anchored("blocks"),
+            rotary_table_key="rope_max_seq_len",
         ),
         ModelFamily(
             # Wan 2.1 I2V 14B (480P / 720P) and Wan 2.2 I2V A14B: latents + 4 first-frame mask channels
@@ -221,6 +232,7 @@ FAMILIES: dict[str, ModelFamily] = {
             vae_class="AutoencoderKLWan",
             lora_target_regex=_anchored("blocks"),
             config_match=(("in_channels", 36),),
+            rotary_table_key="rope_max_seq_len",
         ),
         ModelFamily(
             # Wan 2.2 TI2V-5B: same transformer class, its own 48-channel 4x16 VAE.
@@ -237,6 +249,7 @@ FAMILIES: dict[str, ModelFamily] = {
             vae_class="AutoencoderKLWan",
             lora_target_regex=_anchored("blocks"),
             config_match=(("out_channels", 48),),
+            rotary_table_key="rope_max_seq_len",
         ),
         ModelFamily(
             name="skyreels_v2",
@@ -251,6 +264,7 @@ FAMILIES: dict[str, ModelFamily] = {
             pipeline_class="SkyReelsV2Pipeline",
             vae_class="AutoencoderKLWan",
             lora_target_regex=_anchored("blocks"),
+            rotary_table_key="rope_max_seq_len",
         ),
         ModelFamily(
             name="ltx_video",

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from crepa.align.grids import valid_frame_counts_near
 from crepa.cache.dataset import CachedDataset
 from crepa.cache.keys import FileHasher, clip_facts
 from crepa.config import ConfigError, RunConfig, check_optional_dependencies
+from crepa.generation import VALIDATION_KEYS, GenerationSettings, shape_problems
 from crepa.lock import check_not_written, hold
 from crepa.models import ModelFamily
 from crepa.train import checkpoint as ckpt
@@ -59,34 +59,12 @@ def check_skeleton(config: RunConfig, family: ModelFamily, skeleton: nn.Module) 
 
 
 def validation_problems(config: RunConfig, family: ModelFamily, skeleton: nn.Module) -> list[str]:
-    """validation.num_frames / height / width the family cannot generate (never silently rounded)."""
-    settings = config.validation
-    if not (settings.every and settings.prompts):
+    """validation.num_frames / height / width the model cannot generate (never silently rounded)."""
+    if not (config.validation.every and config.validation.prompts):
         return []
-    problems = []
-    ratio = family.temporal_ratio
-    count = settings.num_frames
-    if family.causal_vae and (count - 1) % ratio:
-        near = " or ".join(map(str, valid_frame_counts_near(count, ratio)))
-        problems.append(
-            f"validation.num_frames: the model generates 1 + {ratio}*m frames, not {count}; use {near}"
-        )
-    elif not family.causal_vae and count % ratio:
-        problems.append(
-            f"validation.num_frames: the model generates a multiple of {ratio} frames, not {count}; use "
-            f"{max(1, round(count / ratio)) * ratio}"
-        )
-    _, patch_h, patch_w = family.patch_sizes(skeleton)
-    for key, value, multiple in (
-        ("height", settings.height, family.spatial_ratio * patch_h),
-        ("width", settings.width, family.spatial_ratio * patch_w),
-    ):
-        if value % multiple:
-            near = max(1, round(value / multiple)) * multiple
-            problems.append(
-                f"validation.{key}: {value} is not a multiple of {multiple} (VAE stride x patch size); use {near}"
-            )
-    return problems
+    return shape_problems(
+        family, skeleton, GenerationSettings.from_validation(config.validation), VALIDATION_KEYS
+    )
 
 
 def check_output_dir(config: RunConfig) -> None:
