@@ -322,7 +322,7 @@ def test_two_expert_pipeline_needs_an_expert_and_each_trains_on_its_noise_range(
     """Wan 2.2 A14B: without model.expert the run stops at config time; with it, flow-matching noise
     levels are mapped into the expert's side of boundary_ratio = 0.875 (timestep 875 of 1000)."""
     from crepa.models.pipelines import expert_noise_range
-    from crepa.train.recipe import noise_batch
+    from crepa.train.step import noise_batch
 
     run = write_world(tmp_path, "wan_a14b")
     text = run.read_text().replace('expert = "transformer_2"', "")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 from typer.testing import CliRunner
 
-import crepa.train.recipe as recipe
+import crepa.train.setup as train_setup
 from crepa.cli import app
 from crepa.config import load_config
 from crepa.precompute import precompute
@@ -179,8 +179,8 @@ def test_broken_run_file_exits_2_before_any_weight(world, monkeypatch, name, arg
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the run file was checked")
 
-    monkeypatch.setattr(recipe, "load_transformer", no_weights)
-    monkeypatch.setattr(recipe, "Accelerator", no_weights)
+    monkeypatch.setattr(train_setup, "load_transformer", no_weights)
+    monkeypatch.setattr(train_setup, "Accelerator", no_weights)
     monkeypatch.chdir(world.parent)
     if not any(arg.startswith(("output.dir", "--resume")) for arg in arguments) or name == "resume-missing":
         arguments = [*arguments, "--set", f'output.dir="out-{name}"']

@@ -22,6 +22,7 @@ from crepa.cache import shards
 from crepa.cache.dataset import CachedDataset
 from crepa.config import load_config
 from crepa.precompute import precompute
+from crepa.rundir import CHECKPOINT_STATE
 from crepa.train import checkpoint as ckpt
 from crepa.train.batches import BucketedBatchOrder, batch_loader
 from crepa.train.recipe import train
@@ -48,7 +49,7 @@ def test_bf16_weights_train_fp32_lora_that_moves_below_bf16_resolution(wan_run):
     after_3 = load_file(checkpoints / "step-000003/trainable.safetensors")
     assert {tensor.dtype for tensor in after_3.values()} == {torch.float32}  # LoRA, projector
     assert any(".lora_A." in key for key in after_3) and any(key.startswith("projector.") for key in after_3)
-    state = ckpt.load_state(checkpoints / "step-000003", ckpt.STATE_NAME)["optimizer"]
+    state = ckpt.load_state(checkpoints / "step-000003", CHECKPOINT_STATE)["optimizer"]
     moments = [t for entry in state["state"].values() for k, t in entry.items() if k.startswith("exp_avg")]
     assert moments and {t.dtype for t in moments} == {torch.float32}
     assert load_file(config.output.dir / "projector.safetensors")["0.weight"].dtype == torch.float32

@@ -242,7 +242,7 @@ def export_run(
     (``lora_comfyui.safetensors`` + ``README.md``). eval_dir: a ``crepa eval`` folder whose table goes
     into the card (default ``RUN_DIR/eval`` when it exists).
     """
-    from crepa.train.recipe import resolve_family
+    from crepa.models.loading import resolve_family
 
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"--format {export_format!r}: choose from {', '.join(EXPORT_FORMATS)}")

@@ -50,8 +50,8 @@ def load_run_transformer(
 ) -> nn.Module:
     """The run's transformer on the CPU: base + LoRA (as peft layers, like in training), or the fully
     fine-tuned weights, plus its RepVideo gates when the run trained them. Frozen, eval mode."""
+    from crepa.models.loading import load_transformer
     from crepa.train.lora import add_lora
-    from crepa.train.recipe import load_transformer
 
     run_dir = Path(run_dir)
     tensors = read_transformer_weights(run_dir, config, checkpoint)
@@ -96,7 +96,7 @@ def load_run_pipeline(
     dtype: default the run's ``model.dtype`` on ``device``. offload / vae_tiling: see
     :func:`crepa.generation.load_pipeline`; ``components`` replace parts of the base pipeline.
     """
-    from crepa.train.recipe import resolve_family
+    from crepa.models.loading import resolve_family
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)

@@ -21,19 +21,12 @@ from crepa.config import RepVideoSection, RunConfig
 from crepa.eval.cknna import cknna
 from crepa.eval.layers import LayerSimilarityRecorder, block_frame_features, layer_similarity_profile
 from crepa.models.conditioning import transformer_inputs
+from crepa.models.loading import load_online_teacher, load_transformer, resolve_family, scheduler_alphas
 from crepa.models.registry import ModelFamily
 from crepa.repvideo import RepVideoGates, install_repvideo
 from crepa.train.lora import LORA_FILE
-from crepa.train.recipe import (
-    batch_teacher_grid,
-    batch_text,
-    load_online_teacher,
-    load_transformer,
-    noise_batch,
-    open_dataset,
-    resolve_family,
-    scheduler_alphas,
-)
+from crepa.train.preflight import open_dataset
+from crepa.train.step import batch_teacher_grid, batch_text, noise_batch
 
 
 @dataclass

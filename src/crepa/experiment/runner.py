@@ -228,8 +228,8 @@ def samples_current(job: ModelJob, settings: GenerationSettings, stamp: str) -> 
 def load_model_pipeline(job: ModelJob, config: RunConfig):
     """The family's pipeline with the run's trained weights (LoRA, RepVideo gates), or the base model."""
     from crepa.generation import load_pipeline
+    from crepa.models.loading import load_transformer, resolve_family
     from crepa.sample import load_run_pipeline
-    from crepa.train.recipe import load_transformer, resolve_family
 
     if job.run_dir is not None:
         run = load_run_pipeline(job.run_dir)

@@ -5,7 +5,8 @@ and the output folder can get wrong becomes a :class:`~crepa.config.ConfigError`
 - the environment: optional packages a setting needs, output.dir usable;
 - the cache: it was built from this run file (the part keys are recomputed and compared), holds
   enough samples for one batch;
-- ``--resume``: the checkpoint exists and was written with compatible settings.
+- ``--resume``: the checkpoint exists and was written with compatible settings;
+- the model: support matrix, objective, frame counts, sizes and block indices from the configs alone.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from torch import nn
 
 from crepa.align.grids import valid_frame_counts_near
 from crepa.cache.dataset import CachedDataset
 from crepa.cache.keys import FileHasher, clip_facts
-from crepa.config import ConfigError, RunConfig, check_optional_dependencies
+from crepa.config import ConfigError, RunConfig, check_against_family, check_optional_dependencies
 from crepa.lock import check_not_written, hold
 from crepa.models import ModelFamily
+from crepa.models.hub import hub_access
+from crepa.models.support import check_supported
 from crepa.train import checkpoint as ckpt
 
 # Facts of a cache that depend on the machine it was built on, not on the run file: a cache built
@@ -38,6 +42,22 @@ _FACT_KEYS = {
     "text_length": "model.pretrained (text length)",
     "teacher.model": "teacher.name (teacher weights)",
 }
+
+
+TRAINABLE_OBJECTIVES = ("flow_matching", "flow_matching_reversed", "v_prediction", "epsilon")
+
+
+def training_precision(config: RunConfig) -> tuple[torch.dtype, str]:
+    """(frozen weights' dtype, accelerate mixed precision). Half-precision weights always run under
+    autocast of their dtype (with GradScaler for fp16) over fp32 trainable parameters."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.model.torch_dtype(device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError("model.dtype: 'fp16' needs a CUDA GPU; use 'bf16' or 'fp32' on the CPU")
+    mixed = config.train.mixed_precision
+    if mixed == "no" and dtype != torch.float32:
+        mixed = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return dtype, mixed
 
 
 def check_skeleton(config: RunConfig, family: ModelFamily, skeleton: nn.Module) -> None:
@@ -87,6 +107,61 @@ def validation_problems(config: RunConfig, family: ModelFamily, skeleton: nn.Mod
                 f"validation.{key}: {value} is not a multiple of {multiple} (VAE stride x patch size); use {near}"
             )
     return problems
+
+
+def check_model(config: RunConfig, family: ModelFamily) -> None:
+    """Impossible combinations found from the configs alone (support matrix, objective, frame counts,
+    sizes, block indices)."""
+    check_supported(config, family)
+    if family.objective not in TRAINABLE_OBJECTIVES:
+        raise ConfigError(
+            f"model.family: training {family.name} needs the {family.objective!r} objective, which crepa "
+            f"does not implement yet (trainable objectives: {', '.join(TRAINABLE_OBJECTIVES)})"
+        )
+    transformer_class = getattr(diffusers, family.class_names[0])
+    try:
+        with hub_access(config.model.pretrained, "model.pretrained"):
+            transformer_config = transformer_class.load_config(
+                config.model.pretrained,
+                subfolder=config.model.expert or "transformer",
+                revision=config.model.revision,
+            )
+    except OSError as error:
+        raise ConfigError(
+            f"model.pretrained: cannot read the transformer config of {config.model.pretrained!r} ({error})"
+        ) from None
+    with torch.device("meta"):
+        skeleton = transformer_class.from_config(transformer_config)
+    patch_t, patch_h, patch_w = family.patch_sizes(skeleton)
+    multiples = (family.spatial_ratio * patch_h, family.spatial_ratio * patch_w)
+    check_against_family(
+        config,
+        family.temporal_ratio,
+        multiples,
+        family.causal_vae,
+        len(family.blocks(skeleton)),
+        temporal_patch=patch_t,
+    )
+    check_skeleton(config, family, skeleton)
+
+
+def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool) -> CachedDataset:
+    """The cache, checked against the run: same family, teacher grids present when they are read."""
+    source = config.cache.teacher_source
+    try:
+        dataset = CachedDataset(
+            config.cache.dir,
+            teacher=external_teacher and source == "cache",
+            frames=external_teacher and source == "pixels",
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"cache.dir: {error}") from None
+    if dataset.manifest.family != family.name:
+        raise ConfigError(
+            f"cache.dir: {dataset.cache_dir} was precomputed for family {dataset.manifest.family!r}, "
+            f"not {family.name!r}; run `crepa precompute` with this run file or point cache.dir elsewhere"
+        )
+    return dataset
 
 
 def check_output_dir(config: RunConfig) -> None:
