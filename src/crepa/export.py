@@ -31,8 +31,9 @@ from safetensors.torch import save_file
 from crepa.config import RunConfig
 from crepa.models import ModelFamily
 from crepa.models.hub import hub_access
+from crepa.repvideo import trained_gates_state
+from crepa.rundir import GATES_FILE, LORA_FILE
 from crepa.runs import (
-    GATES_FILE,
     final_step,
     read_gates,
     read_run_config,
@@ -268,7 +269,7 @@ def export_run(
         tensors = read_transformer_weights(run_dir, config, checkpoint)
         assert tensors is not None
         save_lora_tensors(tensors, family, lora_config(family, config.lora), staged)
-        files["LoRA"] = "pytorch_lora_weights.safetensors"
+        files["LoRA"] = LORA_FILE
     else:
         tensors = read_transformer_weights(run_dir, config, checkpoint)
         assert tensors is not None
@@ -282,13 +283,7 @@ def export_run(
     gates_name = f"{out.stem}.{GATES_FILE}" if single_file else GATES_FILE
     card_path = out.with_name(f"{out.stem}.README.md") if single_file else staged / "README.md"
     if config.repvideo.enabled:
-        gate = read_gates(run_dir, config, checkpoint)
-        rep = config.repvideo
-        state = {
-            "gate": gate,
-            "window": torch.tensor(rep.window),
-            "include_text": torch.tensor(rep.include_text),
-        }
+        state = trained_gates_state(config.repvideo, read_gates(run_dir, config, checkpoint))
         save_file(state, str(out.with_name(gates_name) if single_file else staged / gates_name))
         files["RepVideo gates"] = gates_name
     card = model_card(

@@ -24,6 +24,7 @@ from crepa.eval.videos import IMAGE_SUFFIXES, natural_key
 from crepa.generation import ClipRequest, GenerationSettings, generate_clips, load_pipeline, write_clips
 from crepa.models import ModelFamily
 from crepa.models.pipelines import _DTYPE_KWARG
+from crepa.rundir import TRANSFORMER_DIR
 from crepa.runs import RunDirectoryError, read_run_config, read_transformer_weights
 
 
@@ -57,7 +58,7 @@ def load_run_transformer(
     tensors = read_transformer_weights(run_dir, config, checkpoint)
     if tensors is None:  # finished full fine-tuning: the saved folder
         transformer_class = getattr(diffusers, family.class_names[0])
-        transformer = transformer_class.from_pretrained(run_dir / "transformer", **{_DTYPE_KWARG: dtype})
+        transformer = transformer_class.from_pretrained(run_dir / TRANSFORMER_DIR, **{_DTYPE_KWARG: dtype})
     else:
         transformer = load_transformer(config, family, dtype)
         if config.lora.enabled:

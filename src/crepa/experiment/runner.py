@@ -45,10 +45,17 @@ from crepa.eval.videos import find_clips
 from crepa.experiment.runfiles import Run, Variant, write_runs
 from crepa.experiment.verdict import MetricSpec
 from crepa.experiment.workers import quiet_libraries, run_jobs, worker_pool
-from crepa.generation import SAMPLES_FILE, ClipRequest, GenerationSettings, generate_clips, write_clips
+from crepa.generation import (
+    SAMPLES_FILE,
+    ClipRequest,
+    GenerationSettings,
+    generate_clips,
+    load_pipeline,
+    write_clips,
+)
+from crepa.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, checkpoint_dirs
 
 EVAL_FILE = "experiment_metrics.json"
-SUMMARY_FILE = "training_summary.json"
 BASE_STAMP_FILE = "base_model_stamp.json"  # the base model a run's folder was started from
 LOSSLESS_CRF = 0  # the metrics then see exactly the sampled frames, the same in every run
 SEED_STRIDE = 100_003  # prime: the noise seeds of different (seed, prompt) pairs never coincide in practice
@@ -227,7 +234,6 @@ def samples_current(job: ModelJob, settings: GenerationSettings, stamp: str) -> 
 
 def load_model_pipeline(job: ModelJob, config: RunConfig):
     """The family's pipeline with the run's trained weights (LoRA, RepVideo gates), or the base model."""
-    from crepa.generation import load_pipeline
     from crepa.models.loading import load_transformer, resolve_family
     from crepa.sample import load_run_pipeline
 
@@ -328,10 +334,8 @@ def training_finished(config: RunConfig) -> bool:
 def start_run(config: RunConfig, run_file: Path) -> str | None:
     """How an unfinished run starts: "latest" when it has a checkpoint to resume from, else None after
     clearing its folder (the run file stays)."""
-    from crepa.train.checkpoint import checkpoint_dirs
-
     output = config.output.dir
-    if checkpoint_dirs(output / "checkpoints") and started_from_current_base(config):
+    if checkpoint_dirs(output / CHECKPOINTS_DIR) and started_from_current_base(config):
         return "latest"
     for path in output.iterdir():
         if path != run_file:

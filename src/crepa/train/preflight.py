@@ -29,6 +29,7 @@ from crepa.lock import check_not_written, hold
 from crepa.models import ModelFamily
 from crepa.models.hub import hub_access
 from crepa.models.support import check_supported
+from crepa.rundir import CHECKPOINTS_DIR
 from crepa.train import checkpoint as ckpt
 
 # Facts of a cache that depend on the machine it was built on, not on the run file: a cache built
@@ -300,7 +301,7 @@ def check_run(
     check_not_written(dataset.cache_dir, "cache.dir")
     check_cache_agreement(config, family, dataset)
     check_batch_size(config, dataset)
-    resume_from = ckpt.resolve_resume(config.output.dir / "checkpoints", resume)
+    resume_from = ckpt.resolve_resume(config.output.dir / CHECKPOINTS_DIR, resume)
     if resume_from is not None:
         ckpt.check_resume_settings(resume_from, config)
     return resume_from
