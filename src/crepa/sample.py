@@ -23,9 +23,11 @@ from crepa.config import RunConfig
 from crepa.eval.videos import IMAGE_SUFFIXES, natural_key
 from crepa.generation import ClipRequest, GenerationSettings, generate_clips, load_pipeline, write_clips
 from crepa.models import ModelFamily
+from crepa.models.loading import load_transformer, resolve_family
 from crepa.models.pipelines import _DTYPE_KWARG
 from crepa.rundir import TRANSFORMER_DIR
 from crepa.runs import RunDirectoryError, read_run_config, read_transformer_weights
+from crepa.train.lora import add_lora
 
 
 @dataclass
@@ -51,8 +53,6 @@ def load_run_transformer(
 ) -> nn.Module:
     """The run's transformer on the CPU: base + LoRA (as peft layers, like in training), or the fully
     fine-tuned weights, plus its RepVideo gates when the run trained them. Frozen, eval mode."""
-    from crepa.models.loading import load_transformer
-    from crepa.train.lora import add_lora
 
     run_dir = Path(run_dir)
     tensors = read_transformer_weights(run_dir, config, checkpoint)
@@ -97,7 +97,6 @@ def load_run_pipeline(
     dtype: default the run's ``model.dtype`` on ``device``. offload / vae_tiling: see
     :func:`crepa.generation.load_pipeline`; ``components`` replace parts of the base pipeline.
     """
-    from crepa.models.loading import resolve_family
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)

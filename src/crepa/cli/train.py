@@ -41,8 +41,8 @@ def train(
 
         with command_errors(console, state):
             run = load_config(config, set_)
-            from crepa.train.recipe import TrainingStopped
             from crepa.train.recipe import train as run_training
+            from crepa.train.state import TrainingStopped
 
             try:
                 summary = run_training(run, resume=resume, progress=not no_progress)

@@ -37,11 +37,14 @@ from crepa.eval.evaluate import (
     StageTimer,
     evaluate_clips,
     extractor_specs,
+    load_extractors,
     resolve_metrics,
 )
 from crepa.eval.extractors import DEFAULT_SOURCES
 from crepa.eval.report import write_eval_report
 from crepa.eval.videos import find_clips
+from crepa.experiment.launch import launch_runs, launch_slots
+from crepa.experiment.lifecycle import pretrained_stamp, train_run, training_finished
 from crepa.experiment.runfiles import Run, Variant, write_runs
 from crepa.experiment.verdict import MetricSpec
 from crepa.experiment.workers import quiet_libraries, run_jobs, worker_pool
@@ -53,10 +56,12 @@ from crepa.generation import (
     load_pipeline,
     write_clips,
 )
-from crepa.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, checkpoint_dirs
+from crepa.models.loading import load_transformer, resolve_family
+from crepa.precompute import precompute, uses_cached_teacher
+from crepa.rundir import SUMMARY_FILE
+from crepa.sample import load_run_pipeline, read_prompts
 
 EVAL_FILE = "experiment_metrics.json"
-BASE_STAMP_FILE = "base_model_stamp.json"  # the base model a run's folder was started from
 LOSSLESS_CRF = 0  # the metrics then see exactly the sampled frames, the same in every run
 SEED_STRIDE = 100_003  # prime: the noise seeds of different (seed, prompt) pairs never coincide in practice
 
@@ -159,8 +164,6 @@ class CrepaEvaluator:
         return {"evaluator": "crepa eval", **asdict(self)}
 
     def __call__(self, job: ModelJob, model: LoadedModel) -> dict[str, dict[str, Any]]:
-        from crepa.eval.evaluate import load_extractors
-
         with_reference = job.reference is not None
         chosen = self.chosen(with_reference)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
@@ -195,20 +198,6 @@ def check_extractors_are_not_the_teacher(specs: dict[str, str], config: RunConfi
             )
 
 
-def pretrained_stamp(config: RunConfig) -> str:
-    """What identifies the base model a run starts from: for a local folder, a digest of every file's
-    path, size and modification time (a rebuilt or replaced model changes it); for a hub id, the id and
-    revision. Runs, samples and evaluations made from another base model are redone, never reused."""
-    source = Path(config.model.pretrained)
-    if not source.is_dir():
-        return f"{config.model.pretrained}@{config.model.revision or 'main'}"
-    digest = hashlib.sha256()
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        status = path.stat()
-        digest.update(f"{path.relative_to(source)}:{status.st_size}:{status.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def weights_stamp(job: ModelJob, config: RunConfig) -> str:
     """What identifies a model's weights: the base model's stamp, plus the run's trained-weight checksums."""
     base = pretrained_stamp(config)
@@ -234,9 +223,6 @@ def samples_current(job: ModelJob, settings: GenerationSettings, stamp: str) -> 
 
 def load_model_pipeline(job: ModelJob, config: RunConfig):
     """The family's pipeline with the run's trained weights (LoRA, RepVideo gates), or the base model."""
-    from crepa.models.loading import load_transformer, resolve_family
-    from crepa.sample import load_run_pipeline
-
     if job.run_dir is not None:
         run = load_run_pipeline(job.run_dir)
         return run.pipeline, run.family
@@ -301,67 +287,6 @@ def sample_and_evaluate(job: ModelJob) -> tuple[str, dict[str, dict[str, Any]], 
     return job.name, metrics, done
 
 
-# ---------------------------------------------------------------- training
-class ExperimentStopped(RuntimeError):
-    """A run stopped before its last step (Ctrl-C / SIGTERM, or its launched training failed): the
-    experiment stops too, resumable."""
-
-
-def started_from_current_base(config: RunConfig) -> bool:
-    """Whether the run's folder was started from the base model the run file names as it is now."""
-    try:
-        recorded = json.loads((config.output.dir / BASE_STAMP_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return recorded.get("pretrained") == pretrained_stamp(config)
-
-
-def training_finished(config: RunConfig) -> bool:
-    """A run is finished when its summary (written last) says it ran all steps with this config, from
-    the base model as it is now."""
-    try:
-        summary = json.loads((config.output.dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (
-        not summary.get("interrupted")
-        and summary.get("steps") == config.train.max_steps
-        and summary.get("config") == json.loads(config.model_dump_json())
-        and started_from_current_base(config)
-    )
-
-
-def start_run(config: RunConfig, run_file: Path) -> str | None:
-    """How an unfinished run starts: "latest" when it has a checkpoint to resume from, else None after
-    clearing its folder (the run file stays)."""
-    output = config.output.dir
-    if checkpoint_dirs(output / CHECKPOINTS_DIR) and started_from_current_base(config):
-        return "latest"
-    for path in output.iterdir():
-        if path != run_file:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    atomic_write_json(output / BASE_STAMP_FILE, {"pretrained": pretrained_stamp(config)})
-    return None
-
-
-def train_run(run_file: Path) -> bool:
-    """``crepa train RUN_FILE`` unless finished: resumes from the last checkpoint, or starts afresh in
-    a cleared folder (the run file stays). Returns whether it trained. A top-level function, so worker
-    processes can run it."""
-    from crepa.train.recipe import train
-
-    config = load_config(run_file)
-    if training_finished(config):
-        return False
-    resume = start_run(config, run_file)
-    if train(config, resume=resume, progress=False).interrupted:
-        raise ExperimentStopped(
-            f"{config.output.dir.name}: training was interrupted (checkpoint saved); rerun the same command to "
-            "resume the experiment"
-        )
-    return True
-
-
 # ---------------------------------------------------------------- the experiment
 @dataclass(frozen=True)
 class ExperimentSpec:
@@ -421,8 +346,6 @@ class ExperimentResults:
 
 def superset_config(configs: Sequence[RunConfig]) -> RunConfig:
     """The config whose precompute fills the cache for every variant: one that reads teacher grids."""
-    from crepa.precompute import uses_cached_teacher
-
     return next((config for config in configs if uses_cached_teacher(config)), configs[0])
 
 
@@ -473,8 +396,6 @@ def model_jobs(spec: ExperimentSpec, runs: Sequence[tuple[Run, RunConfig]]) -> l
 def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> ExperimentResults:
     """Prepare, precompute, train, sample and evaluate (skipping what is finished); returns the results
     (the caller writes the report: :func:`crepa.experiment.report.write_report`)."""
-    from crepa.experiment.launch import launch_runs, launch_slots
-    from crepa.precompute import precompute
 
     quiet_libraries()
     timer = StageTimer()
@@ -545,8 +466,6 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
 
 def read_prompt_file(path: Path) -> tuple[str, ...]:
     """One prompt per line (blank lines and ``#`` comments skipped)."""
-    from crepa.sample import read_prompts
-
     try:
         return tuple(read_prompts(path))
     except (FileNotFoundError, ValueError) as error:

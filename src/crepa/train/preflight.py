@@ -28,9 +28,18 @@ from crepa.config import ConfigError, RunConfig, check_against_family, check_opt
 from crepa.lock import check_not_written, hold
 from crepa.models import ModelFamily
 from crepa.models.hub import hub_access
+from crepa.models.pipelines import read_transformer_config
 from crepa.models.support import check_supported
+from crepa.precompute import (
+    FILE_HASHES,
+    CacheIdentity,
+    check_teacher_settings,
+    read_json,
+    uses_cached_teacher,
+)
 from crepa.rundir import CHECKPOINTS_DIR
 from crepa.train import checkpoint as ckpt
+from crepa.train.lora import add_lora
 
 # Facts of a cache that depend on the machine it was built on, not on the run file: a cache built
 # in fp32 on a CPU serves a bf16 run on a GPU (the latents are stored in float16 either way).
@@ -66,8 +75,6 @@ def check_skeleton(config: RunConfig, family: ModelFamily, skeleton: nn.Module) 
     validation clips have a size the model can produce."""
     problems = validation_problems(config, family, skeleton)
     if config.lora.enabled:
-        from crepa.train.lora import add_lora
-
         try:
             add_lora(skeleton, family, config.lora)
         except ValueError as error:
@@ -220,8 +227,6 @@ def check_cache_agreement(config: RunConfig, family: ModelFamily, dataset: Cache
     """Refuse a cache that was not built from this run file: the recorded facts (model, VAE and text
     encoder weights, teacher, sampling) must equal the run file's, and every entry's part keys,
     recomputed from its clip, must be the ones the manifest names (a hand-edited manifest fails)."""
-    from crepa.models.pipelines import read_transformer_config
-    from crepa.precompute import FILE_HASHES, CacheIdentity, read_json, uses_cached_teacher
 
     manifest = dataset.manifest
     rerun = (
@@ -292,7 +297,6 @@ def check_run(
 ) -> Path | None:
     """The checks of a training run that need no model (see the module docstring); returns the
     checkpoint to resume from, if any."""
-    from crepa.precompute import check_teacher_settings
 
     check_optional_dependencies(config)
     check_output_dir(config)
