@@ -95,20 +95,17 @@ def _t5_config(config_class: type[T5Config] | type[UMT5Config]) -> T5Config | UM
 
 def _cogvideox() -> dict[str, Any]:
     torch.manual_seed(0)
+    # the tiny CogVideoX of the unit tests, with T5's 32-d states and a 9-frame, 2x2 sample grid
     transformer = diffusers.CogVideoXTransformer3DModel(
-        num_attention_heads=4,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
-        text_embed_dim=32,
-        num_layers=2,
-        sample_width=2,
-        sample_height=2,
-        sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=16,
+        **{
+            **TINY_MODELS["cogvideox"].config,
+            "num_attention_heads": 4,
+            "text_embed_dim": 32,
+            "sample_width": 2,
+            "sample_height": 2,
+            "sample_frames": 9,
+            "max_text_seq_length": 16,
+        }
     )
     vae = diffusers.AutoencoderKLCogVideoX(
         in_channels=3,
@@ -300,20 +297,9 @@ def _mochi() -> dict[str, Any]:
 
 def _hunyuanvideo() -> dict[str, Any]:
     torch.manual_seed(0)
+    # the tiny HunyuanVideo of the unit tests with two blocks of each kind and diffusers' patch 1
     transformer = diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=10,
-        num_layers=2,
-        num_single_layers=2,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4),
+        **{**TINY_MODELS["hunyuanvideo"].config, "num_layers": 2, "num_single_layers": 2, "patch_size": 1}
     )
     vae = diffusers.AutoencoderKLHunyuanVideo(
         in_channels=3,
@@ -366,16 +352,17 @@ def _hunyuanvideo() -> dict[str, Any]:
 
 def _ltx_video() -> dict[str, Any]:
     torch.manual_seed(0)
+    # the tiny LTX-Video of the unit tests, widened to the tiny VAE's 8 channels and T5's 32-d states
     transformer = diffusers.LTXVideoTransformer3DModel(
-        in_channels=8,
-        out_channels=8,
-        patch_size=1,
-        patch_size_t=1,
-        num_attention_heads=4,
-        attention_head_dim=8,
-        cross_attention_dim=32,
-        num_layers=2,
-        caption_channels=32,
+        **{
+            **TINY_MODELS["ltx_video"].config,
+            "in_channels": 8,
+            "out_channels": 8,
+            "num_attention_heads": 4,
+            "cross_attention_dim": 32,
+            "num_layers": 2,
+            "caption_channels": 32,
+        }
     )
     # patch 4 and three spatio-temporal downsamplings: the real 32x spatial, 8x temporal compression.
     vae = diffusers.AutoencoderKLLTXVideo(
