@@ -18,8 +18,8 @@ import torch
 
 from crepa.demo.artefacts import STAMP_FILE, build_once
 from crepa.demo.latent import fit_pca_autoencoder
-from crepa.demo.runfile import write_run_file
 from crepa.demo.world import RenderedSplit, WorldSettings
+from crepa.experiment.runfiles import write_run_file
 from crepa.models.tiny_pipelines import TINY_PIPELINES
 from crepa.precompute import precompute
 from crepa.rundir import CHECKPOINTS_DIR, TRANSFORMER_DIR
