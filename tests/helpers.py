@@ -25,7 +25,8 @@ from crepa.models.tiny_pipelines import save_tiny_pipeline
 from crepa.precompute import precompute
 from crepa.train.recipe import train
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]  # the repository root: README, examples, src
+EXAMPLES = REPO / "examples"
 # tiny pipeline -> (frames, height, width) of its clips: valid 1 + r*m counts and multiples of VAE
 # stride x patch; 13 frames give CogVideoX 1.5 4 latent frames and Mochi (6x) 3.
 SHAPES = {

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-SOURCE = Path(__file__).resolve().parents[1] / "src" / "crepa"
+from helpers import REPO
+
+SOURCE = REPO / "src" / "crepa"
 
 
 def module_names(root: Path) -> dict[str, Path]:

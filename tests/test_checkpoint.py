@@ -19,8 +19,9 @@ from diffusers.optimization import get_scheduler
 
 from crepa.config import ConfigError
 from crepa.train import checkpoint as ckpt
+from helpers import REPO
 
-SOURCE = Path(__file__).resolve().parents[1] / "src" / "crepa"
+SOURCE = REPO / "src" / "crepa"
 
 
 class _Payload:

@@ -28,9 +28,9 @@ from crepa.models.tiny import TINY_MODELS
 from crepa.models.tiny_pipelines import TINY_PIPELINES, save_tiny_pipeline
 from crepa.precompute import precompute
 from crepa.train.recipe import train
-from helpers import FAMILY_RUN, IMAGE_TO_VIDEO, SHAPES, TRAIN_FAMILIES
+from helpers import FAMILY_RUN, IMAGE_TO_VIDEO, REPO, SHAPES, TRAIN_FAMILIES
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 # the tiny pipelines train/test_train.py does not train end to end
 FAMILY_SHAPES = {name: shape for name, shape in SHAPES.items() if name not in TRAIN_FAMILIES}
 # ~30 s each on 2 cores: the slow suite
