@@ -166,6 +166,16 @@ def _family(
     )
 
 
+def _image_to_video(
+    text_to_video: ModelFamily, name: str, pipeline_class: str, in_channels: int
+) -> ModelFamily:
+    """The image-to-video row of a text-to-video family: the same transformer class, told apart by its
+    wider input (the conditioning channels concatenated to the latents), with its own pipeline."""
+    return replace(
+        text_to_video, name=name, pipeline_class=pipeline_class, config_match=(("in_channels", in_channels),)
+    )
+
+
 # 1.0 (2B: 1920-d x 30, 5B: 3072-d x 42, patch (1, 2, 2)) and 1.5 (patch_size_t=2, so an even number of
 # latent frames; the pipeline pads at the front).
 _COGVIDEOX = _family(
@@ -196,12 +206,7 @@ FAMILIES: dict[str, ModelFamily] = {
         _COGVIDEOX,
         # CogVideoX-5B-I2V / 1.5-5B-I2V: the first frame's latents concatenated on the channels
         # (in_channels = 2 x 16), fed as CogVideoXImageToVideoPipeline does.
-        replace(
-            _COGVIDEOX,
-            name="cogvideox_i2v",
-            pipeline_class="CogVideoXImageToVideoPipeline",
-            config_match=(("in_channels", 32),),
-        ),
+        _image_to_video(_COGVIDEOX, "cogvideox_i2v", "CogVideoXImageToVideoPipeline", in_channels=32),
         # 20 dual-stream blocks then 40 single-stream blocks (no to_out: their attention output goes
         # through proj_out with the MLP), 3072-d.
         _family(
@@ -216,12 +221,7 @@ FAMILIES: dict[str, ModelFamily] = {
         # Wan 2.1 I2V 14B (480P / 720P) and Wan 2.2 I2V A14B: latents + 4 first-frame mask channels
         # + 16 channels of the encoded [image, black frames] video (in_channels 36); 2.1 also
         # cross-attends to CLIP image states (image_dim 1280).
-        replace(
-            _WAN,
-            name="wan_i2v",
-            pipeline_class="WanImageToVideoPipeline",
-            config_match=(("in_channels", 36),),
-        ),
+        _image_to_video(_WAN, "wan_i2v", "WanImageToVideoPipeline", in_channels=36),
         # Wan 2.2 TI2V-5B: same transformer class, its own 48-channel 4x16 VAE.
         replace(
             _WAN,
