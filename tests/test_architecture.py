@@ -141,6 +141,47 @@ def test_layering():
         assert "crepa.train.recipe" not in _imports_of(graph, user), user
 
 
+# What each room of src/crepa may import from crepa (docs/architecture.md, top to bottom): a folder or
+# module by its name under crepa; "crepa" is the package's own __init__ (its re-exports).
+LOWER = {
+    "rundir": set(),
+    "align": set(),
+    "io": set(),
+    "data": {"align", "io"},
+    "cache": {"data", "io"},
+    "config": {"align"},
+    "lock": {"config"},
+    "teachers": {"align", "data"},
+    "models": {"align", "config", "teachers"},
+    "regularizer": {"align", "models"},
+    "teacher_targets": {"align", "models", "teachers"},
+    "runs": {"config", "rundir"},
+    "repvideo": {"config", "models", "runs"},
+    "generation": {"cache", "config", "io", "models"},
+    "precompute": {"cache", "config", "data", "lock", "models", "teachers"},
+}
+BELOW_TRAIN = set(LOWER) | {"crepa"}
+UPPER = {
+    "train": BELOW_TRAIN - {"crepa"},
+    "eval": BELOW_TRAIN | {"train"},
+    "sample": BELOW_TRAIN | {"train", "eval"},
+    "export": BELOW_TRAIN | {"train", "eval", "sample"},
+    "experiment": BELOW_TRAIN | {"train", "eval", "sample"},
+    "demo": BELOW_TRAIN | {"train", "eval", "sample", "experiment"},
+}
+
+
+def room(module: str) -> str:
+    return module.split(".")[1] if "." in module else "crepa"
+
+
+@pytest.mark.parametrize("name", [*LOWER, *UPPER])
+def test_each_room_imports_only_the_rooms_below_it(name):
+    allowed = LOWER.get(name, UPPER.get(name))
+    reached = {room(target) for target in _imports_of(import_graph(SOURCE), f"crepa.{name}")} - {name}
+    assert reached <= allowed, f"crepa.{name} imports {sorted(reached - allowed)}"
+
+
 def test_trainer_functions_fit_on_a_screen():
     """No function in train/ is longer than 80 lines (the loop included)."""
     long = []
