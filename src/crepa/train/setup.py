@@ -92,20 +92,16 @@ def build_run(config: RunConfig, resume: str | None) -> TrainState:
     )
     trainable = [p for group in param_groups for p in group["params"]]
     state = TrainState(
-        config=config,
-        family=family,
+        parts=parts,
         accelerator=accelerator,
         sharding=sharding,
-        transformer=transformer,
         side_modules=side_modules,
         modules=modules,
         names={id(p): f"{prefix}.{n}" for prefix, m in modules.items() for n, p in m.named_parameters()},
         trainable=trainable,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
-        regularizer=regularizer,
         guard=UpdateGuard(optimizer, trainable),
-        parts=parts,
         checkpoints=config.output.dir / CHECKPOINTS_DIR,
         metrics_log=config.output.dir / METRICS_FILE,
         started=started,

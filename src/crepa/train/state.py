@@ -72,25 +72,21 @@ class TrainProgress:
 
 @dataclass
 class TrainState:
-    """A training run once set up. ``transformer`` is what the loop calls (maybe DDP-wrapped);
-    ``modules`` maps each saved part ("transformer", "projector", "repvideo_gates") to its plain
+    """A training run once set up. ``parts`` holds what a step reads (config, family, the transformer
+    the loop calls, maybe DDP-wrapped, the regularizer); ``modules`` maps each saved part ("transformer", "projector", "repvideo_gates") to its plain
     module, ``side_modules`` the ones trained next to the transformer outside DDP / FSDP; ``names``
     maps parameter ids to those saved names (optimiser state is saved by name)."""
 
-    config: RunConfig
-    family: ModelFamily
+    parts: StepParts
     accelerator: Accelerator
     sharding: str  # "none" or "fsdp"
-    transformer: nn.Module
     side_modules: dict[str, nn.Module]
     modules: dict[str, nn.Module]
     names: dict[int, str]
     trainable: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
-    regularizer: CrepaRegularizer | None
     guard: UpdateGuard
-    parts: StepParts
     checkpoints: Path
     metrics_log: Path
     started: float
@@ -99,6 +95,22 @@ class TrainState:
     last_metrics: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     stop_signal: str | None = None
+
+    @property
+    def config(self) -> RunConfig:
+        return self.parts.config
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.parts.family
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.parts.transformer
+
+    @property
+    def regularizer(self) -> CrepaRegularizer | None:
+        return self.parts.regularizer
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's ``training_state`` document. Every rank calls it: gathering sharded
