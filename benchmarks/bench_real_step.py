@@ -34,13 +34,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from crepa.config import RunConfig
+from crepa.models.loading import load_online_teacher
 from crepa.models.published import PUBLISHED
 from crepa.models.registry import detect_family
 from crepa.models.tiny import TEXT_WIDTH_KEYS
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
 from crepa.train.lora import add_lora
-from crepa.train.recipe import StepParts, load_online_teacher, step_loss
+from crepa.train.step import StepParts, batch_text, noise_batch, step_loss
 
 ROWS = ("none", "cache", "repa", "pixels", "vae", "repvideo")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, vendor datasheets
@@ -350,7 +351,6 @@ def measure(
 def step_forward_only(parts: StepParts, batch, generator) -> None:
     """The transformer's forward of one step (what gradient checkpointing recomputes in backward)."""
     from crepa.models.conditioning import transformer_inputs
-    from crepa.train.recipe import batch_text, noise_batch
 
     latents = batch["latents"].to(parts.dtype)
     noised = noise_batch(parts.config, parts.family, latents, generator, parts.alphas_cumprod)

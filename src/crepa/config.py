@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crepa.align.grids import valid_frame_counts_near
-from crepa.regularizer import CrepaConfig
+from crepa.align.settings import CrepaConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

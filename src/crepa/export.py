@@ -29,15 +29,21 @@ import torch
 from safetensors.torch import save_file
 
 from crepa.config import RunConfig
+from crepa.data.report import DataReport
+from crepa.data.sources import list_source
 from crepa.models import ModelFamily
 from crepa.models.hub import hub_access
+from crepa.models.loading import resolve_family
+from crepa.repvideo import trained_gates_state
+from crepa.rundir import GATES_FILE, LORA_FILE
 from crepa.runs import (
-    GATES_FILE,
     final_step,
     read_gates,
     read_run_config,
     read_transformer_weights,
 )
+from crepa.sample import load_run_transformer
+from crepa.train.lora import lora_config, save_lora_tensors
 
 ExportFormat = Literal["diffusers", "comfyui", "merged"]
 KeyStyle = Literal["peft", "kohya"]
@@ -242,7 +248,6 @@ def export_run(
     (``lora_comfyui.safetensors`` + ``README.md``). eval_dir: a ``crepa eval`` folder whose table goes
     into the card (default ``RUN_DIR/eval`` when it exists).
     """
-    from crepa.train.recipe import resolve_family
 
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"--format {export_format!r}: choose from {', '.join(EXPORT_FORMATS)}")
@@ -263,12 +268,10 @@ def export_run(
         _write_merged(run_dir, config, family, checkpoint, staged)
         files["transformer"] = "config.json + diffusion_pytorch_model*.safetensors (from_pretrained)"
     elif export_format == "diffusers":
-        from crepa.train.lora import lora_config, save_lora_tensors
-
         tensors = read_transformer_weights(run_dir, config, checkpoint)
         assert tensors is not None
         save_lora_tensors(tensors, family, lora_config(family, config.lora), staged)
-        files["LoRA"] = "pytorch_lora_weights.safetensors"
+        files["LoRA"] = LORA_FILE
     else:
         tensors = read_transformer_weights(run_dir, config, checkpoint)
         assert tensors is not None
@@ -282,13 +285,7 @@ def export_run(
     gates_name = f"{out.stem}.{GATES_FILE}" if single_file else GATES_FILE
     card_path = out.with_name(f"{out.stem}.README.md") if single_file else staged / "README.md"
     if config.repvideo.enabled:
-        gate = read_gates(run_dir, config, checkpoint)
-        rep = config.repvideo
-        state = {
-            "gate": gate,
-            "window": torch.tensor(rep.window),
-            "include_text": torch.tensor(rep.include_text),
-        }
+        state = trained_gates_state(config.repvideo, read_gates(run_dir, config, checkpoint))
         save_file(state, str(out.with_name(gates_name) if single_file else staged / gates_name))
         files["RepVideo gates"] = gates_name
     card = model_card(
@@ -305,7 +302,6 @@ def _write_merged(
     run_dir: Path, config: RunConfig, family: ModelFamily, checkpoint: str | None, directory: Path
 ) -> None:
     """The run's transformer with the LoRA folded in (diffusers' fuse_lora + unload_lora), saved."""
-    from crepa.sample import load_run_transformer
 
     transformer = load_run_transformer(
         run_dir, config, family, checkpoint, config.model.torch_dtype(torch.device("cpu"))
@@ -407,9 +403,6 @@ def model_card(
 
 def training_captions(config: RunConfig, count: int = 5) -> list[str]:
     """The first ``count`` captions of the run's training data (its trigger words), if it is still readable."""
-    from crepa.data.report import DataReport
-    from crepa.data.sources import list_source
-
     try:
         entries = list_source(
             config.data.source, DataReport(), config.data.video_column, config.data.caption_column

@@ -32,7 +32,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from crepa.config import RepVideoSection
 from crepa.models.registry import ModelFamily, detect_family
+from crepa.runs import read_gates, read_run_config
 
 TensorRef = weakref.ref  # weak reference to a torch.Tensor
 
@@ -307,6 +309,31 @@ def install_repvideo(
     return RepVideoGates(transformer, family, window=window, gate_init=gate_init, include_text=include_text)
 
 
+def trained_gates_state(settings: RepVideoSection, gate: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state dict of :class:`RepVideoGates` with trained gates ``gate`` (depth,) and the run's
+    ``[repvideo]`` settings: what ``repvideo_gates.safetensors`` holds and :func:`load_gates` reads."""
+    return {
+        "gate": gate,
+        "window": torch.tensor(settings.window),
+        "include_text": torch.tensor(settings.include_text),
+    }
+
+
+def load_gates(
+    transformer: nn.Module, settings: RepVideoSection, gate: torch.Tensor, source: Any
+) -> RepVideoGates:
+    """Install RepVideo with ``settings`` on ``transformer`` and load the trained gates ``gate`` (depth,);
+    frozen, on the transformer's device. ``source`` names where the gates came from in errors."""
+    state = trained_gates_state(settings, gate)
+    gates = install_repvideo(transformer, settings.window, settings.gate_init, settings.include_text)
+    try:
+        gates.load_state_dict(state)
+    except RuntimeError as error:
+        gates.remove()
+        raise ValueError(f"{source}: its RepVideo gates do not fit this transformer ({error})") from None
+    return gates.requires_grad_(False).to(next(transformer.parameters()).device)
+
+
 def load(pipeline: Any, run_dir: str | Path, checkpoint: str | None = None) -> RepVideoGates:
     """Install the RepVideo gates a crepa run trained on ``pipeline.transformer`` (or on a transformer).
 
@@ -319,20 +346,6 @@ def load(pipeline: Any, run_dir: str | Path, checkpoint: str | None = None) -> R
         pipeline.load_lora_weights("runs/my_run")
         crepa.repvideo.load(pipeline, "runs/my_run")
     """
-    from crepa.runs import read_gates, read_run_config  # runs reads configs, which import this module
-
     config = read_run_config(run_dir)
-    settings = config.repvideo
-    state = {
-        "gate": read_gates(run_dir, config, checkpoint),  # before any hook goes in: it may raise
-        "window": torch.tensor(settings.window),
-        "include_text": torch.tensor(settings.include_text),
-    }
-    transformer = getattr(pipeline, "transformer", pipeline)
-    gates = install_repvideo(transformer, settings.window, settings.gate_init, settings.include_text)
-    try:
-        gates.load_state_dict(state)
-    except RuntimeError as error:
-        gates.remove()
-        raise ValueError(f"{run_dir}: its RepVideo gates do not fit this transformer ({error})") from None
-    return gates.requires_grad_(False).to(next(transformer.parameters()).device)
+    gate = read_gates(run_dir, config, checkpoint)  # before any hook goes in: it may raise
+    return load_gates(getattr(pipeline, "transformer", pipeline), config.repvideo, gate, run_dir)

@@ -16,13 +16,17 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from crepa.config import RunConfig
-from crepa.train.checkpoint import checkpoint_dirs
-from crepa.train.lora import LORA_FILE
-
-RUN_CONFIG_FILE = "run_config.json"
-SUMMARY_FILE = "training_summary.json"
-GATES_FILE = "repvideo_gates.safetensors"
-CHECKPOINT_TENSORS = "trainable.safetensors"
+from crepa.rundir import (
+    CHECKPOINT_TENSORS,
+    CHECKPOINTS_DIR,
+    GATES_FILE,
+    LORA_FILE,
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    TRANSFORMER_DIR,
+    checkpoint_dirs,
+    step_name,
+)
 
 
 class RunDirectoryError(ValueError):
@@ -47,9 +51,9 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
 
 def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
     """``run_dir/checkpoints/NAME`` (NAME like ``step-000750``, or a step number); checked to exist."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS_DIR
     if name.isdigit():
-        name = f"step-{int(name):06d}"
+        name = step_name(int(name))
     path = root / name
     if not (path / CHECKPOINT_TENSORS).is_file():
         found = ", ".join(p.name for p in checkpoint_dirs(root)) or "none"
@@ -65,7 +69,7 @@ def _strip_adapter(name: str) -> str:
 def _unfinished(run_dir: Path, missing: str) -> RunDirectoryError:
     return RunDirectoryError(
         f"{run_dir}: no {missing}: the run has not finished; pick a checkpoint (--checkpoint step-XXXXXX) "
-        f"from {run_dir / 'checkpoints'}"
+        f"from {run_dir / CHECKPOINTS_DIR}"
     )
 
 
@@ -87,7 +91,7 @@ def read_transformer_weights(
             if key.startswith("transformer.")
         }
     if not config.lora.enabled:
-        if not (run_dir / "transformer" / "config.json").is_file():
+        if not (run_dir / TRANSFORMER_DIR / "config.json").is_file():
             raise _unfinished(run_dir, "transformer/ folder")
         return None
     path = run_dir / LORA_FILE

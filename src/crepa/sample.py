@@ -32,8 +32,11 @@ from crepa.generation import (
     write_clips,
 )
 from crepa.models import ModelFamily
+from crepa.models.loading import load_transformer, resolve_family
 from crepa.models.pipelines import _DTYPE_KWARG
+from crepa.rundir import TRANSFORMER_DIR
 from crepa.runs import RunDirectoryError, read_run_config, read_transformer_weights
+from crepa.train.lora import add_lora
 
 
 @dataclass
@@ -59,14 +62,12 @@ def load_run_transformer(
 ) -> nn.Module:
     """The run's transformer on the CPU: base + LoRA (as peft layers, like in training), or the fully
     fine-tuned weights, plus its RepVideo gates when the run trained them. Frozen, eval mode."""
-    from crepa.train.lora import add_lora
-    from crepa.train.recipe import load_transformer
 
     run_dir = Path(run_dir)
     tensors = read_transformer_weights(run_dir, config, checkpoint)
     if tensors is None:  # finished full fine-tuning: the saved folder
         transformer_class = getattr(diffusers, family.class_names[0])
-        transformer = transformer_class.from_pretrained(run_dir / "transformer", **{_DTYPE_KWARG: dtype})
+        transformer = transformer_class.from_pretrained(run_dir / TRANSFORMER_DIR, **{_DTYPE_KWARG: dtype})
     else:
         transformer = load_transformer(config, family, dtype)
         if config.lora.enabled:
@@ -105,7 +106,6 @@ def load_run_pipeline(
     dtype: default the run's ``model.dtype`` on ``device``. offload / vae_tiling: see
     :func:`crepa.generation.load_pipeline`; ``components`` replace parts of the base pipeline.
     """
-    from crepa.train.recipe import resolve_family
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)

@@ -21,8 +21,9 @@ from crepa.cache.dataset import CachedDataset
 from crepa.config import load_config
 from crepa.precompute import precompute
 from crepa.train.batches import BucketedBatchOrder, batch_loader
-from crepa.train.recipe import to_device, train
-from test_train import write_world
+from crepa.train.recipe import train
+from crepa.train.step import to_device
+from helpers import write_world
 
 pytestmark = [
     pytest.mark.gpu,

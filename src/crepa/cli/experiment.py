@@ -107,16 +107,16 @@ def experiment(
 ) -> None:
     """Train variants x seeds from RUN_FILE, sample the same prompts and seeds, evaluate, and report a verdict."""
     from crepa.cli.eval import split_values
+    from crepa.experiment.lifecycle import ExperimentStopped
     from crepa.experiment.report import terminal_table, write_report
     from crepa.experiment.runfiles import parse_variants
     from crepa.experiment.runner import (
         CrepaEvaluator,
         ExperimentSpec,
-        ExperimentStopped,
         read_prompt_file,
         run_experiment,
     )
-    from crepa.train.recipe import TrainingStopped
+    from crepa.train.state import TrainingStopped
 
     console = Console(stderr=True)
     try:

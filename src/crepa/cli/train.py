@@ -11,7 +11,7 @@ from rich.console import Console
 from crepa.cli import app
 from crepa.cli._errors import EXIT_FAILURE, EXIT_SIGNAL, command_errors, fail
 from crepa.config import RunConfig, load_config
-from crepa.train.checkpoint import checkpoint_dirs
+from crepa.rundir import CHECKPOINTS_DIR, checkpoint_dirs
 from crepa.train.parallel import exit_process
 
 
@@ -34,15 +34,15 @@ def train(
         def state() -> tuple[Path | None, str]:
             if run is None:
                 return None, "nothing was written"
-            found = checkpoint_dirs(run.output.dir / "checkpoints")
+            found = checkpoint_dirs(run.output.dir / CHECKPOINTS_DIR)
             if not found:
                 return run.output.dir, "no checkpoint was written yet"
             return run.output.dir, f"checkpoints up to {found[-1]} are intact; resume with --resume latest"
 
         with command_errors(console, state):
             run = load_config(config, set_)
-            from crepa.train.recipe import TrainingStopped
             from crepa.train.recipe import train as run_training
+            from crepa.train.state import TrainingStopped
 
             try:
                 summary = run_training(run, resume=resume, progress=not no_progress)

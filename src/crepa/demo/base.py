@@ -18,10 +18,11 @@ import torch
 
 from crepa.demo.artefacts import STAMP_FILE, build_once
 from crepa.demo.latent import fit_pca_autoencoder
-from crepa.demo.runfile import write_run_file
 from crepa.demo.world import RenderedSplit, WorldSettings
+from crepa.experiment.runfiles import write_run_file
 from crepa.models.tiny_pipelines import TINY_PIPELINES
 from crepa.precompute import precompute
+from crepa.rundir import CHECKPOINTS_DIR, TRANSFORMER_DIR
 from crepa.train.recipe import train
 
 PIPELINE_DIR, TRAINING_DIR = "pipeline", "training"
@@ -126,7 +127,7 @@ def build_base_model(
         pipeline = staging / PIPELINE_DIR
         skipped = shutil.ignore_patterns("transformer", STAMP_FILE, ".*")
         shutil.copytree(initial_pipeline, pipeline, ignore=skipped)
-        (training / "transformer").replace(pipeline / "transformer")
-        shutil.rmtree(training / "checkpoints")  # optimiser state: not needed once the model is published
+        (training / TRANSFORMER_DIR).replace(pipeline / "transformer")
+        shutil.rmtree(training / CHECKPOINTS_DIR)  # optimiser state: not needed once the model is published
 
     return build_once(directory, {"base": asdict(settings), **upstream}, build)

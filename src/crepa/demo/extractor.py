@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from crepa.demo.artefacts import build_once
+from crepa.demo.fitting import fit
 from crepa.demo.teacher import normalise_frames
 from crepa.demo.world import LABELS, MAX_OBJECTS, RenderedSplit
 from crepa.eval import CallableExtractor
@@ -84,18 +84,13 @@ def train_classifier(
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     model = _classifier(settings, targets.shape[1], channels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps)
-    model.train()
-    bar = tqdm(range(steps), desc=description, unit="step", disable=not progress)
-    for _ in bar:
+
+    def batch_loss() -> torch.Tensor:
         pick = torch.randint(len(inputs), (settings.batch_size,), generator=generator)
-        loss = model(pixel_values=prepare(inputs[pick]), labels=targets[pick]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return model(pixel_values=prepare(inputs[pick]), labels=targets[pick]).loss
+
+    model.train()
+    fit(model.parameters(), batch_loss, steps, settings.lr, description, progress)
     return model.eval()
 
 

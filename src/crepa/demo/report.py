@@ -5,17 +5,33 @@ reconstructions as table and grid rows, notes on the metrics, and how the world 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from crepa.demo.verdict import TABLE_METRICS, demo_verdict
 from crepa.demo.world import World
-from crepa.demo.world_section import HOW_IT_IS_BUILT
 from crepa.experiment.report import ReportExtras, metric_value
 from crepa.experiment.runner import ExperimentResults
 
 TITLE = "crepa demo: CREPA vs REPA* vs no alignment on a synthetic video world"
 REFERENCE_LABELS = {"real": "held-out real clips", "reconstruction": "held-out clips through the VAE"}
+PROSE_FILE = "how_it_is_built.md"  # package data next to this module: what was built, tried and measured
+
+
+def how_it_is_built() -> list[str]:
+    """The items of the report's "How it is built" list, from :data:`PROSE_FILE`: each ``- `` item one
+    paragraph (its lines joined with a space); text outside the list is left out."""
+    text = resources.files("crepa.demo").joinpath(PROSE_FILE).read_text(encoding="utf-8")
+    items: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("- "):
+            items.append([line[2:]])
+        elif line.startswith("  ") and items:
+            items[-1].append(line.strip())
+        elif not line.strip() and items:
+            items.append([])  # a blank line ends the item
+    return [" ".join(item) for item in items if item]
 
 
 def intro(settings: Mapping[str, Any], seeds: int) -> str:
@@ -78,7 +94,7 @@ def demo_extras(
             "At a given seed every variant sees the same batches, noise and timesteps, so the curves of the "
             "variants differ only through the alignment term."
         ),
-        sections=[("h", 2, "How it is built"), ("list", HOW_IT_IS_BUILT)],
+        sections=[("h", 2, "How it is built"), ("list", how_it_is_built())],
         stage_seconds=stage_seconds,
         reused=reused,
         json={"settings": dict(settings), "references": dict(references)},

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import Dinov2Config, Dinov2Model
 
 from crepa.demo.artefacts import build_once
+from crepa.demo.fitting import fit
 from crepa.demo.world import RenderedSplit
 from crepa.teachers.vit import IMAGENET_MEAN, IMAGENET_STD
 
@@ -70,14 +70,10 @@ def train_teacher(
     model = Dinov2Model(config)
     patch_values = 3 * settings.patch_size**2
     head = nn.Linear(settings.hidden_size, patch_values)
-    parameters = [*model.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps)
     images = torch.from_numpy(frames)
     tokens = (image_size // settings.patch_size) ** 2
-    model.train()
-    bar = tqdm(range(settings.steps), desc="teacher (masked patches)", unit="step", disable=not progress)
-    for _ in bar:
+
+    def batch_loss() -> torch.Tensor:
         pick = torch.randint(len(images), (settings.batch_size,), generator=generator)
         batch = normalise_frames(images[pick])
         flip = torch.rand(settings.batch_size, generator=generator) < 0.5
@@ -86,12 +82,19 @@ def train_teacher(
         hidden = model(pixel_values=batch, bool_masked_pos=masked).last_hidden_state[:, 1:]
         target = patchify(batch, settings.patch_size)
         target = (target - target.mean(-1, keepdim=True)) / (target.std(-1, keepdim=True) + 1e-6)
-        loss = F.mse_loss(head(hidden)[masked], target[masked])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return F.mse_loss(head(hidden)[masked], target[masked])
+
+    model.train()
+    parameters = [*model.parameters(), *head.parameters()]
+    fit(
+        parameters,
+        batch_loss,
+        settings.steps,
+        settings.lr,
+        "teacher (masked patches)",
+        progress,
+        weight_decay=0.05,
+    )
     return model.eval()
 
 

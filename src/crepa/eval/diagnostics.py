@@ -21,19 +21,12 @@ from crepa.config import RepVideoSection, RunConfig
 from crepa.eval.cknna import cknna
 from crepa.eval.layers import LayerSimilarityRecorder, block_frame_features, layer_similarity_profile
 from crepa.models.conditioning import transformer_inputs
+from crepa.models.loading import load_online_teacher, load_transformer, resolve_family, scheduler_alphas
 from crepa.models.registry import ModelFamily
-from crepa.repvideo import RepVideoGates, install_repvideo
-from crepa.train.lora import LORA_FILE
-from crepa.train.recipe import (
-    batch_teacher_grid,
-    batch_text,
-    load_online_teacher,
-    load_transformer,
-    noise_batch,
-    open_dataset,
-    resolve_family,
-    scheduler_alphas,
-)
+from crepa.repvideo import RepVideoGates, load_gates
+from crepa.rundir import GATES_FILE, LORA_FILE
+from crepa.train.preflight import open_dataset
+from crepa.train.step import batch_teacher_grid, batch_text, noise_batch
 
 
 @dataclass
@@ -104,9 +97,6 @@ def load_lora(transformer: nn.Module, path: str | Path) -> None:
         raise ValueError(f"--lora {path}: neither a LoRA file nor a folder holding {LORA_FILE}")
 
 
-GATES_FILE = "repvideo_gates.safetensors"
-
-
 def load_repvideo_gates(
     transformer: nn.Module, path: str | Path, settings: RepVideoSection
 ) -> RepVideoGates | None:
@@ -118,9 +108,7 @@ def load_repvideo_gates(
     gates_file = (path if path.is_dir() else path.parent) / GATES_FILE
     if not gates_file.is_file():
         return None
-    gates = install_repvideo(transformer, settings.window, settings.gate_init, settings.include_text)
-    gates.load_state_dict(load_file(str(gates_file)))
-    return gates.to(next(transformer.parameters()).device)
+    return load_gates(transformer, settings, load_file(str(gates_file))["gate"], gates_file)
 
 
 @torch.no_grad()

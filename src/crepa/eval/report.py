@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from crepa import __version__
 from crepa.cache.atomic import atomic_write_bytes
 from crepa.data.report import SkippedFile
 from crepa.eval.evaluate import BETTER, PER_CLIP_METRICS, EvalResult
@@ -117,7 +118,6 @@ def write_eval_report(
     if metrics and result.clips:
         write_png(out / "distributions.png", distributions_figure(result, metrics))
         plots.append("distributions.png")
-    from crepa import __version__
 
     content = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -4,7 +4,7 @@
 On CUDA the visible GPUs are split into groups of consecutive devices and each group trains one run
 at a time (its processes see only that group's GPUs); on the CPU (gloo) ``--workers`` runs go at
 once. Each launch writes its output to ``<run dir>/launch.log``. Which runs train, resume or restart
-is decided as for in-process runs (:func:`crepa.experiment.runner.train_run`).
+is decided as for in-process runs (:func:`crepa.experiment.lifecycle.train_run`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from queue import Queue
 import torch
 
 from crepa.config import ConfigError, load_config
-from crepa.experiment.runner import ExperimentStopped, start_run, training_finished
+from crepa.experiment.lifecycle import ExperimentStopped, start_run, training_finished
 from crepa.experiment.workers import run_jobs
 
 LAUNCH_LOG = "launch.log"
@@ -109,7 +109,7 @@ def launch_command(
 
 
 def launch_run(run_file: Path, processes: int, accelerate_config: Path | None, env: dict[str, str]) -> bool:
-    """:func:`~crepa.experiment.runner.train_run` as a launched job with ``env`` added (its GPUs);
+    """:func:`~crepa.experiment.lifecycle.train_run` as a launched job with ``env`` added (its GPUs);
     returns whether it trained. A failed or interrupted launch raises ExperimentStopped with the
     tail of the run's launch.log."""
     config = load_config(run_file)

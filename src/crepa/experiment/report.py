@@ -46,6 +46,7 @@ from crepa.experiment.verdict import (
     summary_sentences,
 )
 from crepa.io.video import read_video_frames, write_video
+from crepa.rundir import METRICS_FILE
 
 GRID_SCALE = 3
 LABEL_WIDTH = 92
@@ -268,8 +269,7 @@ def curves_figure(results: ExperimentResults) -> Figure:
         colour = palette[index % len(palette)]
         runs = results.out / "runs"
         logs = [
-            read_metrics_log(runs / f"{variant['name']}-seed{seed}" / "metrics.jsonl")
-            for seed in results.seeds
+            read_metrics_log(runs / f"{variant['name']}-seed{seed}" / METRICS_FILE) for seed in results.seeds
         ]
         for key, axis in axes.items():
             curves = []

@@ -37,23 +37,35 @@ from crepa.eval.evaluate import (
     StageTimer,
     evaluate_clips,
     extractor_specs,
+    load_extractors,
     resolve_metrics,
 )
 from crepa.eval.extractors import DEFAULT_SOURCES
 from crepa.eval.report import write_eval_report
 from crepa.eval.videos import find_clips
+from crepa.experiment.launch import launch_runs, launch_slots
+from crepa.experiment.lifecycle import pretrained_stamp, train_run, training_finished
 from crepa.experiment.runfiles import Run, Variant, write_runs
 from crepa.experiment.verdict import AnalysisPlan, MetricSpec, resolve_plan
 from crepa.experiment.workers import quiet_libraries, run_jobs, worker_pool
-from crepa.generation import SAMPLES_FILE, ClipRequest, GenerationSettings, generate_clips, write_clips
+from crepa.generation import (
+    SAMPLES_FILE,
+    ClipRequest,
+    GenerationSettings,
+    generate_clips,
+    load_pipeline,
+    write_clips,
+)
+from crepa.models.loading import load_transformer, resolve_family
+from crepa.precompute import precompute, uses_cached_teacher
+from crepa.rundir import SUMMARY_FILE
+from crepa.sample import load_run_pipeline, read_prompts
 
 EVAL_FILE = "experiment_metrics.json"
 REPORT_FILE = "report.json"
 PLAN_KEYS = ("primary", "margins", "alpha")  # what makes a plan another experiment
 # Evaluations keep every clip's values (for the motion-adjusted verdict); older ones are redone.
 PER_CLIP_VALUES = "summary and per clip"
-SUMMARY_FILE = "training_summary.json"
-BASE_STAMP_FILE = "base_model_stamp.json"  # the base model a run's folder was started from
 LOSSLESS_CRF = 0  # the metrics then see exactly the sampled frames, the same in every run
 SEED_STRIDE = 100_003  # prime: the noise seeds of different (seed, prompt) pairs never coincide in practice
 
@@ -156,8 +168,6 @@ class CrepaEvaluator:
         return {"evaluator": "crepa eval", "values": PER_CLIP_VALUES, **asdict(self)}
 
     def __call__(self, job: ModelJob, model: LoadedModel) -> dict[str, dict[str, Any]]:
-        from crepa.eval.evaluate import load_extractors
-
         with_reference = job.reference is not None
         chosen = self.chosen(with_reference)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
@@ -192,20 +202,6 @@ def check_extractors_are_not_the_teacher(specs: dict[str, str], config: RunConfi
             )
 
 
-def pretrained_stamp(config: RunConfig) -> str:
-    """What identifies the base model a run starts from: for a local folder, a digest of every file's
-    path, size and modification time (a rebuilt or replaced model changes it); for a hub id, the id and
-    revision. Runs, samples and evaluations made from another base model are redone, never reused."""
-    source = Path(config.model.pretrained)
-    if not source.is_dir():
-        return f"{config.model.pretrained}@{config.model.revision or 'main'}"
-    digest = hashlib.sha256()
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        status = path.stat()
-        digest.update(f"{path.relative_to(source)}:{status.st_size}:{status.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def weights_stamp(job: ModelJob, config: RunConfig) -> str:
     """What identifies a model's weights: the base model's stamp, plus the run's trained-weight checksums."""
     base = pretrained_stamp(config)
@@ -231,10 +227,6 @@ def samples_current(job: ModelJob, settings: GenerationSettings, stamp: str) -> 
 
 def load_model_pipeline(job: ModelJob, config: RunConfig):
     """The family's pipeline with the run's trained weights (LoRA, RepVideo gates), or the base model."""
-    from crepa.generation import load_pipeline
-    from crepa.sample import load_run_pipeline
-    from crepa.train.recipe import load_transformer, resolve_family
-
     if job.run_dir is not None:
         run = load_run_pipeline(job.run_dir)
         return run.pipeline, run.family
@@ -297,69 +289,6 @@ def sample_and_evaluate(job: ModelJob) -> tuple[str, dict[str, dict[str, Any]], 
         atomic_write_json(job.eval_dir / EVAL_FILE, {**record, "metrics": metrics})
         done["evaluated"] = True
     return job.name, metrics, done
-
-
-# ---------------------------------------------------------------- training
-class ExperimentStopped(RuntimeError):
-    """A run stopped before its last step (Ctrl-C / SIGTERM, or its launched training failed): the
-    experiment stops too, resumable."""
-
-
-def started_from_current_base(config: RunConfig) -> bool:
-    """Whether the run's folder was started from the base model the run file names as it is now."""
-    try:
-        recorded = json.loads((config.output.dir / BASE_STAMP_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return recorded.get("pretrained") == pretrained_stamp(config)
-
-
-def training_finished(config: RunConfig) -> bool:
-    """A run is finished when its summary (written last) says it ran all steps with this config, from
-    the base model as it is now."""
-    try:
-        summary = json.loads((config.output.dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (
-        not summary.get("interrupted")
-        and summary.get("steps") == config.train.max_steps
-        and summary.get("config") == json.loads(config.model_dump_json())
-        and started_from_current_base(config)
-    )
-
-
-def start_run(config: RunConfig, run_file: Path) -> str | None:
-    """How an unfinished run starts: "latest" when it has a checkpoint to resume from, else None after
-    clearing its folder (the run file stays)."""
-    from crepa.train.checkpoint import checkpoint_dirs
-
-    output = config.output.dir
-    if checkpoint_dirs(output / "checkpoints") and started_from_current_base(config):
-        return "latest"
-    for path in output.iterdir():
-        if path != run_file:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    atomic_write_json(output / BASE_STAMP_FILE, {"pretrained": pretrained_stamp(config)})
-    return None
-
-
-def train_run(run_file: Path) -> bool:
-    """``crepa train RUN_FILE`` unless finished: resumes from the last checkpoint, or starts afresh in
-    a cleared folder (the run file stays). Returns whether it trained. A top-level function, so worker
-    processes can run it."""
-    from crepa.train.recipe import train
-
-    config = load_config(run_file)
-    if training_finished(config):
-        return False
-    resume = start_run(config, run_file)
-    if train(config, resume=resume, progress=False).interrupted:
-        raise ExperimentStopped(
-            f"{config.output.dir.name}: training was interrupted (checkpoint saved); rerun the same command to "
-            "resume the experiment"
-        )
-    return True
 
 
 # ---------------------------------------------------------------- the experiment
@@ -426,8 +355,6 @@ class ExperimentResults:
 
 def superset_config(configs: Sequence[RunConfig]) -> RunConfig:
     """The config whose precompute fills the cache for every variant: one that reads teacher grids."""
-    from crepa.precompute import uses_cached_teacher
-
     return next((config for config in configs if uses_cached_teacher(config)), configs[0])
 
 
@@ -513,8 +440,6 @@ def model_jobs(spec: ExperimentSpec, runs: Sequence[tuple[Run, RunConfig]]) -> l
 def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> ExperimentResults:
     """Prepare, precompute, train, sample and evaluate (skipping what is finished); returns the results
     (the caller writes the report: :func:`crepa.experiment.report.write_report`)."""
-    from crepa.experiment.launch import launch_runs, launch_slots
-    from crepa.precompute import precompute
 
     quiet_libraries()
     timer = StageTimer()
@@ -588,8 +513,6 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
 
 def read_prompt_file(path: Path) -> tuple[str, ...]:
     """One prompt per line (blank lines and ``#`` comments skipped)."""
-    from crepa.sample import read_prompts
-
     try:
         return tuple(read_prompts(path))
     except (FileNotFoundError, ValueError) as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -147,204 +147,148 @@ def _anchored(*lists: str) -> str:
     return rf"^({'|'.join(lists)})\.\d+\.attn\d?\.(to_q|to_k|to_v|to_out\.0)$"
 
 
+def _family(
+    name: str,
+    class_name: str,
+    pipeline_class: str,
+    vae_class: str,
+    block_lists: tuple[str, ...] = ("transformer_blocks",),
+    **fields: Any,
+) -> ModelFamily:
+    """A row from the common case, ``fields`` overriding it: latents (B, C, F, H, W) of a causal
+    16-channel 4x8 VAE, block 8 aligned, flow matching, LoRA on the attention projections of the blocks."""
+    common: dict[str, Any] = {
+        "layout": "BCFHW",
+        "temporal_ratio": 4,
+        "spatial_ratio": 8,
+        "latent_channels": 16,
+        "default_block_index": 8,
+        "objective": "flow_matching",
+        "lora_target_regex": _anchored(*block_lists),
+    }
+    return ModelFamily(
+        name=name,
+        class_names=(class_name,),
+        block_lists=block_lists,
+        pipeline_class=pipeline_class,
+        vae_class=vae_class,
+        **(common | fields),
+    )
+
+
+def _image_to_video(
+    text_to_video: ModelFamily, name: str, pipeline_class: str, in_channels: int
+) -> ModelFamily:
+    """The image-to-video row of a text-to-video family: the same transformer class, told apart by its
+    wider input (the conditioning channels concatenated to the latents), with its own pipeline."""
+    return replace(
+        text_to_video, name=name, pipeline_class=pipeline_class, config_match=(("in_channels", in_channels),)
+    )
+
+
+# 1.0 (2B: 1920-d x 30, 5B: 3072-d x 42, patch (1, 2, 2)) and 1.5 (patch_size_t=2, so an even number of
+# latent frames; the pipeline pads at the front).
+_COGVIDEOX = _family(
+    "cogvideox",
+    "CogVideoXTransformer3DModel",
+    "CogVideoXPipeline",
+    "AutoencoderKLCogVideoX",
+    layout="BFCHW",
+    objective="v_prediction",
+)
+# Wan 2.1 and Wan 2.2 A14B (both experts): the 16-channel 4x8 VAE.
+_WAN = _family("wan", "WanTransformer3DModel", "WanPipeline", "AutoencoderKLWan", block_lists=("blocks",))
+# Cosmos 1.0 Diffusion (learnable extra positional embedding): EDM, the 8x8x8 Cosmos VAE. Real
+# checkpoints concatenate a padding mask, which diffusers resizes with torchvision.
+_COSMOS = _family(
+    "cosmos",
+    "CosmosTransformer3DModel",
+    "CosmosTextToWorldPipeline",
+    "AutoencoderKLCosmos",
+    temporal_ratio=8,
+    objective="edm",
+    config_match=(("extra_pos_embed_type", "learnable"),),
+)
+
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
-        ModelFamily(
-            # 1.0 (2B: 1920-d x 30, 5B: 3072-d x 42, patch (1, 2, 2)) and 1.5 (patch_size_t=2,
-            # so an even number of latent frames; the pipeline pads at the front).
-            name="cogvideox",
-            class_names=("CogVideoXTransformer3DModel",),
-            block_lists=("transformer_blocks",),
-            layout="BFCHW",
-            temporal_ratio=4,
-            spatial_ratio=8,
-            latent_channels=16,
-            default_block_index=8,
-            objective="v_prediction",
-            pipeline_class="CogVideoXPipeline",
-            vae_class="AutoencoderKLCogVideoX",
-            lora_target_regex=_anchored("transformer_blocks"),
-        ),
-        ModelFamily(
-            # CogVideoX-5B-I2V / 1.5-5B-I2V: the first frame's latents concatenated on the channels
-            # (in_channels = 2 x 16), fed as CogVideoXImageToVideoPipeline does.
-            name="cogvideox_i2v",
-            class_names=("CogVideoXTransformer3DModel",),
-            block_lists=("transformer_blocks",),
-            layout="BFCHW",
-            temporal_ratio=4,
-            spatial_ratio=8,
-            latent_channels=16,
-            default_block_index=8,
-            objective="v_prediction",
-            pipeline_class="CogVideoXImageToVideoPipeline",
-            vae_class="AutoencoderKLCogVideoX",
-            lora_target_regex=_anchored("transformer_blocks"),
-            config_match=(("in_channels", 32),),
-        ),
-        ModelFamily(
-            # 20 dual-stream blocks then 40 single-stream blocks (no to_out: their attention
-            # output goes through proj_out with the MLP), 3072-d.
-            name="hunyuanvideo",
-            class_names=("HunyuanVideoTransformer3DModel",),
+        _COGVIDEOX,
+        # CogVideoX-5B-I2V / 1.5-5B-I2V: the first frame's latents concatenated on the channels
+        # (in_channels = 2 x 16), fed as CogVideoXImageToVideoPipeline does.
+        _image_to_video(_COGVIDEOX, "cogvideox_i2v", "CogVideoXImageToVideoPipeline", in_channels=32),
+        # 20 dual-stream blocks then 40 single-stream blocks (no to_out: their attention output goes
+        # through proj_out with the MLP), 3072-d.
+        _family(
+            "hunyuanvideo",
+            "HunyuanVideoTransformer3DModel",
+            "HunyuanVideoPipeline",
+            "AutoencoderKLHunyuanVideo",
             block_lists=("transformer_blocks", "single_transformer_blocks"),
-            layout="BCFHW",
-            temporal_ratio=4,
-            spatial_ratio=8,
-            latent_channels=16,
             default_block_index=10,
-            objective="flow_matching",
-            pipeline_class="HunyuanVideoPipeline",
-            vae_class="AutoencoderKLHunyuanVideo",
-            lora_target_regex=_anchored("transformer_blocks", "single_transformer_blocks"),
         ),
-        ModelFamily(
-            # Wan 2.1 and Wan 2.2 A14B (both experts): the 16-channel 4x8 VAE.
-            name="wan",
-            class_names=("WanTransformer3DModel",),
-            block_lists=("blocks",),
-            layout="BCFHW",
-            temporal_ratio=4,
-            spatial_ratio=8,
-            latent_channels=16,
-            default_block_index=8,
-            objective="flow_matching",
-            pipeline_class="WanPipeline",
-            vae_class="AutoencoderKLWan",
-            lora_target_regex=_anchored("blocks"),
-            rotary_table_key="rope_max_seq_len",
-        ),
-        ModelFamily(
-            # Wan 2.1 I2V 14B (480P / 720P) and Wan 2.2 I2V A14B: latents + 4 first-frame mask channels
-            # + 16 channels of the encoded [image, black frames] video (in_channels 36); 2.1 also
-            # cross-attends to CLIP image states (image_dim 1280).
-            name="wan_i2v",
-            class_names=("WanTransformer3DModel",),
-            block_lists=("blocks",),
-            layout="BCFHW",
-            temporal_ratio=4,
-            spatial_ratio=8,
-            latent_channels=16,
-            default_block_index=8,
-            objective="flow_matching",
-            pipeline_class="WanImageToVideoPipeline",
-            vae_class="AutoencoderKLWan",
-            lora_target_regex=_anchored("blocks"),
-            config_match=(("in_channels", 36),),
-            rotary_table_key="rope_max_seq_len",
-        ),
-        ModelFamily(
-            # Wan 2.2 TI2V-5B: same transformer class, its own 48-channel 4x16 VAE.
+        _WAN,
+        # Wan 2.1 I2V 14B (480P / 720P) and Wan 2.2 I2V A14B: latents + 4 first-frame mask channels
+        # + 16 channels of the encoded [image, black frames] video (in_channels 36); 2.1 also
+        # cross-attends to CLIP image states (image_dim 1280).
+        _image_to_video(_WAN, "wan_i2v", "WanImageToVideoPipeline", in_channels=36),
+        # Wan 2.2 TI2V-5B: same transformer class, its own 48-channel 4x16 VAE.
+        replace(
+            _WAN,
             name="wan2_2_ti2v",
-            class_names=("WanTransformer3DModel",),
-            block_lists=("blocks",),
-            layout="BCFHW",
-            temporal_ratio=4,
             spatial_ratio=16,
             latent_channels=48,
-            default_block_index=8,
-            objective="flow_matching",
-            pipeline_class="WanPipeline",
-            vae_class="AutoencoderKLWan",
-            lora_target_regex=_anchored("blocks"),
             config_match=(("out_channels", 48),),
             rotary_table_key="rope_max_seq_len",
         ),
-        ModelFamily(
+        replace(
+            _WAN,
             name="skyreels_v2",
             class_names=("SkyReelsV2Transformer3DModel",),
-            block_lists=("blocks",),
-            layout="BCFHW",
-            temporal_ratio=4,
-            spatial_ratio=8,
-            latent_channels=16,
-            default_block_index=8,
-            objective="flow_matching",
             pipeline_class="SkyReelsV2Pipeline",
-            vae_class="AutoencoderKLWan",
-            lora_target_regex=_anchored("blocks"),
-            rotary_table_key="rope_max_seq_len",
         ),
-        ModelFamily(
-            name="ltx_video",
-            class_names=("LTXVideoTransformer3DModel",),
-            block_lists=("transformer_blocks",),
+        _family(
+            "ltx_video",
+            "LTXVideoTransformer3DModel",
+            "LTXPipeline",
+            "AutoencoderKLLTXVideo",
             layout="packed",
             temporal_ratio=8,
             spatial_ratio=32,
             latent_channels=128,
-            default_block_index=8,
-            objective="flow_matching",
-            pipeline_class="LTXPipeline",
-            vae_class="AutoencoderKLLTXVideo",
-            lora_target_regex=_anchored("transformer_blocks"),
         ),
-        ModelFamily(
-            name="mochi",
-            class_names=("MochiTransformer3DModel",),
-            block_lists=("transformer_blocks",),
-            layout="BCFHW",
+        _family(
+            "mochi",
+            "MochiTransformer3DModel",
+            "MochiPipeline",
+            "AutoencoderKLMochi",
             temporal_ratio=6,
-            spatial_ratio=8,
             latent_channels=12,
-            default_block_index=8,
             objective="flow_matching_reversed",
-            pipeline_class="MochiPipeline",
-            vae_class="AutoencoderKLMochi",
-            lora_target_regex=_anchored("transformer_blocks"),
         ),
-        ModelFamily(
-            # Cosmos 1.0 Diffusion (learnable extra positional embedding): EDM, the 8x8x8 Cosmos VAE.
-            # Real checkpoints concatenate a padding mask, which diffusers resizes with torchvision.
-            name="cosmos",
-            class_names=("CosmosTransformer3DModel",),
-            block_lists=("transformer_blocks",),
-            layout="BCFHW",
-            temporal_ratio=8,
-            spatial_ratio=8,
-            latent_channels=16,
-            default_block_index=8,
-            objective="edm",
-            pipeline_class="CosmosTextToWorldPipeline",
-            vae_class="AutoencoderKLCosmos",
-            lora_target_regex=_anchored("transformer_blocks"),
-            config_match=(("extra_pos_embed_type", "learnable"),),
-        ),
-        ModelFamily(
-            # Cosmos Predict 2 / 2.5 (no extra positional embedding): rectified flow with the timestep
-            # in [0, 1] (the pipeline passes s as (B, 1, F, 1, 1)), the Wan VAE.
+        _COSMOS,
+        # Cosmos Predict 2 / 2.5 (no extra positional embedding): rectified flow with the timestep in
+        # [0, 1] (the pipeline passes s as (B, 1, F, 1, 1)), the Wan VAE.
+        replace(
+            _COSMOS,
             name="cosmos_predict2",
-            class_names=("CosmosTransformer3DModel",),
-            block_lists=("transformer_blocks",),
-            layout="BCFHW",
             temporal_ratio=4,
-            spatial_ratio=8,
-            latent_channels=16,
-            default_block_index=8,
             objective="flow_matching",
             timestep_scale=1.0,
             pipeline_class="Cosmos2VideoToWorldPipeline",
             vae_class="AutoencoderKLWan",
-            lora_target_regex=_anchored("transformer_blocks"),
             config_match=(("extra_pos_embed_type", None),),
         ),
-        ModelFamily(
-            # Non-causal VAE (88 frames -> 22 latent frames); trained with DDPM epsilon prediction.
-            # The transformer has no PeftAdapterMixin: inject LoRA with peft.inject_adapter_in_model.
-            name="allegro",
-            class_names=("AllegroTransformer3DModel",),
-            block_lists=("transformer_blocks",),
-            layout="BCFHW",
-            temporal_ratio=4,
-            spatial_ratio=8,
+        # Non-causal VAE (88 frames -> 22 latent frames); trained with DDPM epsilon prediction. The
+        # transformer has no PeftAdapterMixin: inject LoRA with peft.inject_adapter_in_model.
+        _family(
+            "allegro",
+            "AllegroTransformer3DModel",
+            "AllegroPipeline",
+            "AutoencoderKLAllegro",
             latent_channels=4,
             causal_vae=False,
-            default_block_index=8,
             objective="epsilon",
-            pipeline_class="AllegroPipeline",
-            vae_class="AutoencoderKLAllegro",
-            lora_target_regex=_anchored("transformer_blocks"),
         ),
     )
 }

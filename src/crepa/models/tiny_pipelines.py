@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from crepa.models.registry import family_of
-from crepa.models.tiny import TINY_MODELS
+from crepa.models.tiny import TINY_MODELS, tiny_transformer
 
 # Words the tiny tokenizer knows; any other word becomes <unk>. Lower-cased, split on whitespace
 # and punctuation.
@@ -94,20 +94,14 @@ def _t5_config(config_class: type[T5Config] | type[UMT5Config]) -> T5Config | UM
 
 
 def _cogvideox() -> dict[str, Any]:
-    torch.manual_seed(0)
-    transformer = diffusers.CogVideoXTransformer3DModel(
+    # the tiny CogVideoX of the unit tests, with T5's 32-d states and a 9-frame, 2x2 sample grid
+    transformer = tiny_transformer(
+        "cogvideox",
         num_attention_heads=4,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
         text_embed_dim=32,
-        num_layers=2,
         sample_width=2,
         sample_height=2,
         sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
         max_text_seq_length=16,
     )
     vae = diffusers.AutoencoderKLCogVideoX(
@@ -142,11 +136,8 @@ def _cogvideox() -> dict[str, Any]:
 
 
 def _wan() -> dict[str, Any]:
-    torch.manual_seed(0)
     # the tiny Wan transformer of the unit tests, widened to the tiny VAE's 16 channels and T5's 32
-    transformer = diffusers.WanTransformer3DModel(
-        **{**TINY_MODELS["wan"].config, "in_channels": 16, "out_channels": 16, "text_dim": 32}
-    )
+    transformer = tiny_transformer("wan", in_channels=16, out_channels=16, text_dim=32)
     # z_dim 16 keeps the default per-channel latents_mean / latents_std of the real Wan VAE.
     vae = diffusers.AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
@@ -189,17 +180,14 @@ def _cogvideox_1_5() -> dict[str, Any]:
 def _wan_i2v() -> dict[str, Any]:
     """Wan 2.1 I2V in small: 16 latent + 4 mask + 16 condition channels in, CLIP image states beside the text."""
     components = _wan()
-    torch.manual_seed(0)
-    inner = TINY_MODELS["wan"].config["num_attention_heads"] * TINY_MODELS["wan"].config["attention_head_dim"]
-    components["transformer"] = diffusers.WanTransformer3DModel(
-        **{
-            **TINY_MODELS["wan"].config,
-            "in_channels": 36,
-            "out_channels": 16,
-            "text_dim": 32,
-            "image_dim": 32,
-            "added_kv_proj_dim": inner,
-        }
+    wan = TINY_MODELS["wan"].config
+    components["transformer"] = tiny_transformer(
+        "wan",
+        in_channels=36,
+        out_channels=16,
+        text_dim=32,
+        image_dim=32,
+        added_kv_proj_dim=wan["num_attention_heads"] * wan["attention_head_dim"],
     )
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -240,10 +228,7 @@ def _wan2_2_ti2v() -> dict[str, Any]:
     16x spatial compression; the pipeline expands the timestep per token (all equal in text-to-video)."""
     components = _wan()
     del components["transformer_2"]
-    torch.manual_seed(0)
-    components["transformer"] = diffusers.WanTransformer3DModel(
-        **{**TINY_MODELS["wan2_2_ti2v"].config, "text_dim": 32}
-    )
+    components["transformer"] = tiny_transformer("wan2_2_ti2v", text_dim=32)
     components["vae"] = diffusers.AutoencoderKLWan(
         base_dim=8,
         decoder_base_dim=8,
@@ -279,10 +264,7 @@ def _skyreels_v2() -> dict[str, Any]:
 
 def _mochi() -> dict[str, Any]:
     """Mochi 1 in small: the real 6x temporal, 8x spatial compression and 12 latent channels."""
-    torch.manual_seed(0)
-    transformer = diffusers.MochiTransformer3DModel(
-        **{**TINY_MODELS["mochi"].config, "in_channels": 12, "text_embed_dim": 32}
-    )
+    transformer = tiny_transformer("mochi", in_channels=12, text_embed_dim=32)
     vae = diffusers.AutoencoderKLMochi(
         encoder_block_out_channels=(32, 32, 32, 32),  # its group norms have 32 groups
         decoder_block_out_channels=(32, 32, 32, 32),
@@ -299,22 +281,8 @@ def _mochi() -> dict[str, Any]:
 
 
 def _hunyuanvideo() -> dict[str, Any]:
-    torch.manual_seed(0)
-    transformer = diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=10,
-        num_layers=2,
-        num_single_layers=2,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4),
-    )
+    # the tiny HunyuanVideo of the unit tests with two blocks of each kind and diffusers' patch 1
+    transformer = tiny_transformer("hunyuanvideo", num_layers=2, num_single_layers=2, patch_size=1)
     vae = diffusers.AutoencoderKLHunyuanVideo(
         in_channels=3,
         out_channels=3,
@@ -365,14 +333,12 @@ def _hunyuanvideo() -> dict[str, Any]:
 
 
 def _ltx_video() -> dict[str, Any]:
-    torch.manual_seed(0)
-    transformer = diffusers.LTXVideoTransformer3DModel(
+    # the tiny LTX-Video of the unit tests, widened to the tiny VAE's 8 channels and T5's 32-d states
+    transformer = tiny_transformer(
+        "ltx_video",
         in_channels=8,
         out_channels=8,
-        patch_size=1,
-        patch_size_t=1,
         num_attention_heads=4,
-        attention_head_dim=8,
         cross_attention_dim=32,
         num_layers=2,
         caption_channels=32,

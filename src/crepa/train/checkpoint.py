@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crepa.config import ConfigError
+from crepa.rundir import CHECKPOINT_STATE, CHECKPOINT_TENSORS, TRASH_PREFIX, checkpoint_dirs, step_name
 from crepa.train.parallel import copy_full_into, full_tensor
-
-CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
-STATE_NAME = "training_state"
-TRAINABLE_NAME = "trainable.safetensors"
-TRASH_PREFIX = ".trash-"
 
 
 # ---------------------------------------------------------------- pickle-free state files
@@ -96,14 +91,6 @@ def load_state(directory: Path, stem: str) -> Any:
         raise ValueError(f"{directory / stem}: unreadable checkpoint state ({error})") from None
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (temporary directories are ignored)."""
-    if not root.is_dir():
-        return []
-    found = [path for path in root.iterdir() if path.is_dir() and CHECKPOINT_PATTERN.match(path.name)]
-    return sorted(found, key=lambda path: int(CHECKPOINT_PATTERN.match(path.name).group(1)))
-
-
 def resolve_resume(root: Path, resume: str | None) -> Path | None:
     """``--resume latest`` -> the newest checkpoint under ``root``; ``auto`` -> the same, or None (a
     fresh start) when there is none yet; a path -> that checkpoint; no ``--resume`` -> None, refused
@@ -133,14 +120,14 @@ def resolve_resume(root: Path, resume: str | None) -> Path | None:
         raise ConfigError(
             f"--resume {resume}: no such directory; give a checkpoint directory, 'latest' or 'auto'"
         )
-    if not (path / f"{STATE_NAME}.json").is_file():
+    if not (path / f"{CHECKPOINT_STATE}.json").is_file():
         legacy = (
             " (written by an older crepa that pickled its state: not loaded)"
             if any(path.glob("*.pt"))
             else ""
         )
         raise ConfigError(
-            f"--resume {resume}: not a crepa checkpoint, no {STATE_NAME}.json in it{legacy}; give a "
+            f"--resume {resume}: not a crepa checkpoint, no {CHECKPOINT_STATE}.json in it{legacy}; give a "
             f"directory such as {root}/step-000500, 'latest' or 'auto'"
         )
     return path
@@ -166,9 +153,11 @@ def check_resume_settings(checkpoint: Path, config: Any) -> None:
     tensor; raise :class:`ConfigError` naming each difference ("checkpoint has LoRA rank 2, run file
     asks for 4")."""
     try:
-        saved = json.loads((checkpoint / f"{STATE_NAME}.json").read_text(encoding="utf-8")).get("config")
+        saved = json.loads((checkpoint / f"{CHECKPOINT_STATE}.json").read_text(encoding="utf-8")).get(
+            "config"
+        )
     except (OSError, ValueError, AttributeError) as error:
-        raise ConfigError(f"--resume {checkpoint}: unreadable {STATE_NAME}.json ({error})") from None
+        raise ConfigError(f"--resume {checkpoint}: unreadable {CHECKPOINT_STATE}.json ({error})") from None
     if not isinstance(saved, dict):
         return
     problems = []
@@ -241,7 +230,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def staging_dir(root: Path, step: int) -> Path:
     """The temporary directory a checkpoint of ``step`` is written into before the rename."""
-    return root / f".tmp-step-{step:06d}"
+    return root / f".tmp-{step_name(step)}"
 
 
 def write_checkpoint_files(
@@ -251,9 +240,9 @@ def write_checkpoint_files(
     directory.mkdir(parents=True, exist_ok=True)
     try:
         if tensors is not None:
-            save_file(tensors, str(directory / TRAINABLE_NAME))
+            save_file(tensors, str(directory / CHECKPOINT_TENSORS))
         if state is not None:
-            save_state(directory, STATE_NAME, state)
+            save_state(directory, CHECKPOINT_STATE, state)
         save_state(directory, f"rng-rank{rank}", rng_state())
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)  # a full disk leaves no half checkpoint behind
@@ -266,7 +255,7 @@ def publish_checkpoint(root: Path, step: int, keep: int) -> Path:
     A checkpoint to delete is first renamed to a trash name (``.trash-step-...``), so a kill during
     the deletion never leaves a half-deleted checkpoint under a name ``--resume`` would pick; trash
     and staging left by a killed run are removed here."""
-    final = root / f"step-{step:06d}"
+    final = root / step_name(step)
     staged = staging_dir(root, step)
     try:
         for path in staged.iterdir():
@@ -296,7 +285,7 @@ def read_checkpoint(
     directory: Path, rank: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any] | None]:
     """(trainable tensors, training state, this rank's RNG state or None)."""
-    tensors = load_file(str(directory / TRAINABLE_NAME))
-    state = load_state(directory, STATE_NAME)
+    tensors = load_file(str(directory / CHECKPOINT_TENSORS))
+    state = load_state(directory, CHECKPOINT_STATE)
     rng = load_state(directory, f"rng-rank{rank}") if (directory / f"rng-rank{rank}.json").is_file() else None
     return tensors, state, rng

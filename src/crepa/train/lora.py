@@ -21,8 +21,7 @@ from torch import nn
 from crepa.cache.atomic import atomic_write_bytes
 from crepa.config import LoraSection
 from crepa.models.registry import ModelFamily
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
+from crepa.rundir import LORA_FILE
 
 
 def lora_config(family: ModelFamily, settings: LoraSection) -> LoraConfig:

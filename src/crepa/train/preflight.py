@@ -5,7 +5,8 @@ and the output folder can get wrong becomes a :class:`~crepa.config.ConfigError`
 - the environment: optional packages a setting needs, output.dir usable;
 - the cache: it was built from this run file (the part keys are recomputed and compared), holds
   enough samples for one batch;
-- ``--resume``: the checkpoint exists and was written with compatible settings.
+- ``--resume``: the checkpoint exists and was written with compatible settings;
+- the model: support matrix, objective, frame counts, sizes and block indices from the configs alone.
 """
 
 from __future__ import annotations
@@ -16,16 +17,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from torch import nn
 
 from crepa.cache.dataset import CachedDataset
 from crepa.cache.keys import FileHasher, clip_facts
-from crepa.config import ConfigError, RunConfig, check_optional_dependencies
+from crepa.config import ConfigError, RunConfig, check_against_family, check_optional_dependencies
 from crepa.generation import VALIDATION_KEYS, GenerationSettings, shape_problems
 from crepa.lock import check_not_written, hold
 from crepa.models import ModelFamily
+from crepa.models.hub import hub_access
+from crepa.models.pipelines import read_transformer_config
+from crepa.models.support import check_supported
+from crepa.precompute import (
+    FILE_HASHES,
+    CacheIdentity,
+    check_teacher_settings,
+    read_json,
+    uses_cached_teacher,
+)
+from crepa.rundir import CHECKPOINTS_DIR
 from crepa.train import checkpoint as ckpt
+from crepa.train.lora import add_lora
 
 # Facts of a cache that depend on the machine it was built on, not on the run file: a cache built
 # in fp32 on a CPU serves a bf16 run on a GPU (the latents are stored in float16 either way).
@@ -40,13 +54,27 @@ _FACT_KEYS = {
 }
 
 
+TRAINABLE_OBJECTIVES = ("flow_matching", "flow_matching_reversed", "v_prediction", "epsilon")
+
+
+def training_precision(config: RunConfig) -> tuple[torch.dtype, str]:
+    """(frozen weights' dtype, accelerate mixed precision). Half-precision weights always run under
+    autocast of their dtype (with GradScaler for fp16) over fp32 trainable parameters."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.model.torch_dtype(device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ConfigError("model.dtype: 'fp16' needs a CUDA GPU; use 'bf16' or 'fp32' on the CPU")
+    mixed = config.train.mixed_precision
+    if mixed == "no" and dtype != torch.float32:
+        mixed = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return dtype, mixed
+
+
 def check_skeleton(config: RunConfig, family: ModelFamily, skeleton: nn.Module) -> None:
     """Checks on the transformer built on the meta device (no weights): LoRA targets match a module,
     validation clips have a size the model can produce."""
     problems = validation_problems(config, family, skeleton)
     if config.lora.enabled:
-        from crepa.train.lora import add_lora
-
         try:
             add_lora(skeleton, family, config.lora)
         except ValueError as error:
@@ -65,6 +93,61 @@ def validation_problems(config: RunConfig, family: ModelFamily, skeleton: nn.Mod
     return shape_problems(
         family, skeleton, GenerationSettings.from_validation(config.validation), VALIDATION_KEYS
     )
+
+
+def check_model(config: RunConfig, family: ModelFamily) -> None:
+    """Impossible combinations found from the configs alone (support matrix, objective, frame counts,
+    sizes, block indices)."""
+    check_supported(config, family)
+    if family.objective not in TRAINABLE_OBJECTIVES:
+        raise ConfigError(
+            f"model.family: training {family.name} needs the {family.objective!r} objective, which crepa "
+            f"does not implement yet (trainable objectives: {', '.join(TRAINABLE_OBJECTIVES)})"
+        )
+    transformer_class = getattr(diffusers, family.class_names[0])
+    try:
+        with hub_access(config.model.pretrained, "model.pretrained"):
+            transformer_config = transformer_class.load_config(
+                config.model.pretrained,
+                subfolder=config.model.expert or "transformer",
+                revision=config.model.revision,
+            )
+    except OSError as error:
+        raise ConfigError(
+            f"model.pretrained: cannot read the transformer config of {config.model.pretrained!r} ({error})"
+        ) from None
+    with torch.device("meta"):
+        skeleton = transformer_class.from_config(transformer_config)
+    patch_t, patch_h, patch_w = family.patch_sizes(skeleton)
+    multiples = (family.spatial_ratio * patch_h, family.spatial_ratio * patch_w)
+    check_against_family(
+        config,
+        family.temporal_ratio,
+        multiples,
+        family.causal_vae,
+        len(family.blocks(skeleton)),
+        temporal_patch=patch_t,
+    )
+    check_skeleton(config, family, skeleton)
+
+
+def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool) -> CachedDataset:
+    """The cache, checked against the run: same family, teacher grids present when they are read."""
+    source = config.cache.teacher_source
+    try:
+        dataset = CachedDataset(
+            config.cache.dir,
+            teacher=external_teacher and source == "cache",
+            frames=external_teacher and source == "pixels",
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"cache.dir: {error}") from None
+    if dataset.manifest.family != family.name:
+        raise ConfigError(
+            f"cache.dir: {dataset.cache_dir} was precomputed for family {dataset.manifest.family!r}, "
+            f"not {family.name!r}; run `crepa precompute` with this run file or point cache.dir elsewhere"
+        )
+    return dataset
 
 
 def check_output_dir(config: RunConfig) -> None:
@@ -122,8 +205,6 @@ def check_cache_agreement(config: RunConfig, family: ModelFamily, dataset: Cache
     """Refuse a cache that was not built from this run file: the recorded facts (model, VAE and text
     encoder weights, teacher, sampling) must equal the run file's, and every entry's part keys,
     recomputed from its clip, must be the ones the manifest names (a hand-edited manifest fails)."""
-    from crepa.models.pipelines import read_transformer_config
-    from crepa.precompute import FILE_HASHES, CacheIdentity, read_json, uses_cached_teacher
 
     manifest = dataset.manifest
     rerun = (
@@ -194,7 +275,6 @@ def check_run(
 ) -> Path | None:
     """The checks of a training run that need no model (see the module docstring); returns the
     checkpoint to resume from, if any."""
-    from crepa.precompute import check_teacher_settings
 
     check_optional_dependencies(config)
     check_output_dir(config)
@@ -203,7 +283,7 @@ def check_run(
     check_not_written(dataset.cache_dir, "cache.dir")
     check_cache_agreement(config, family, dataset)
     check_batch_size(config, dataset)
-    resume_from = ckpt.resolve_resume(config.output.dir / "checkpoints", resume)
+    resume_from = ckpt.resolve_resume(config.output.dir / CHECKPOINTS_DIR, resume)
     if resume_from is not None:
         ckpt.check_resume_settings(resume_from, config)
     return resume_from

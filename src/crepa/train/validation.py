@@ -10,6 +10,7 @@ from torch import nn
 from crepa.config import RunConfig
 from crepa.generation import ClipRequest, GenerationSettings, generate_clips, load_pipeline, write_clips
 from crepa.models import ModelFamily
+from crepa.rundir import step_name
 
 
 def validation_requests(config: RunConfig) -> list[ClipRequest]:
@@ -32,6 +33,6 @@ def run_validation(
     pipeline = load_pipeline(config.model, family, transformer)
     clips = generate_clips(pipeline, family, validation_requests(config), settings)
     named = ((f"prompt-{index}", clip) for index, clip in enumerate(clips))
-    directory = root / f"step-{step:06d}"
+    directory = root / step_name(step)
     write_clips(directory, named, settings, extra={"step": step})
     return directory

@@ -26,7 +26,7 @@ from crepa.eval.flow import (
     warping_errors,
 )
 from crepa.eval.frechet import frechet_distance
-from test_eval_support import textured_image, translating_clip
+from helpers import textured_image, translating_clip
 
 
 def pixel_features(frames: np.ndarray) -> torch.Tensor:

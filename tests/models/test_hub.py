@@ -16,14 +16,12 @@ import pytest
 import torch
 
 from crepa.io.video import write_video
-from test_train import write_world
+from helpers import run_cli, write_world
 
 
 def crepa(args: list[str], cwd: Path, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}  # an empty cache
-    return subprocess.run(
-        [sys.executable, "-m", "crepa", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_cli(*args, cwd=cwd, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pickle
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,14 +28,14 @@ from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 from typer.testing import CliRunner
 
-import crepa.train.recipe as recipe
+import crepa.train.setup as train_setup
 from crepa.cli import app
 from crepa.config import load_config
 from crepa.precompute import precompute
 from crepa.teachers.transformers_vit import load_transformers_teacher
 from crepa.train import checkpoint as ckpt
 from crepa.train.recipe import train
-from test_train import write_world
+from helpers import start_cli, write_world
 
 
 class _Payload:
@@ -179,8 +178,8 @@ def test_broken_run_file_exits_2_before_any_weight(world, monkeypatch, name, arg
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded before the run file was checked")
 
-    monkeypatch.setattr(recipe, "load_transformer", no_weights)
-    monkeypatch.setattr(recipe, "Accelerator", no_weights)
+    monkeypatch.setattr(train_setup, "load_transformer", no_weights)
+    monkeypatch.setattr(train_setup, "Accelerator", no_weights)
     monkeypatch.chdir(world.parent)
     if not any(arg.startswith(("output.dir", "--resume")) for arg in arguments) or name == "resume-missing":
         arguments = [*arguments, "--set", f'output.dir="out-{name}"']
@@ -192,7 +191,7 @@ def test_broken_run_file_exits_2_before_any_weight(world, monkeypatch, name, arg
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
-def test_subprocess_exit_2_without_traceback_and_no_pickle_run(world, tmp_path):
+def test_subprocess_exit_2_without_traceback_and_no_pickle_run(world, tmp_path, run_cli):
     """Three real processes: a cache mismatch, a checkpoint carrying a pickle, a bad precompute setting."""
     marker = tmp_path / "pwned"
     hostile = tmp_path / "hostile"
@@ -208,9 +207,7 @@ def test_subprocess_exit_2_without_traceback_and_no_pickle_run(world, tmp_path):
         (["precompute", str(world), "--set", 'teacher.kind="clip"'], "teacher.kind: 'clip', but"),
     ]
     for arguments, fragment in cases:
-        result = subprocess.run(
-            [sys.executable, "-m", "crepa", *arguments], capture_output=True, text=True, cwd=world.parent
-        )
+        result = run_cli(*arguments, cwd=world.parent)
         output = result.stdout + result.stderr
         assert result.returncode == 2, output
         assert fragment in " ".join(output.split()) and "Traceback" not in output
@@ -364,21 +361,9 @@ def test_permission_denied_in_eval_is_one_line(world, monkeypatch, tmp_path):
 )
 def test_signal_saves_a_checkpoint_and_exits_143_or_130(world, name, code):
     out = world.parent / f"out-{name}"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "crepa",
-            "train",
-            str(world),
-            "--no-progress",
-            "--set",
-            f'output.dir="out-{name}"',
-            "--set",
-            "train.max_steps=200",
-            "--set",
-            "train.checkpoint_every=1000",
-        ],
+    process = start_cli(
+        *("train", str(world), "--no-progress", "--set", f'output.dir="out-{name}"'),
+        *("--set", "train.max_steps=200", "--set", "train.checkpoint_every=1000"),
         cwd=world.parent,
         stderr=subprocess.PIPE,
         text=True,

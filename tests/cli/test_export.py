@@ -23,7 +23,7 @@ from crepa.models.tiny import TINY_MODELS, tiny_inputs, tiny_transformer
 from crepa.runs import read_run_config
 from crepa.sample import load_run_transformer
 from crepa.train.lora import add_lora, lora_state_dict
-from test_sample import train_run
+from helpers import train_run
 
 RANK, ALPHA = 4, 8.0  # scale alpha / rank = 2: a loader that ignores alpha gets another model
 WAN_TARGETS = (

@@ -19,7 +19,7 @@ from crepa.eval import report
 from crepa.eval.report import write_layer_report
 from crepa.eval.tiny import save_tiny_extractors
 from crepa.io.video import read_video_frames, write_video
-from test_eval_support import textured_image, translating_clip
+from helpers import textured_image, translating_clip
 
 runner = CliRunner()
 

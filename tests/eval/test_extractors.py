@@ -14,7 +14,7 @@ from crepa.eval.evaluate import StageTimer, check_extractors, evaluate_clip
 from crepa.eval.extractors import CallableExtractor, TeacherExtractor, load_extractor
 from crepa.eval.tiny import save_tiny_extractors
 from crepa.teachers import load_teacher
-from test_eval_support import textured_image, translating_clip
+from helpers import textured_image, translating_clip
 
 
 @pytest.fixture(scope="module")

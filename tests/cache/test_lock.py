@@ -46,7 +46,7 @@ def test_second_process_is_refused_and_stale_lock_is_taken_over(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["train", "precompute"])
-def test_cli_refuses_a_folder_another_run_holds(tmp_path, command):
+def test_cli_refuses_a_folder_another_run_holds(tmp_path, command, run_cli):
     run = tmp_path / "run.toml"
     run.write_text(
         '[model]\npretrained = "pipe"\n[data]\nsource = "clips"\n[cache]\ndir = "cache"\n[output]\ndir = "out"\n'
@@ -54,9 +54,7 @@ def test_cli_refuses_a_folder_another_run_holds(tmp_path, command):
     holder = _start_holder(tmp_path / ("out" if command == "train" else "cache"))
     try:
         started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "crepa", command, str(run)], capture_output=True, text=True, cwd=tmp_path
-        )
+        result = run_cli(command, str(run), cwd=tmp_path)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +21,11 @@ from crepa.cache import shards
 from crepa.cache.dataset import CachedDataset
 from crepa.config import load_config
 from crepa.precompute import precompute
+from crepa.rundir import CHECKPOINT_STATE
 from crepa.train import checkpoint as ckpt
 from crepa.train.batches import BucketedBatchOrder, batch_loader
 from crepa.train.recipe import train
-from test_train import set_wan_layers, write_world
+from helpers import assert_same_tensors, launch, launch_command, launch_env, set_wan_layers, write_world
 
 real_checksum = shards.tensors_checksum
 
@@ -48,7 +48,7 @@ def test_bf16_weights_train_fp32_lora_that_moves_below_bf16_resolution(wan_run):
     after_3 = load_file(checkpoints / "step-000003/trainable.safetensors")
     assert {tensor.dtype for tensor in after_3.values()} == {torch.float32}  # LoRA, projector
     assert any(".lora_A." in key for key in after_3) and any(key.startswith("projector.") for key in after_3)
-    state = ckpt.load_state(checkpoints / "step-000003", ckpt.STATE_NAME)["optimizer"]
+    state = ckpt.load_state(checkpoints / "step-000003", CHECKPOINT_STATE)["optimizer"]
     moments = [t for entry in state["state"].values() for k, t in entry.items() if k.startswith("exp_avg")]
     assert moments and {t.dtype for t in moments} == {torch.float32}
     assert load_file(config.output.dir / "projector.safetensors")["0.weight"].dtype == torch.float32
@@ -89,40 +89,6 @@ def test_loader_batches_are_a_function_of_position_for_any_worker_count(wan_run,
     assert len(checks) == 3 * len(fresh)  # latents, text, teacher: each part verified once
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples/accelerate"
-
-
-def launch_command(run: Path, *overrides: str, sharded: bool = False, resume: bool = False) -> list[str]:
-    """`crepa train` in 2 CPU processes (gloo) under accelerate: DDP, or FSDP2 with the shipped yaml."""
-    with socket.socket() as probe:  # a free port: another job on the machine may hold the default one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    topology = ["--config_file", str(EXAMPLES / "fsdp.yaml")] if sharded else ["--multi_gpu"]
-    return [
-        *("accelerate", "launch", *topology, "--num_processes", "2", "--num_machines", "1"),
-        *("--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"),
-        *("-m", "crepa", "train", str(run), "--no-progress"),
-        *(arg for override in overrides for arg in ("--set", override)),
-        *(["--resume", "latest"] if resume else []),
-    ]
-
-
-def launch_env() -> dict[str, str]:
-    bindir = Path(sys.executable).parent
-    return {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
-
-
-def launch(
-    run: Path, *overrides: str, sharded: bool = False, resume: bool = False, timeout: float = 900
-) -> subprocess.CompletedProcess:
-    command = launch_command(run, *overrides, sharded=sharded, resume=resume)
-    result = subprocess.run(
-        command, cwd=run.parent, capture_output=True, text=True, timeout=timeout, env=launch_env()
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
 def launch_process(run: Path, *overrides: str, sharded: bool = False) -> subprocess.Popen:
     """The same launch, running, with its stderr readable line by line (own process group)."""
     command = launch_command(run, *overrides, sharded=sharded)
@@ -139,13 +105,6 @@ def launch_process(run: Path, *overrides: str, sharded: bool = False) -> subproc
 
 def summary_of(output: Path) -> dict:
     return json.loads((output / "training_summary.json").read_text())
-
-
-def assert_same_tensors(a_file: Path, b_file: Path, atol: float) -> None:
-    a, b = load_file(a_file), load_file(b_file)
-    assert a.keys() == b.keys() and a
-    for key in a:
-        assert torch.allclose(a[key], b[key], rtol=0, atol=atol), (key, (a[key] - b[key]).abs().max())
 
 
 @pytest.mark.slow
@@ -247,8 +206,8 @@ def test_every_rank_exits_promptly_on_a_loaded_machine(wan_run, sharded):
 
 
 @pytest.mark.slow
-def test_fsdp2_with_repvideo_equals_data_parallel(tmp_path):
-    wan_run = write_world(tmp_path, "wan")
+def test_fsdp2_with_repvideo_equals_data_parallel(tmp_path, tiny_world):
+    wan_run = tiny_world("wan")
     set_wan_layers(tmp_path / "pipe", 3)  # RepVideo with window 2 gates block 2 of 3 (0, 1 follow a restart)
     precompute(load_config(wan_run), progress=False)
     common = ["train.max_steps=2", "train.batch_size=1", "repvideo.enabled=true", "repvideo.window=2"]

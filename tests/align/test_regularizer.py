@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ import torch
 from crepa import CrepaConfig, CrepaRegularizer, cross_frame_alignment
 from crepa.align import resample_grid
 from crepa.models.tiny import tiny_transformer
+from helpers import REPO
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = REPO / "README.md"
 
 
 def wan_inputs(batch=2, frames=3, size=8, seed=0):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -83,12 +81,10 @@ def test_broken_config_exits_2_naming_the_key(tmp_path, pipeline_dir, old, new, 
     assert "Traceback" not in output
 
 
-def test_subprocess_error_has_no_traceback(tmp_path):
+def test_subprocess_error_has_no_traceback(tmp_path, run_cli):
     path = tmp_path / "run.toml"
     path.write_text('[model]\npretrained = "x"\n[data]\nsource = "clips"\n[crepa]\ntau = "one"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "crepa", "train", str(path)], capture_output=True, text=True
-    )
+    result = run_cli("train", str(path))
     assert result.returncode == 2
     assert "crepa.tau: expected a valid number" in result.stderr and "Traceback" not in result.stderr
 

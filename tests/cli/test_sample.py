@@ -7,8 +7,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -30,33 +28,7 @@ from crepa.precompute import precompute
 from crepa.runs import RunDirectoryError, read_run_config
 from crepa.sample import load_run_pipeline, sample_run
 from crepa.train.recipe import train
-from test_train import write_world
-
-PROMPTS = ["a red stripe pattern", "a blue stripe pattern"]
-SEED = 5  # validation.seed: prompt K of [validation] starts from the noise of seed 5 + K
-
-
-def train_run(root: Path, overrides: list[str], four_blocks: bool = False) -> Path:
-    """Two training steps of a tiny Wan LoRA run, a checkpoint and a validation after each step."""
-    run = write_world(root, "wan", clips=2)
-    if four_blocks:  # with window 2, block 2 is gated
-        config = diffusers.WanTransformer3DModel.load_config(root / "pipe/transformer")
-        torch.manual_seed(0)
-        diffusers.WanTransformer3DModel.from_config({**config, "num_layers": 4}).save_pretrained(
-            root / "pipe/transformer"
-        )
-    settings = [
-        *("train.max_steps=2", "train.checkpoint_every=1", "train.batch_size=1", "validation.every=1"),
-        f"validation.prompts={json.dumps(PROMPTS)}",
-        f"validation.seed={SEED}",
-        "optim.lr=0.02",  # large steps: each step's LoRA visibly changes the clip
-        "crepa.enabled=false",
-        *overrides,
-    ]
-    config = load_config(run, settings)
-    precompute(config, progress=False)
-    train(config, progress=False)
-    return config.output.dir
+from helpers import FAMILY_RUN, PROMPTS, SEED, train_run, write_world
 
 
 @pytest.fixture(scope="module")
@@ -180,30 +152,15 @@ def test_samples_jsonl_feeds_crepa_eval(lora_run, tmp_path):
         assert float(row["fps"]) == 4.0
 
 
-def test_sample_cli_reproduces_validation_of_a_repvideo_run(tmp_path, monkeypatch):
+def test_sample_cli_reproduces_validation_of_a_repvideo_run(tmp_path, monkeypatch, run_cli):
     rep = ["repvideo.enabled=true", "repvideo.window=2", "repvideo.gate_init=0.5", "repvideo.lr=0.2"]
     rep.append("train.max_steps=1")  # the checkpoint and validation of step 1 are all this test reads
     run_dir = train_run(tmp_path / "world", rep, four_blocks=True)
     (tmp_path / "prompts.txt").write_text(f"# held-out\n{PROMPTS[1]}\n\n")
-    command = [
-        sys.executable,
-        "-m",
-        "crepa",
-        "sample",
-        str(run_dir),
-        "--prompts",
-        str(tmp_path / "prompts.txt"),
-    ]
-    command += [
-        "--seeds",
-        str(SEED + 1),
-        "--checkpoint",
-        "step-000001",
-        "--out",
-        str(tmp_path / "s"),
-        "--no-progress",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = run_cli(
+        *("sample", str(run_dir), "--prompts", str(tmp_path / "prompts.txt"), "--seeds", str(SEED + 1)),
+        *("--checkpoint", "step-000001", "--out", str(tmp_path / "s"), "--no-progress"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     validation = run_dir / "validation/step-000001/prompt-1.mp4"
     assert_same_clip(tmp_path / "s/prompt-0-seed-6.mp4", validation)
@@ -247,11 +204,9 @@ def test_every_command_renders_its_help():
 
 
 @pytest.mark.parametrize("name", ["cogvideox_i2v", pytest.param("wan_i2v", marks=pytest.mark.slow)])
-def test_sample_with_first_frames_reproduces_image_to_video_validation(tmp_path, name):
+def test_sample_with_first_frames_reproduces_image_to_video_validation(tmp_path, name, tiny_world):
     """--images: the first frame of prompt K is the K-th image of the folder, as validation.images[K]."""
-    from test_families import write_world as write_family_world
-
-    run = write_family_world(tmp_path, name)
+    run = tiny_world(name, **FAMILY_RUN)
     config = load_config(run)
     precompute(config, progress=False)
     train(config, progress=False)

@@ -29,6 +29,7 @@ from crepa.models.tiny_pipelines import save_tiny_pipeline
 from crepa.precompute import precompute
 from crepa.teacher_targets import teacher_targets
 from crepa.teachers import load_teacher
+from helpers import start_cli
 
 FAMILIES = ("cogvideox", "wan", "hunyuanvideo", "ltx_video")
 SOURCE_FPS = 24
@@ -219,10 +220,8 @@ def test_kill_and_resume_gives_the_same_store(root: Path, teacher_dir: Path) -> 
     data = write_dataset(root / "data-kill", [30] * 12, bad=False)
     killed_cache, reference_cache = root / "cache-killed", root / "cache-reference"
     run = write_run_file(root / "kill.toml", pipeline, teacher_dir, data, killed_cache)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "crepa", "precompute", str(run), "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    process = start_cli(
+        "precompute", str(run), "--no-progress", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     shards = killed_cache / "shards"
     deadline = time.monotonic() + 240

@@ -10,7 +10,6 @@ import pickle
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,9 @@ from diffusers.optimization import get_scheduler
 
 from crepa.config import ConfigError
 from crepa.train import checkpoint as ckpt
+from helpers import REPO
 
-SOURCE = Path(__file__).resolve().parents[1] / "src" / "crepa"
+SOURCE = REPO / "src" / "crepa"
 
 
 class _Payload:
@@ -193,17 +193,13 @@ def test_fresh_start_into_a_folder_with_checkpoints_is_refused(tmp_path):
     assert ckpt.resolve_resume(root, "auto") == root / "step-000004"
 
 
-def test_crepa_train_twice_keeps_the_first_runs_checkpoints(tmp_path):
+def test_crepa_train_twice_keeps_the_first_runs_checkpoints(tmp_path, tiny_world, run_cli):
     """The second `crepa train` without --resume stops before writing anything (exit 2, says how to
     resume); the first run's checkpoint is byte for byte what it was."""
-    from test_train import write_world
-
-    run = write_world(tmp_path, "wan")
+    run = tiny_world("wan")
 
     def crepa(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "crepa", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600
-        )
+        return run_cli(*args, cwd=tmp_path)
 
     steps = ["--set", "train.max_steps=1", "--set", "train.checkpoint_every=1", "--no-progress"]
     assert crepa("precompute", str(run)).returncode == 0

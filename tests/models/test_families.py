@@ -14,7 +14,6 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import Dinov2Config, Dinov2Model
 from typer.testing import CliRunner
 
 from crepa.cache.dataset import CachedDataset
@@ -29,28 +28,17 @@ from crepa.models.tiny import TINY_MODELS
 from crepa.models.tiny_pipelines import TINY_PIPELINES, save_tiny_pipeline
 from crepa.precompute import precompute
 from crepa.train.recipe import train
-from test_train import SHAPES as TRAIN_TEST_SHAPES
-from test_train import write_clips
+from helpers import FAMILY_RUN, IMAGE_TO_VIDEO, REPO, SHAPES, TRAIN_FAMILIES
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-# tiny pipeline -> (frames, height, width) of its clips; 13 frames give CogVideoX 1.5 4 latent frames
-SHAPES = {
-    "cogvideox_1_5": (13, 32, 32),
-    "cogvideox_i2v": (9, 32, 32),
-    "wan_i2v": (9, 32, 32),
-    "wan_a14b": (9, 32, 32),  # trains the low-noise expert, transformer_2
-    "skyreels_v2": (9, 32, 32),
-    "mochi": (13, 32, 32),  # 6x temporal compression: 3 latent frames
-    "wan2_2_ti2v": (9, 64, 64),  # 16x spatial compression, patch 2: 2x2 tokens
-    "wan_i2v_a14b": (9, 32, 32),  # trains the low-noise expert, transformer_2
-}
+README = REPO / "README.md"
+# the tiny pipelines train/test_train.py does not train end to end
+FAMILY_SHAPES = {name: shape for name, shape in SHAPES.items() if name not in TRAIN_FAMILIES}
 # ~30 s each on 2 cores: the slow suite
 SLOW = {"cogvideox_1_5", "wan_a14b", "skyreels_v2", "mochi", "wan2_2_ti2v", "wan_i2v_a14b"}
-IMAGE_TO_VIDEO = {"cogvideox_i2v", "wan_i2v", "wan_i2v_a14b"}
 
 
 def test_every_trainable_variant_has_an_end_to_end_test() -> None:
-    tested = set(TRAIN_TEST_SHAPES) | set(SHAPES)
+    tested = set(SHAPES)
     for variant in VARIANTS:
         assert variant.family in FAMILIES
         if variant.tiny is not None:
@@ -66,72 +54,11 @@ def test_readme_shows_the_generated_support_matrix() -> None:
     assert result.exit_code == 0 and result.output.strip() == support_markdown()
 
 
-def write_world(root: Path, name: str) -> Path:
-    """Tiny pipeline ``name``, tiny DINOv2, 4 clips, a first-frame image for I2V, and a run file."""
-    frames, height, width = SHAPES[name]
-    save_tiny_pipeline(name, root / "pipe")
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56
-    )
-    Dinov2Model(config).save_pretrained(root / "dino")
-    write_clips(root / "clips", 4, frames, height, width)
-    images = ""
-    if name in IMAGE_TO_VIDEO:
-        pixels = np.zeros((height, width, 3), np.uint8)
-        pixels[:, : width // 2, 0] = 200
-        Image.fromarray(pixels).save(root / "first.png")
-        images = 'images = ["first.png"]'
-    expert = 'expert = "transformer_2"' if name in ("wan_a14b", "wan_i2v_a14b") else ""
-    run = root / "run.toml"
-    run.write_text(
-        f"""
-[model]
-pretrained = "pipe"
-{expert}
-[data]
-source = "clips"
-resolutions = [[{height}, {width}]]
-num_frames = [{frames}]
-[cache]
-dir = "cache"
-[teacher]
-name = "dino"
-[crepa]
-block_index = 1
-weight = 0.5
-projector_hidden_dim = 64
-[lora]
-rank = 4
-alpha = 4
-[train]
-max_steps = 2
-batch_size = 2
-checkpoint_every = 2
-timestep_sampling = "uniform"
-[logging]
-every = 1
-tensorboard = false
-[validation]
-every = 2
-prompts = ["a red stripe pattern"]
-{images}
-num_frames = {frames}
-height = {height}
-width = {width}
-inference_steps = 2
-[output]
-dir = "out"
-"""
-    )
-    return run
-
-
 @pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in SHAPES]
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name for name in FAMILY_SHAPES]
 )
-def test_precompute_train_load_lora_and_validate(tmp_path: Path, name: str) -> None:
-    run = write_world(tmp_path, name)
+def test_precompute_train_load_lora_and_validate(tmp_path: Path, name: str, tiny_world) -> None:
+    run = tiny_world(name, **FAMILY_RUN)
     precompute(load_config(run), progress=False)
     summary = train(load_config(run), progress=False)
     assert summary.steps == 2 and summary.skipped_nonfinite == 0
@@ -200,16 +127,16 @@ def test_image_conditioning_is_what_the_pipeline_feeds(
     )
 
 
-def test_cache_holds_the_image_conditioning(tmp_path: Path) -> None:
-    run = write_world(tmp_path, "wan_i2v")
+def test_cache_holds_the_image_conditioning(tmp_path: Path, tiny_world) -> None:
+    run = tiny_world("wan_i2v", **FAMILY_RUN)
     precompute(load_config(run, ["crepa.enabled=false"]), progress=False)
     item = CachedDataset(tmp_path / "cache")[0]
     assert item["latents"].shape == (16, 3, 4, 4) and item["condition_latents"].shape == (16, 3, 4, 4)
     assert item["image_embeds"].shape == (17, 32)  # CLIP: 1 + (32 / 8)^2 tokens of the tiny tower
 
 
-def test_cogvideox_1_5_odd_latent_frames_are_refused_with_a_suggestion(tmp_path: Path) -> None:
-    run = write_world(tmp_path, "cogvideox_1_5")
+def test_cogvideox_1_5_odd_latent_frames_are_refused_with_a_suggestion(tiny_world) -> None:
+    run = tiny_world("cogvideox_1_5", **FAMILY_RUN)
     config = load_config(run, ["data.num_frames=[81]"])
     with pytest.raises(ConfigError, match=r"81 frames give 21 latent frames.*use 77 or 85"):
         precompute(config, progress=False)
@@ -318,13 +245,15 @@ def test_lora_of_a_pipeline_without_a_lora_loader_is_saved_in_peft_and_diffusers
     assert not torch.allclose(base, trained(**inputs)[0])  # the LoRA changes the output
 
 
-def test_two_expert_pipeline_needs_an_expert_and_each_trains_on_its_noise_range(tmp_path: Path) -> None:
+def test_two_expert_pipeline_needs_an_expert_and_each_trains_on_its_noise_range(
+    tmp_path: Path, tiny_world
+) -> None:
     """Wan 2.2 A14B: without model.expert the run stops at config time; with it, flow-matching noise
     levels are mapped into the expert's side of boundary_ratio = 0.875 (timestep 875 of 1000)."""
     from crepa.models.pipelines import expert_noise_range
-    from crepa.train.recipe import noise_batch
+    from crepa.train.step import noise_batch
 
-    run = write_world(tmp_path, "wan_a14b")
+    run = tiny_world("wan_a14b", **FAMILY_RUN)
     text = run.read_text().replace('expert = "transformer_2"', "")
     run.write_text(text)
     result = CliRunner().invoke(app, ["precompute", str(run)])
@@ -345,8 +274,8 @@ def test_two_expert_pipeline_needs_an_expert_and_each_trains_on_its_noise_range(
         assert timesteps.min() < low + 5 and timesteps.max() > high - 5  # the whole range is used
 
 
-def test_image_to_video_validation_without_images_fails_at_config_time(tmp_path: Path) -> None:
-    run = write_world(tmp_path, "cogvideox_i2v")
+def test_image_to_video_validation_without_images_fails_at_config_time(tiny_world) -> None:
+    run = tiny_world("cogvideox_i2v", **FAMILY_RUN)
     run.write_text(run.read_text().replace('images = ["first.png"]', ""))
     result = CliRunner().invoke(app, ["train", str(run)])
     assert result.exit_code == 2 and "validation.images" in result.output and "Traceback" not in result.output

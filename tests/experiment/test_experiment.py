@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,8 +32,7 @@ from crepa.experiment.runner import (
     check_extractors_are_not_the_teacher,
 )
 from crepa.train.recipe import train
-from test_scale import assert_same_tensors, launch
-from test_train import write_world
+from helpers import assert_same_tensors, launch, start_cli, write_world
 
 TIMING_KEYS = ("stage_seconds", "work", "machine")
 
@@ -92,9 +90,11 @@ def test_killed_experiment_resumes_to_the_same_report(world, tmp_path):
     assert result.exit_code == 0, result.output
 
     resumed = tmp_path / "resumed"
-    command = [sys.executable, "-m", "crepa", *experiment_args(world, resumed)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    process = start_cli(
+        *experiment_args(world, resumed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     first = resumed / "runs" / "none-seed0" / "training_summary.json"
     deadline = time.monotonic() + 600

@@ -19,7 +19,7 @@ from crepa.models.registry import get_family
 from crepa.models.tiny_pipelines import save_tiny_pipeline
 from crepa.precompute import precompute
 from crepa.train.lora import add_lora, save_lora
-from test_eval_support import translating_clip
+from helpers import translating_clip
 
 runner = CliRunner()
 
