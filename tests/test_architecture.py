@@ -157,7 +157,7 @@ LOWER = {
     "teacher_targets": {"align", "models", "teachers"},
     "runs": {"config", "rundir"},
     "repvideo": {"config", "models", "runs"},
-    "generation": {"cache", "config", "io", "models"},
+    "generation": {"align", "cache", "config", "io", "models"},
     "precompute": {"cache", "config", "data", "lock", "models", "teachers"},
 }
 BELOW_TRAIN = set(LOWER) | {"crepa"}
