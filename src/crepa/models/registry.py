@@ -197,7 +197,14 @@ _COGVIDEOX = _family(
     objective="v_prediction",
 )
 # Wan 2.1 and Wan 2.2 A14B (both experts): the 16-channel 4x8 VAE.
-_WAN = _family("wan", "WanTransformer3DModel", "WanPipeline", "AutoencoderKLWan", block_lists=("blocks",))
+_WAN = _family(
+    "wan",
+    "WanTransformer3DModel",
+    "WanPipeline",
+    "AutoencoderKLWan",
+    block_lists=("blocks",),
+    rotary_table_key="rope_max_seq_len",
+)
 # Cosmos 1.0 Diffusion (learnable extra positional embedding): EDM, the 8x8x8 Cosmos VAE. Real
 # checkpoints concatenate a padding mask, which diffusers resizes with torchvision.
 _COSMOS = _family(
@@ -239,7 +246,6 @@ FAMILIES: dict[str, ModelFamily] = {
             spatial_ratio=16,
             latent_channels=48,
             config_match=(("out_channels", 48),),
-            rotary_table_key="rope_max_seq_len",
         ),
         replace(
             _WAN,
