@@ -101,18 +101,12 @@ def make_step(run: Path, mode: str, feed: str = "loader"):
     import itertools
 
     from crepa.config import load_config
+    from crepa.models.loading import load_online_teacher, load_transformer, resolve_family, scheduler_alphas
     from crepa.regularizer import CrepaRegularizer
     from crepa.train.batches import BucketedBatchOrder, batch_loader
     from crepa.train.lora import add_lora
-    from crepa.train.recipe import (
-        StepParts,
-        load_online_teacher,
-        load_transformer,
-        open_dataset,
-        resolve_family,
-        scheduler_alphas,
-        step_loss,
-    )
+    from crepa.train.preflight import open_dataset
+    from crepa.train.step import StepParts, step_loss
 
     overrides = ["crepa.enabled=false"] if mode == "none" else [f'cache.teacher_source="{mode}"']
     config = load_config(run, overrides)
