@@ -215,6 +215,8 @@ def test_cached_teacher_equals_online_modes(root: Path, teacher_dir: Path, data_
         torch.testing.assert_close(from_vae, expected, atol=1e-4, rtol=1e-4)
 
 
+# ~65 s on 2 cores (a killed precompute subprocess, then two more): the slow suite
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_store(root: Path, teacher_dir: Path) -> None:
     pipeline = pipeline_dir(root, "wan")
     data = write_dataset(root / "data-kill", [30] * 12, bad=False)

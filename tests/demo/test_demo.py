@@ -231,6 +231,8 @@ def test_layer_profiles_average_the_seeds():
     assert "none" not in profiles
 
 
+# ~95 s on 2 cores (the whole quick demo; `make demo` runs the full one): the slow suite
+@pytest.mark.slow
 def test_quick_demo_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--quick", "--out", str(out), "--no-progress"])

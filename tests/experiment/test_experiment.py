@@ -83,6 +83,8 @@ def report_without_timing(out: Path) -> tuple[str, dict]:
     }
 
 
+# ~30 s on 2 cores (an experiment, then a killed one in a subprocess, resumed): the slow suite
+@pytest.mark.slow
 def test_killed_experiment_resumes_to_the_same_report(world, tmp_path):
     runner = CliRunner()
     straight = tmp_path / "straight"

@@ -138,6 +138,8 @@ def test_fsdp2_lora_equals_data_parallel_and_resumes(wan_run):
     )
 
 
+# ~30 s on 2 cores (a two-process launch; test_train.py keeps one in the default run): the slow suite
+@pytest.mark.slow
 def test_similarity_cutoff_is_decided_once_for_all_ranks(wan_run):
     common = ["train.batch_size=1", "train.checkpoint_every=100", "crepa.ema_decay=0.5"]
     # the EMA is checked every 10 updates: this run measures each rank's own EMA at the first check
