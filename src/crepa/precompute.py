@@ -21,7 +21,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from crepa.data import DataReport, SamplingConfig, VideoSample, iter_decoded, sc
 from crepa.lock import hold
 from crepa.models.hub import hub_access
 from crepa.models.image_conditioning import IMAGE_ENCODERS
+from crepa.models.loading import describe_device
 from crepa.models.pipelines import (
     encode_latents,
     encode_prompts,
@@ -111,6 +112,7 @@ class PrecomputeSummary:
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     rank: int = 0
+    device: str = "cpu"  # where the VAE, text encoders and teacher ran
 
     def bytes_per_sample(self) -> dict[str, float]:
         return {kind: size / max(self.samples, 1) for kind, size in self.part_bytes.items()}
@@ -128,7 +130,7 @@ class PrecomputeSummary:
             "parts computed: " + _counts(self.computed) + "; reused: " + _counts(self.reused),
             "time: "
             + ", ".join(f"{stage} {self.stage_seconds.get(stage, 0.0):.1f}s" for stage in STAGES)
-            + f"; total {self.seconds:.1f}s",
+            + f"; total {self.seconds:.1f}s on {self.device}",
         ]
         lines += [
             f"damaged shard recomputed and deleted: {shard}: {reason}"
@@ -298,7 +300,8 @@ def _precompute(config: RunConfig, *, prune: bool, progress: bool) -> Precompute
     }
     atomic_write_json(ranks_dir / f"rank{state.process_index}.json", rank_document)
     if state.is_main_process:
-        return _merge(config, family, identity, state.num_processes, null_text, report, prune, started)
+        summary = _merge(config, family, identity, state.num_processes, null_text, report, prune, started)
+        return replace(summary, device=describe_device(state.device))
     return PrecomputeSummary(
         cache_dir=cache_dir,
         samples=len(entries),
@@ -314,6 +317,7 @@ def _precompute(config: RunConfig, *, prune: bool, progress: bool) -> Precompute
         seconds=time.perf_counter() - started,
         stage_seconds=worker.seconds,
         rank=state.process_index,
+        device=describe_device(state.device),
     )
 
 

@@ -59,7 +59,7 @@ def test_half_precision_weights_train_fp32_trainables_on_cuda(wan_run, dtype):
     torch.cuda.reset_peak_memory_stats()
     summary = train(config, progress=False)
     assert summary.steps == 3 and summary.skipped_nonfinite == 0
-    assert summary.peak_memory_mb > 0  # CUDA's allocator counted it: the step ran on the GPU
+    assert summary.peak_memory_mb > 0 and summary.device.startswith("cuda:")  # it ran on the GPU
     tensors = trained(config)
     assert {t.dtype for t in tensors.values()} == {torch.float32}
     assert any(".lora_A." in k for k in tensors) and any(k.startswith("projector.") for k in tensors)

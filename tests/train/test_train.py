@@ -49,6 +49,7 @@ def test_precompute_train_resume_and_load_lora(tmp_path, family, tiny_world):
     ).stat().st_size > 0
     summary_file = json.loads((tmp_path / "out/training_summary.json").read_text())
     assert summary_file["steps"] == 4 and summary_file["config"]["crepa"]["block_index"] == 0
+    assert summary_file["device"] == "cpu"  # the default suite hides CUDA (tests/conftest.py)
 
 
 def type_of_pipeline(directory: Path) -> str:

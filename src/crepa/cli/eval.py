@@ -27,6 +27,7 @@ from crepa.eval.extractors import EXTRACTOR_KINDS
 from crepa.eval.flow import FLOW_METHODS
 from crepa.eval.report import SKIPPED_FILE, write_comparison, write_eval_report, write_layer_report
 from crepa.eval.videos import find_clips
+from crepa.models.loading import describe_device
 
 METRICS_HELP = f"Comma-separated or repeated; default all per-clip metrics. From: {', '.join(METRICS)}."
 EXTRACTOR_HELP = (
@@ -170,7 +171,10 @@ def _evaluate(
             console.print(f"[yellow]{label} {len(skipped)} unreadable file(s):[/yellow]")
             for item in skipped:
                 console.print(f"  {item.path}: {item.reason}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"{len(result.clips)} clips evaluated; report in {out} (skipped files in {SKIPPED_FILE})")
+    console.print(
+        f"{len(result.clips)} clips evaluated on {describe_device(device)}; report in {out} "
+        f"(skipped files in {SKIPPED_FILE})"
+    )
 
 
 def _compare(console: Console, paths: list[Path], out: Path) -> None:

@@ -74,8 +74,9 @@ def sample(
 ) -> None:
     """Generate one clip per (prompt, seed) with the run's LoRA and RepVideo gates; mp4 + GIF + contact
     sheet + samples.jsonl (which `crepa eval` reads). Settings default to the run's validation settings."""
+    from crepa.models.loading import describe_device
     from crepa.runs import RunDirectoryError
-    from crepa.sample import first_frames, read_prompts, sample_run
+    from crepa.sample import first_frames, read_prompts, resolve_device, sample_run
 
     console = Console(stderr=True)
     try:
@@ -114,4 +115,7 @@ def sample(
         )
         raise typer.Exit(1) from None
     clips = len(prompt_list) * len(seed_list)
-    console.print(f"{clips} clips in {out}; `crepa eval {out} --out ...` measures them", highlight=False)
+    where = describe_device(resolve_device(device))
+    console.print(
+        f"{clips} clips in {out} (on {where}); `crepa eval {out} --out ...` measures them", highlight=False
+    )

@@ -65,7 +65,9 @@ def train(
                 EXIT_SIGNAL[summary.stop_signal],
             )
         console.print(
-            f"done: {summary.steps} steps in {summary.seconds:.0f}s; outputs in {summary.output_dir}",
+            f"done: {summary.steps} steps in {summary.seconds:.0f}s on {summary.device}"
+            f"{f' x {summary.processes} processes' if summary.processes > 1 else ''}; "
+            f"outputs in {summary.output_dir}",
             highlight=False,
             soft_wrap=True,
         )

@@ -16,6 +16,15 @@ from crepa.models.registry import ModelFamily
 from crepa.teachers import load_teacher
 
 
+def describe_device(device: torch.device | str) -> str:
+    """``"cuda:0 (NVIDIA H200)"`` or ``"cpu"``: where a command ran, for its closing message."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def resolve_family(config: RunConfig) -> ModelFamily:
     """The registry entry named by model.family, else the one of the pipeline's transformer class."""
     model = config.model

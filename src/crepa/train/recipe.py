@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from crepa.cache.atomic import atomic_write_json
 from crepa.config import RunConfig
+from crepa.models.loading import describe_device
 from crepa.rundir import SUMMARY_FILE, TRANSFORMER_DIR, VALIDATION_DIR, checkpoint_dirs, side_module_file
 from crepa.train import checkpoint as ckpt
 from crepa.train.lora import save_lora
@@ -186,6 +187,7 @@ def finish(state: TrainState) -> TrainingSummary:
         checkpoint=str(latest[-1]) if latest else None,
         parallelism=state.sharding if state.sharding != "none" else single,
         processes=accelerator.num_processes,
+        device=describe_device(accelerator.device),
         config=json.loads(config.model_dump_json()),
         stop_signal=state.stop_signal,
     )

@@ -46,6 +46,7 @@ class TrainingSummary:
     checkpoint: str | None
     parallelism: str  # "single", "ddp" or "fsdp" (FSDP2, blocks sharded)
     processes: int  # the world size: processes that trained together
+    device: str = "cpu"  # where rank 0 trained, e.g. "cuda:0 (NVIDIA H200)"
     config: dict[str, Any] = field(default_factory=dict)
     stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
 
