@@ -465,9 +465,10 @@ def run_experiment(spec: ExperimentSpec, progress: bool = True, log=print) -> Ex
         how = f"{spec.workers} worker(s)"
         if spec.launched:
             how = f"{len(slots)} at once, {spec.processes_per_run} process(es) each"
+        where = "CUDA" if torch.cuda.is_available() else "the CPU"  # NVML's answer (see worker_context)
         log(
             f"fine-tune: {len(spec.variants)} variants x {len(spec.seeds)} seeds, {len(pending_runs)} to train "
-            f"({how})"
+            f"({how}, on {where})"
         )
         with timer.stage("fine-tune"):
             if spec.launched:
