@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from crepa.align.grids import valid_frame_counts_near
 from crepa.align.settings import CrepaConfig
@@ -123,16 +132,43 @@ class TrainSection(_Section):
     gradient_accumulation: int = Field(default=1, ge=1)
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "mode", "shifted"] = Field(
+        default="auto",
+        description="noise-level sampler (SD3 paper); auto: logit_normal for flow matching, uniform "
+        "integer timesteps for DDPM families; any other value applies to DDPM families too",
+    )
     logit_mean: float = 0.0
     logit_std: float = Field(default=1.0, gt=0)
-    shift: float = Field(default=1.0, gt=0, description="flow-matching timestep shift")
+    mode_scale: float = Field(
+        default=1.29, ge=-1.0, le=2 / (math.pi - 2), description="heavy-tail scale of 'mode' sampling"
+    )
+    shift: float = Field(
+        default=1.0,
+        gt=0,
+        validate_default=True,
+        description="timestep shift s' = shift*s / (1 + (shift-1)*s)",
+    )
+    loss_weighting: Literal["none", "min_snr", "sigma_sqrt", "cosmap"] = Field(
+        default="none",
+        description="per-sample weight of the diffusion loss; sigma_sqrt and cosmap need a flow-matching family",
+    )
+    snr_gamma: float = Field(default=5.0, gt=0, description="gamma of min_snr weighting (Hang et al. 2023)")
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)
     max_nonfinite_steps: int = Field(default=10, ge=1)
     num_workers: int | None = Field(
         default=None, ge=0, description="loader processes per training process; default: spare cores, <= 4"
     )
+
+    @field_validator("shift")
+    @classmethod
+    def _shift_for_shifted(cls, shift: float, info: ValidationInfo) -> float:
+        if info.data.get("timestep_sampling") == "shifted" and shift == 1.0:
+            raise ValueError(
+                "train.timestep_sampling = 'shifted' draws uniform levels moved by train.shift, which is 1 "
+                "(no shift); set train.shift (e.g. 3.0, the SD3 paper's value) or use 'uniform'"
+            )
+        return shift
 
 
 class LoggingSection(_Section):

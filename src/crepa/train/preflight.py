@@ -40,6 +40,7 @@ from crepa.precompute import (
 from crepa.rundir import CHECKPOINTS_DIR
 from crepa.train import checkpoint as ckpt
 from crepa.train.lora import add_lora
+from crepa.train.objectives import FLOW_ONLY_WEIGHTINGS
 
 # Facts of a cache that depend on the machine it was built on, not on the run file: a cache built
 # in fp32 on a CPU serves a bf16 run on a GPU (the latents are stored in float16 either way).
@@ -125,6 +126,12 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
         raise ConfigError(
             f"model.family: training {family.name} needs the {family.objective!r} objective, which crepa "
             f"does not implement yet (trainable objectives: {', '.join(TRAINABLE_OBJECTIVES)})"
+        )
+    weighting = config.train.loss_weighting
+    if weighting in FLOW_ONLY_WEIGHTINGS and not family.objective.startswith("flow_matching"):
+        raise ConfigError(
+            f"train.loss_weighting: {weighting!r} is defined on the flow-matching noise level, but "
+            f"{family.name} trains the DDPM {family.objective!r} objective; use 'min_snr' or 'none'"
         )
     transformer_class = getattr(diffusers, family.class_names[0])
     try:
