@@ -75,6 +75,9 @@ class DataSection(_Section):
     start: float = Field(default=0.0, ge=0, description="seconds skipped at the start of each clip")
     video_column: str = "video"
     caption_column: str = "caption"
+    caption_dropout: float = Field(
+        default=0.0, ge=0, le=1, description="probability that a sample trains on the empty prompt"
+    )
 
 
 class CacheSection(_Section):

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from crepa.train.caption_dropout import CaptionDropout
+
 
 class BucketedBatchOrder:
     """Batches of sample indices. ``buckets[i]`` is sample i's bucket key (e.g. (T, H, W))."""
@@ -79,17 +81,21 @@ class BucketedBatchOrder:
 class PositionedBatches(Dataset):
     """Item p: the batch at position p of ``order``, its samples' tensors stacked (B, ...)."""
 
-    def __init__(self, samples: Dataset, order: BucketedBatchOrder) -> None:
+    def __init__(
+        self, samples: Dataset, order: BucketedBatchOrder, caption_dropout: CaptionDropout | None = None
+    ) -> None:
         self.samples = samples
         self.order = order
+        self.caption_dropout = caption_dropout
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         items = [self.samples[i] for i in self.order.batch_at(position)]
-        return {
+        batch = {
             key: torch.stack([item[key] for item in items])
             for key, value in items[0].items()
             if isinstance(value, torch.Tensor)
         }
+        return batch if self.caption_dropout is None else self.caption_dropout(position, batch)
 
 
 def default_workers(processes_per_machine: int) -> int:
@@ -99,12 +105,18 @@ def default_workers(processes_per_machine: int) -> int:
 
 
 def batch_loader(
-    samples: Dataset, order: BucketedBatchOrder, start: int, num_workers: int, pin_memory: bool
+    samples: Dataset,
+    order: BucketedBatchOrder,
+    start: int,
+    num_workers: int,
+    pin_memory: bool,
+    caption_dropout: CaptionDropout | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Endless batches from position ``start``, prepared by ``num_workers`` processes (0: inline),
-    in pinned memory when ``pin_memory`` (for non-blocking copies to the GPU)."""
+    in pinned memory when ``pin_memory`` (for non-blocking copies to the GPU), captions dropped by
+    ``caption_dropout``."""
     loader = DataLoader(
-        PositionedBatches(samples, order),
+        PositionedBatches(samples, order, caption_dropout),
         batch_size=None,  # items are batches already
         sampler=itertools.count(start),
         num_workers=num_workers,

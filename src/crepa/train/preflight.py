@@ -176,6 +176,11 @@ def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool)
             f"cache.dir: {dataset.cache_dir} was precomputed for family {dataset.manifest.family!r}, "
             f"not {family.name!r}; run `crepa precompute` with this run file or point cache.dir elsewhere"
         )
+    if config.data.caption_dropout > 0 and dataset.manifest.null_text is None:
+        raise ConfigError(
+            f"data.caption_dropout: {dataset.cache_dir} holds no empty-prompt embedding to drop captions "
+            "to; run `crepa precompute` with this run file, or set data.caption_dropout = 0"
+        )
     return dataset
 
 

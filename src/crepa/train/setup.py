@@ -37,6 +37,7 @@ from crepa.repvideo import install_repvideo
 from crepa.rundir import CHECKPOINTS_DIR, METRICS_FILE, RUN_CONFIG_FILE
 from crepa.train import checkpoint as ckpt
 from crepa.train.batches import BucketedBatchOrder, batch_loader, default_workers
+from crepa.train.caption_dropout import CaptionDropout
 from crepa.train.guard import UpdateGuard
 from crepa.train.lora import add_lora
 from crepa.train.parallel import launch_sharding, shard_transformer
@@ -231,7 +232,12 @@ def _setup_data(state: TrainState, dataset: CachedDataset):
     if workers is None:
         workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     pin_memory = accelerator.device.type == "cuda"
-    return batch_loader(dataset, order, state.progress.position, workers, pin_memory=pin_memory)
+    dropout = None
+    if state.config.data.caption_dropout > 0:
+        dropout = CaptionDropout(
+            state.config.data.caption_dropout, dataset.null_text(), train.seed, accelerator.process_index
+        )
+    return batch_loader(dataset, order, state.progress.position, workers, pin_memory, dropout)
 
 
 def _trackers(config: RunConfig) -> list[str]:
