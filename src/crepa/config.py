@@ -113,10 +113,25 @@ class AlignmentSection(CrepaConfig):
 
 class LoraSection(_Section):
     enabled: bool = True  # false: full fine-tuning of the transformer
+    variant: Literal["lora", "dora", "lokr", "loha"] = Field(
+        default="lora",
+        description="adapter kind (peft): lora, dora; lokr and loha are refused (diffusers cannot load them)",
+    )
     rank: int = Field(default=64, ge=1)
     alpha: float = Field(default=64.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     targets: str | list[str] | None = Field(default=None, description="peft target_modules; family default")
+
+    @field_validator("variant")
+    @classmethod
+    def _exportable(cls, variant: str) -> str:
+        if variant in ("lokr", "loha"):
+            raise ValueError(
+                f"{variant!r} cannot be exported in a form the video pipelines load: their load_lora_weights "
+                "(diffusers 0.42) reads LoRA and DoRA keys only (LoKr loads into Flux 2 pipelines alone, LoHa "
+                "into none); use 'lora' or 'dora'"
+            )
+        return variant
 
 
 class OptimSection(_Section):

@@ -260,6 +260,11 @@ def export_run(
         raise ValueError(
             "--format comfyui: this run fine-tuned the whole transformer (no LoRA); use --format merged"
         )
+    if config.lora.enabled and config.lora.variant != "lora" and export_format == "comfyui":
+        raise ValueError(
+            f"--format comfyui: this run trained lora.variant = {config.lora.variant!r}, whose magnitude "
+            "vectors the ComfyUI LoRA layout does not carry; use --format diffusers or merged"
+        )
     single_file = export_format == "comfyui" and out.suffix == ".safetensors"
     staged = _staging(out)
     (staged.parent if single_file else staged).mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ from crepa.rundir import LORA_FILE
 
 
 def lora_config(family: ModelFamily, settings: LoraSection) -> LoraConfig:
-    """The peft config of a run's LoRA: rank, alpha, dropout, and ``settings.targets`` or the family's regex."""
+    """The peft config of a run's adapter (``settings.variant``: LoRA, or DoRA = LoRA with a learned
+    magnitude per output): rank, alpha, dropout, and ``settings.targets`` or the family's regex."""
     targets = settings.targets if settings.targets is not None else family.lora_target_regex
     return LoraConfig(
         r=settings.rank,
@@ -33,13 +34,14 @@ def lora_config(family: ModelFamily, settings: LoraSection) -> LoraConfig:
         lora_dropout=settings.dropout,
         target_modules=targets,
         init_lora_weights=True,
+        use_dora=settings.variant == "dora",
     )
 
 
 def add_lora(transformer: nn.Module, family: ModelFamily, settings: LoraSection) -> list[nn.Parameter]:
-    """Freeze ``transformer`` and add LoRA adapters to the family's attention projections.
+    """Freeze ``transformer`` and add LoRA (or DoRA) adapters to the family's attention projections.
 
-    Returns the trainable LoRA parameters. Transformers without diffusers' ``add_adapter`` (Allegro)
+    Returns the trainable adapter parameters. Transformers without diffusers' ``add_adapter`` (Allegro)
     get peft's ``inject_adapter_in_model``. ``settings.targets`` overrides the family's regex.
     """
     config = lora_config(family, settings)
