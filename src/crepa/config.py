@@ -231,6 +231,29 @@ class RepVideoSection(_Section):
     lr: float | None = Field(default=None, gt=0)
 
 
+class EmaSection(_Section):
+    """An exponential moving average of the trained weights (LoRA or transformer, projector, gates)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        allow_inf_nan=False,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    enabled: bool = False
+    decay: float = Field(default=0.999, gt=0, lt=1)
+    update_every: int = Field(default=1, ge=1, description="optimiser steps between EMA updates")
+    start_step: int = Field(default=0, ge=0, description="until this step the EMA copies the weights")
+    device: Literal["gpu", "cpu"] = Field(default="gpu", description="cpu: the EMA in host memory")
+    # run-file key "validate" (a field of that name would shadow pydantic's BaseModel.validate)
+    validate_with_ema: bool = Field(
+        default=False, alias="validate", description="sample validation with the EMA weights"
+    )
+
+
 class RunConfig(_Section):
     """A whole run file. Relative paths are resolved against the file's directory."""
 
@@ -246,6 +269,7 @@ class RunConfig(_Section):
     validation: ValidationSection = Field(default_factory=ValidationSection)
     output: OutputSection = Field(default_factory=OutputSection)
     repvideo: RepVideoSection = Field(default_factory=RepVideoSection)
+    ema: EmaSection = Field(default_factory=EmaSection)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:

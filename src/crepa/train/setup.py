@@ -38,6 +38,7 @@ from crepa.rundir import CHECKPOINTS_DIR, METRICS_FILE, RUN_CONFIG_FILE
 from crepa.train import checkpoint as ckpt
 from crepa.train.batches import BucketedBatchOrder, batch_loader, default_workers
 from crepa.train.caption_dropout import CaptionDropout
+from crepa.train.ema import WeightEMA
 from crepa.train.guard import UpdateGuard
 from crepa.train.lora import add_lora
 from crepa.train.parallel import launch_sharding, shard_transformer
@@ -107,6 +108,7 @@ def build_run(config: RunConfig, resume: str | None) -> TrainState:
         metrics_log=config.output.dir / METRICS_FILE,
         started=started,
     )
+    state.ema = _setup_ema(config, state)
     if resume_from is not None:
         _resume(state, resume_from)
     _setup_output(state)
@@ -196,12 +198,23 @@ def _setup_optimizer(config: RunConfig, param_groups: list[dict[str, Any]]):
     return optimizer, lr_scheduler
 
 
+def _setup_ema(config: RunConfig, state: TrainState) -> WeightEMA | None:
+    """The EMA of every trainable tensor under its checkpoint name (``ema.enabled``), else None."""
+    if not config.ema.enabled:
+        return None
+    ema = config.ema
+    params = ckpt.trainable_parameters(state.modules)
+    return WeightEMA(params, ema.decay, ema.update_every, ema.start_step, ema.device)
+
+
 def _resume(state: TrainState, checkpoint: Path) -> None:
     """Trainable weights, optimiser / schedules / progress and this rank's RNG from ``checkpoint``."""
     accelerator = state.accelerator
     tensors, saved, rng = ckpt.read_checkpoint(checkpoint, accelerator.process_index)
     ckpt.load_trainable_state(state.modules, tensors)
     state.load_state_dict(saved)
+    if state.ema is not None:
+        state.ema.load_state_dict(ckpt.read_ema(checkpoint))
     if rng is not None:
         ckpt.set_rng_state(rng)
     accelerator.print(f"resumed from {checkpoint} at step {state.progress.step}")
