@@ -1,0 +1,59 @@
+"""Exact resume with the trainer's stateful options on (EMA, caption dropout, a loss weighting and a
+timestep sampler): a run killed with SIGKILL after a checkpoint and resumed ends with the losses and
+the files, EMA and raw, of a run that was never stopped (the style of test_train's SIGKILL test)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from crepa.config import load_config
+from crepa.precompute import precompute
+from test_train import losses, run_cli, write_world
+
+FEATURES = [
+    "data.caption_dropout=0.5",
+    "ema.enabled=true",
+    "ema.decay=0.9",
+    "ema.update_every=2",
+    'train.loss_weighting="min_snr"',
+    'train.timestep_sampling="mode"',
+]
+
+
+def test_exact_resume_with_ema_and_caption_dropout_after_sigkill(tmp_path):
+    run = write_world(tmp_path, "wan")
+    precompute(load_config(run), progress=False)
+    sets = [arg for key in FEATURES for arg in ("--set", key)]
+    steps = ["--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--no-progress", *sets]
+    straight = run_cli(["train", str(run), *steps, "--set", 'output.dir="straight"'], tmp_path)
+    assert straight.wait(timeout=600) == 0
+    killed = run_cli(["train", str(run), *steps, "--set", 'output.dir="killed"'], tmp_path)
+    checkpoint = tmp_path / "killed/checkpoints/step-000003"
+    deadline = time.monotonic() + 600
+    while not checkpoint.is_dir() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert (checkpoint / "ema.safetensors").is_file()
+    assert not (tmp_path / "killed/training_summary.json").exists()
+    resumed = run_cli(
+        ["train", str(run), *steps, "--set", 'output.dir="killed"', "--resume", "latest"], tmp_path
+    )
+    assert resumed.wait(timeout=600) == 0
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_raw.safetensors",
+        "projector.safetensors",
+        "projector_raw.safetensors",
+    ):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "killed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    ema, raw = (
+        load_file(tmp_path / "straight" / n) for n in ("projector.safetensors", "projector_raw.safetensors")
+    )
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the EMA is not the raw weights
