@@ -4,12 +4,15 @@ which the video pipelines of diffusers cannot load, are refused by the run file 
 
 from __future__ import annotations
 
+import json
+
 import diffusers
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from crepa.config import load_config
+from crepa.experiment.runfiles import parse_variants, write_runs
 from crepa.precompute import precompute
 from crepa.train.recipe import train
 from test_train import run_cli, write_world
@@ -32,7 +35,7 @@ def transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
         return transformer(latents, torch.tensor([500]), text, return_dict=False)[0]
 
 
-def test_dora_export_loads_in_diffusers_and_changes_the_output(wan_world):
+def test_dora_export_loads_in_diffusers_and_changes_the_output(wan_world, capsys):
     variant, marker = "dora", "lora_magnitude_vector"
     # lr 1e-2: two steps move the adapter visibly
     config = load_config(
@@ -40,6 +43,16 @@ def test_dora_export_loads_in_diffusers_and_changes_the_output(wan_world):
         [f'lora.variant="{variant}"', f'output.dir="{variant}"', "train.max_steps=2", "optim.lr=1e-2"],
     )
     train(config, progress=False)
+    printed = capsys.readouterr().out  # the start-up summary names every trainer option
+    for option in (
+        "lora.variant=dora",
+        "data.caption_dropout=0.0",
+        "train.loss_weighting=none",
+        "ema.enabled=False",
+    ):
+        assert option in printed
+    run_config = json.loads((config.output.dir / "run_config.json").read_text())
+    assert run_config["lora"]["variant"] == "dora" and run_config["ema"]["validate"] is False
     exported = load_file(config.output.dir / "pytorch_lora_weights.safetensors")
     assert any(marker in key for key in exported)
     pipeline = diffusers.WanPipeline.from_pretrained(wan_world.parent / "pipe")
@@ -66,3 +79,21 @@ def test_variants_diffusers_cannot_load_are_refused_with_exit_2(wan_world, varia
     )
     _, stderr = result.communicate(timeout=300)
     assert result.returncode == 2 and "lora.variant" in stderr and "load_lora_weights" in stderr
+
+
+def test_experiment_varies_the_new_keys(wan_world, tmp_path):
+    sets = [
+        "dora.lora.variant=dora",
+        "data.caption_dropout=0.1",
+        "ema.enabled=true",
+        "ema.validate=true",
+        "train.loss_weighting=min_snr",
+        "train.timestep_sampling=mode",
+    ]
+    variants, shared = parse_variants("crepa,dora=crepa", sets)
+    runs = write_runs(wan_world, variants, shared, (0,), tmp_path / "runs")
+    configs = {run.variant: config for run, config in runs}
+    assert configs["dora"].lora.variant == "dora" and configs["crepa"].lora.variant == "lora"
+    for config in configs.values():
+        assert config.data.caption_dropout == 0.1 and config.ema.validate_with_ema
+        assert (config.train.loss_weighting, config.train.timestep_sampling) == ("min_snr", "mode")

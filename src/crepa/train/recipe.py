@@ -263,7 +263,9 @@ def _validate(state: TrainState) -> None:
     rank samples (the same clips) and only rank 0's files are kept."""
     config, accelerator, step = state.config, state.accelerator, state.progress.step
     model = accelerator.unwrap_model(state.transformer)
-    weights = state.ema.swapped_in() if state.ema is not None and config.ema.validate_with_ema else nullcontext()
+    weights = (
+        state.ema.swapped_in() if state.ema is not None and config.ema.validate_with_ema else nullcontext()
+    )
     with weights:
         if accelerator.is_main_process:
             run_validation(config, state.family, model, config.output.dir / VALIDATION_DIR, step)

@@ -228,7 +228,34 @@ def _setup_output(state: TrainState) -> None:
         config.output.dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(state.metrics_log, state.progress.step)
         atomic_write_json(config.output.dir / RUN_CONFIG_FILE, json.loads(config.model_dump_json()))
+        accelerator.print(startup_summary(config))
         accelerator.init_trackers("crepa", config=_flat_hparams(config))
+
+
+def startup_summary(config: RunConfig) -> str:
+    """The trainer options of the run, one ``key=value`` each, printed when training starts."""
+    train, ema = config.train, config.ema
+    options = {
+        "data.caption_dropout": config.data.caption_dropout,
+        "train.timestep_sampling": train.timestep_sampling,
+        "train.shift": train.shift,
+        "train.loss_weighting": train.loss_weighting,
+        "lora.variant": config.lora.variant if config.lora.enabled else "(full fine-tuning)",
+        "ema.enabled": ema.enabled,
+    }
+    if train.timestep_sampling == "mode":
+        options["train.mode_scale"] = train.mode_scale
+    if train.loss_weighting == "min_snr":
+        options["train.snr_gamma"] = train.snr_gamma
+    if ema.enabled:
+        options |= {
+            "ema.decay": ema.decay,
+            "ema.update_every": ema.update_every,
+            "ema.start_step": ema.start_step,
+            "ema.device": ema.device,
+            "ema.validate": ema.validate_with_ema,
+        }
+    return "trainer options: " + "  ".join(f"{key}={value}" for key, value in options.items())
 
 
 def _setup_data(state: TrainState, dataset: CachedDataset):
