@@ -64,10 +64,26 @@ class ModelSection(_Section):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
+class SourceSection(_Section):
+    """One dataset of a ``[[data.sources]]`` list: its clips, how often an epoch repeats them, a
+    prefix for its captions (a trigger word) and, optionally, its own buckets."""
+
+    path: Path = Field(description="folder of videos + .txt captions, or a .csv / .jsonl file")
+    repeats: int = Field(default=1, ge=1, description="times each of its samples appears per epoch")
+    caption_prefix: str = Field(default="", description="prepended to every caption, e.g. 'sks dog, '")
+    resolutions: list[tuple[int, int]] | None = Field(default=None, min_length=1)
+    num_frames: list[int] | None = Field(default=None, min_length=1)
+
+
 class DataSection(_Section):
     """The user's clips and how frames are sampled from them."""
 
-    source: Path = Field(description="folder of videos + .txt captions, or a .csv / .jsonl file")
+    source: Path | None = Field(
+        default=None, description="folder of videos + .txt captions, or a .csv / .jsonl file"
+    )
+    sources: list[SourceSection] = Field(
+        default_factory=list, description="several datasets ([[data.sources]]) instead of data.source"
+    )
     resolutions: list[tuple[int, int]] = Field(default_factory=lambda: [(480, 720)], min_length=1)
     num_frames: list[int] = Field(default_factory=lambda: [49], min_length=1)
     fps: float | None = Field(default=None, gt=0, description="resample clips to this frame rate")
@@ -78,6 +94,30 @@ class DataSection(_Section):
     caption_dropout: float = Field(
         default=0.0, ge=0, le=1, description="probability that a sample trains on the empty prompt"
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_data(self) -> DataSection:
+        if (self.source is None) == (not self.sources):
+            raise ValueError(
+                "give the clips as data.source (one dataset) or as [[data.sources]] tables (several), "
+                f"{'not both' if self.sources else 'neither is set'}"
+            )
+        return self
+
+    def dataset_sources(self) -> list[SourceSection]:
+        """Every dataset with its buckets filled in: the ``[[data.sources]]``, or ``data.source`` as
+        the one source (repeats 1, no caption prefix, data.resolutions / data.num_frames)."""
+        if not self.sources:
+            return [SourceSection(path=self.source, resolutions=self.resolutions, num_frames=self.num_frames)]
+        return [
+            source.model_copy(
+                update={
+                    "resolutions": source.resolutions or self.resolutions,
+                    "num_frames": source.num_frames or self.num_frames,
+                }
+            )
+            for source in self.sources
+        ]
 
 
 class CacheSection(_Section):
@@ -297,37 +337,18 @@ def check_against_family(
     VAE stride x patch size (per axis: (height, width)), block indices inside ``depth``. Shared by
     precompute and train."""
     problems = []
-    for count in config.data.num_frames:
-        latent_frames = 1 + (count - 1) // temporal_ratio
-        if causal_vae and not (count - 1) % temporal_ratio and latent_frames % temporal_patch:
-            near = " or ".join(
-                map(str, valid_frame_counts_near(count, temporal_ratio, latent_multiple=temporal_patch))
-            )
-            problems.append(
-                f"data.num_frames: {count} frames give {latent_frames} latent frames, but this model patches "
-                f"{temporal_patch} latent frames per token; use {near}"
-            )
-        elif causal_vae and (count - 1) % temporal_ratio:
-            near = " or ".join(map(str, valid_frame_counts_near(count, temporal_ratio)))
-            problems.append(
-                f"data.num_frames: {count} frames cannot be encoded, this model needs 1 + {temporal_ratio}*m "
-                f"(e.g. {near})"
-            )
-        elif not causal_vae and count % temporal_ratio:
-            near = max(1, round(count / temporal_ratio)) * temporal_ratio
-            problems.append(
-                f"data.num_frames: {count} frames cannot be encoded, this model needs a multiple of "
-                f"{temporal_ratio} (e.g. {near})"
-            )
-    multiple_h, multiple_w = spatial_multiples
-    for height, width in config.data.resolutions:
-        if height % multiple_h or width % multiple_w:
-            near_h = max(1, round(height / multiple_h)) * multiple_h
-            near_w = max(1, round(width / multiple_w)) * multiple_w
-            problems.append(
-                f"data.resolutions: {height}x{width} must be divisible by {multiple_h}x{multiple_w} "
-                f"(VAE stride x patch size); nearest: {near_h}x{near_w}"
-            )
+    several = bool(config.data.sources)
+    for i, source in enumerate(config.data.dataset_sources()):
+        where = f"data.sources[{i}]" if several else "data"
+        problems += _bucket_problems(
+            where,
+            source.num_frames,
+            source.resolutions,
+            temporal_ratio,
+            spatial_multiples,
+            causal_vae,
+            temporal_patch,
+        )
     if depth is not None and config.crepa.enabled:
         for key in ("block_index", "teacher_block_index"):
             index = getattr(config.crepa, key)
@@ -337,6 +358,52 @@ def check_against_family(
                 )
     if problems:
         raise ConfigError("invalid run file\n  " + "\n  ".join(problems))
+
+
+def _bucket_problems(
+    where: str,
+    num_frames: list[int],
+    resolutions: list[tuple[int, int]],
+    temporal_ratio: int,
+    spatial_multiples: tuple[int, int],
+    causal_vae: bool,
+    temporal_patch: int,
+) -> list[str]:
+    """Frame counts and resolutions of one source (keys ``{where}.num_frames`` / ``.resolutions``)
+    that the family cannot encode."""
+    problems = []
+    for count in num_frames:
+        latent_frames = 1 + (count - 1) // temporal_ratio
+        if causal_vae and not (count - 1) % temporal_ratio and latent_frames % temporal_patch:
+            near = " or ".join(
+                map(str, valid_frame_counts_near(count, temporal_ratio, latent_multiple=temporal_patch))
+            )
+            problems.append(
+                f"{where}.num_frames: {count} frames give {latent_frames} latent frames, but this model patches "
+                f"{temporal_patch} latent frames per token; use {near}"
+            )
+        elif causal_vae and (count - 1) % temporal_ratio:
+            near = " or ".join(map(str, valid_frame_counts_near(count, temporal_ratio)))
+            problems.append(
+                f"{where}.num_frames: {count} frames cannot be encoded, this model needs 1 + {temporal_ratio}*m "
+                f"(e.g. {near})"
+            )
+        elif not causal_vae and count % temporal_ratio:
+            near = max(1, round(count / temporal_ratio)) * temporal_ratio
+            problems.append(
+                f"{where}.num_frames: {count} frames cannot be encoded, this model needs a multiple of "
+                f"{temporal_ratio} (e.g. {near})"
+            )
+    multiple_h, multiple_w = spatial_multiples
+    for height, width in resolutions:
+        if height % multiple_h or width % multiple_w:
+            near_h = max(1, round(height / multiple_h)) * multiple_h
+            near_w = max(1, round(width / multiple_w)) * multiple_w
+            problems.append(
+                f"{where}.resolutions: {height}x{width} must be divisible by {multiple_h}x{multiple_w} "
+                f"(VAE stride x patch size); nearest: {near_h}x{near_w}"
+            )
+    return problems
 
 
 def check_optional_dependencies(config: RunConfig) -> None:
@@ -424,7 +491,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         local = base / getattr(section, key)
         if local.exists():
             setattr(section, key, str(local.resolve()))
-    config.data.source = (base / config.data.source).resolve()
+    if config.data.source is not None:
+        config.data.source = (base / config.data.source).resolve()
+    for source in config.data.sources:
+        source.path = (base / source.path).resolve()
     config.validation.images = [(base / image).resolve() for image in config.validation.images]
     config.cache.dir = (base / config.cache.dir).resolve()
     config.output.dir = (base / config.output.dir).resolve()

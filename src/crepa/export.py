@@ -408,13 +408,16 @@ def model_card(
 
 def training_captions(config: RunConfig, count: int = 5) -> list[str]:
     """The first ``count`` captions of the run's training data (its trigger words), if it is still readable."""
-    try:
-        entries = list_source(
-            config.data.source, DataReport(), config.data.video_column, config.data.caption_column
-        )
-    except (OSError, ValueError):  # the data moved or is not on this machine: the card goes without
-        return []
-    return [" ".join(entry.caption.split()) for entry in entries[:count]]
+    captions = []
+    for source in config.data.dataset_sources():
+        try:
+            entries = list_source(
+                source.path, DataReport(), config.data.video_column, config.data.caption_column
+            )
+        except (OSError, ValueError):  # the data moved or is not on this machine: the card goes without
+            continue
+        captions += [" ".join((source.caption_prefix + entry.caption).split()) for entry in entries]
+    return captions[:count]
 
 
 def _usage(family: ModelFamily, export_format: str, files: dict[str, str]) -> list[str]:

@@ -25,7 +25,8 @@ from crepa.train.caption_dropout import CaptionDropout
 
 
 class BucketedBatchOrder:
-    """Batches of sample indices. ``buckets[i]`` is sample i's bucket key (e.g. (T, H, W))."""
+    """Batches of sample indices. ``buckets[i]`` is sample i's bucket key (e.g. (T, H, W));
+    ``repeats[i]`` (default 1) how many times sample i appears in an epoch (a source's repeats)."""
 
     def __init__(
         self,
@@ -34,9 +35,13 @@ class BucketedBatchOrder:
         seed: int,
         world_size: int = 1,
         rank: int = 0,
+        repeats: Sequence[int] | None = None,
     ) -> None:
         if not buckets:
             raise ValueError("the dataset is empty: nothing to train on (check the cache / data.source)")
+        # an epoch's draws: sample i listed repeats[i] times (all ones: the samples themselves)
+        counts = repeats if repeats is not None else [1] * len(buckets)
+        self.draws = [index for index, count in enumerate(counts) for _ in range(count)]
         self.buckets = list(buckets)
         self.batch_size = batch_size
         self.seed = seed
@@ -53,7 +58,7 @@ class BucketedBatchOrder:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch`` (incomplete batches are dropped)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.buckets), generator=generator).tolist()
+        order = [self.draws[i] for i in torch.randperm(len(self.draws), generator=generator).tolist()]
         grouped: dict[Hashable, list[int]] = defaultdict(list)
         for index in order:
             grouped[self.buckets[index]].append(index)

@@ -23,6 +23,7 @@ from torch import nn
 from crepa.cache.atomic import atomic_write_json
 from crepa.cache.dataset import CachedDataset
 from crepa.config import RunConfig
+from crepa.data.mixture import source_shares_report
 from crepa.models import ModelFamily
 from crepa.models.loading import (
     compile_blocks,
@@ -261,13 +262,17 @@ def startup_summary(config: RunConfig) -> str:
 def _setup_data(state: TrainState, dataset: CachedDataset):
     """The batch loader from the resumed position of the bucketed batch order."""
     accelerator, train = state.accelerator, state.config.train
+    sources = state.config.data.dataset_sources()
     order = BucketedBatchOrder(
         dataset.buckets,
         train.batch_size,
         train.seed,
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
+        repeats=[sources[entry.source].repeats for entry in dataset.entries],
     )
+    if accelerator.is_main_process and state.config.data.sources:
+        accelerator.print(source_shares_report(sources, [entry.source for entry in dataset.entries]))
     workers = train.num_workers
     if workers is None:
         workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))

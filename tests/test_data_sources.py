@@ -1,0 +1,97 @@
+"""[[data.sources]]: several datasets in one run, each with repeats, a caption prefix and its own
+buckets; repeats multiply a source's samples per epoch; the old single data.source keeps working."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from crepa.cache.dataset import CachedDataset
+from crepa.config import ConfigError, load_config
+from crepa.data.mixture import source_shares
+from crepa.precompute import precompute
+from crepa.train.batches import BucketedBatchOrder
+from test_train import SHAPES, run_cli, write_clips, write_world
+
+
+def with_sources(run: Path, tables: str) -> Path:
+    """The run file with ``data.source`` replaced by ``[[data.sources]]`` tables (TOML text)."""
+    run.write_text(run.read_text().replace('source = "clips"\n', "") + tables)
+    return run
+
+
+def two_sources(root: Path, family: str = "wan") -> Path:
+    """``clips`` (4 clips, repeats 3, prefix "sks, ") and ``more`` (4 other clips, 5 frames)."""
+    run = write_world(root, family)
+    frames, height, width = SHAPES[family]
+    write_clips(root / "more", 4, frames, height, width)
+    return with_sources(
+        run,
+        """
+[[data.sources]]
+path = "clips"
+repeats = 3
+caption_prefix = "sks, "
+
+[[data.sources]]
+path = "more"
+num_frames = [5]
+""",
+    )
+
+
+def test_repeats_3_supply_three_times_the_samples_of_repeats_1_per_epoch():
+    buckets = [(9, 32, 32)] * 8  # sources 0 and 1 with 4 samples each, one bucket
+    repeats = [3] * 4 + [1] * 4
+    for batch_size in (1, 2):
+        order = BucketedBatchOrder(buckets, batch_size, seed=5, repeats=repeats)
+        for epoch in range(3):
+            drawn = Counter(index < 4 for batch in order.epoch_batches(epoch) for index in batch)
+            assert drawn[True] == 12 and drawn[False] == 4
+    assert source_shares([3, 1], [0] * 4 + [1] * 4) == [0.75, 0.25]
+
+
+def test_no_repeats_keeps_the_batch_order():
+    buckets = [(9, 32, 32)] * 6 + [(5, 32, 32)] * 4
+    plain = BucketedBatchOrder(buckets, 2, seed=1)
+    ones = BucketedBatchOrder(buckets, 2, seed=1, repeats=[1] * 10)
+    assert all(plain.epoch_batches(e) == ones.epoch_batches(e) for e in range(4))
+
+
+def test_two_sources_precompute_with_prefix_and_own_buckets(tmp_path, capsys):
+    run = two_sources(tmp_path)
+    config = load_config(run)
+    precompute(config, progress=False)
+    dataset = CachedDataset(config.cache.dir)
+    by_source = Counter(entry.source for entry in dataset.entries)
+    assert by_source == {0: 4, 1: 4}
+    for entry in dataset.entries:
+        assert entry.caption.startswith("sks, a ") == (entry.source == 0)
+        assert entry.num_frames == (9 if entry.source == 0 else 5)
+    # the trainer reads them with the repeats and reports each source's share
+    from crepa.train.recipe import train
+
+    train(load_config(run, ["train.max_steps=1", "crepa.enabled=false"]), progress=False)
+    printed = capsys.readouterr().out
+    assert "4 samples x 3 repeats = 75.0%" in printed and "4 samples x 1 repeats = 25.0%" in printed
+
+
+def test_data_source_or_sources_not_both_nor_neither(tmp_path):
+    run = write_world(tmp_path, "wan")
+    both = run.read_text() + '\n[[data.sources]]\npath = "clips"\n'
+    (tmp_path / "both.toml").write_text(both)
+    with pytest.raises(ConfigError, match=r"data: .*data\.source.*not both"):
+        load_config(tmp_path / "both.toml")
+    (tmp_path / "neither.toml").write_text(run.read_text().replace('source = "clips"\n', ""))
+    with pytest.raises(ConfigError, match=r"data: .*neither"):
+        load_config(tmp_path / "neither.toml")
+
+
+def test_a_source_with_frame_counts_the_family_cannot_encode_exits_2(tmp_path):
+    run = two_sources(tmp_path)
+    run.write_text(run.read_text().replace("num_frames = [5]", "num_frames = [6]"))
+    result = run_cli(["train", str(run), "--no-progress"], tmp_path, stderr=-1, text=True)
+    _, stderr = result.communicate(timeout=300)
+    assert result.returncode == 2 and "data.sources[1].num_frames" in stderr
