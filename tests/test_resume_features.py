@@ -1,5 +1,5 @@
-"""Exact resume with the trainer's stateful options on (EMA, caption dropout, a loss weighting and a
-timestep sampler): a run killed with SIGKILL after a checkpoint and resumed ends with the losses and
+"""Exact resume with the trainer's stateful options on (EMA, caption dropout, two data sources with
+repeats, a loss weighting and a timestep sampler): a run killed with SIGKILL after a checkpoint and resumed ends with the losses and
 the files, EMA and raw, of a run that was never stopped (the style of test_train's SIGKILL test)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from crepa.config import load_config
 from crepa.precompute import precompute
-from test_train import losses, run_cli, write_world
+from test_data_sources import two_sources
+from test_train import losses, run_cli
 
 FEATURES = [
     "data.caption_dropout=0.5",
@@ -24,8 +25,8 @@ FEATURES = [
 ]
 
 
-def test_exact_resume_with_ema_and_caption_dropout_after_sigkill(tmp_path):
-    run = write_world(tmp_path, "wan")
+def test_exact_resume_with_ema_caption_dropout_and_sources_after_sigkill(tmp_path):
+    run = two_sources(tmp_path)  # repeats 3 and 1, a caption prefix, two frame counts
     precompute(load_config(run), progress=False)
     sets = [arg for key in FEATURES for arg in ("--set", key)]
     steps = ["--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--no-progress", *sets]
