@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from crepa.cache.dataset import CachedDataset
@@ -95,3 +96,74 @@ def test_a_source_with_frame_counts_the_family_cannot_encode_exits_2(tmp_path):
     result = run_cli(["train", str(run), "--no-progress"], tmp_path, stderr=-1, text=True)
     _, stderr = result.communicate(timeout=300)
     assert result.returncode == 2 and "data.sources[1].num_frames" in stderr
+
+
+def write_images(directory: Path, count: int, height: int, width: int, suffix: str = ".png") -> None:
+    """Still images with captions (flat colours), written through PIL."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = np.zeros((height, width, 3), np.uint8)
+        pixels[..., i % 3] = 60 * (i + 1)
+        Image.fromarray(pixels).save(directory / f"image{i}{suffix}")
+        (directory / f"image{i}.txt").write_text(f"a flat picture number {i}")
+
+
+def test_images_are_one_frame_clips_of_their_source(tmp_path):
+    run = write_world(tmp_path, "wan")
+    write_images(tmp_path / "images", 1, 32, 32)
+    write_images(tmp_path / "images", 1, 32, 32, ".jpg")  # image0.jpg: one more image (its own caption below)
+    (tmp_path / "images/image0.jpg").rename(tmp_path / "images/other.jpg")
+    (tmp_path / "images/other.txt").write_text("a flat picture in jpeg")
+    run = with_sources(
+        run,
+        """
+[[data.sources]]
+path = "clips"
+
+[[data.sources]]
+path = "images"
+num_frames = [1]
+caption_prefix = "photo: "
+""",
+    )
+    config = load_config(run)
+    precompute(config, progress=False)
+    dataset = CachedDataset(config.cache.dir)
+    images = [entry for entry in dataset.entries if entry.source == 1]
+    assert len(images) == 2 and all(entry.num_frames == 1 and entry.grid[0] == 1 for entry in images)
+    assert all(entry.caption.startswith("photo: a flat picture") for entry in images)
+    image = dataset[dataset.entries.index(images[0])]
+    assert image["latents"].shape[1] == 1  # (C, F=1, h, w)
+    from crepa.train.recipe import train
+
+    summary = train(load_config(run, ["train.max_steps=2", "train.batch_size=2"]), progress=False)
+    assert summary.steps == 2 and np.isfinite(summary.final_metrics["loss/total"])
+
+
+def test_images_in_a_source_without_a_one_frame_bucket_are_skipped_with_the_reason(tmp_path):
+    from crepa.data import SamplingConfig, scan_dataset
+
+    write_images(tmp_path / "images", 1, 32, 32)
+    samples, report = scan_dataset(
+        tmp_path / "images", SamplingConfig(frame_buckets=(9,), resolution_buckets=((32, 32),))
+    )
+    assert not samples and "add 1 to its source's num_frames" in report.summary()
+
+
+def test_images_for_a_family_without_one_frame_clips_exit_2(tmp_path):
+    import shutil
+
+    from crepa.models.tiny_pipelines import save_tiny_pipeline
+
+    run = write_world(tmp_path, "cogvideox")
+    shutil.rmtree(tmp_path / "pipe")
+    save_tiny_pipeline("cogvideox_1_5", tmp_path / "pipe")  # patches 2 latent frames per token
+    write_images(tmp_path / "images", 2, 32, 32)
+    run = with_sources(
+        run, '\n[[data.sources]]\npath = "clips"\n\n[[data.sources]]\npath = "images"\nnum_frames = [1]\n'
+    )
+    result = run_cli(["train", str(run), "--no-progress"], tmp_path, stderr=-1, text=True)
+    _, stderr = result.communicate(timeout=300)
+    assert result.returncode == 2 and "data.sources[1].num_frames: 1 is the frame count of images" in stderr

@@ -394,6 +394,11 @@ def _bucket_problems(
                 f"{where}.num_frames: {count} frames cannot be encoded, this model needs a multiple of "
                 f"{temporal_ratio} (e.g. {near})"
             )
+    if 1 in num_frames and any(problem.startswith(f"{where}.num_frames: 1 ") for problem in problems):
+        problems.append(
+            f"{where}.num_frames: 1 is the frame count of images (one-frame clips), which this model "
+            "family cannot train on; drop 1 and the images from this source"
+        )
     multiple_h, multiple_w = spatial_multiples
     for height, width in resolutions:
         if height % multiple_h or width % multiple_w:
