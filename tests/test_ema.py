@@ -123,3 +123,42 @@ def test_saved_ema_equals_a_hand_rolled_ema_of_the_checkpoints(wan_world, name, 
         for key in trained_keys:
             torch.testing.assert_close(final[key].double(), expected[f"{module}.{key}"], rtol=0, atol=1e-6)
             assert torch.equal(final_raw[key], raw[-1][f"{module}.{key}"])
+
+
+@pytest.mark.slow
+def test_ema_under_fsdp2_equals_data_parallel_and_resumes(wan_world):
+    """The EMA of sharded weights (local shards, gathered to save) equals the DDP run's EMA; the
+    EMA in host memory (device cpu) gives the same numbers; a resumed FSDP2 run restores it."""
+    from test_scale import assert_same_tensors, launch
+
+    common = [
+        "train.max_steps=4",
+        "train.batch_size=1",
+        "train.checkpoint_every=2",
+        "ema.enabled=true",
+        "ema.decay=0.5",
+        "optim.lr=1e-2",
+    ]
+    root = wan_world.parent
+    launch(wan_world, *common, 'output.dir="ema-ddp"')
+    launch(wan_world, *common, 'output.dir="ema-fsdp"', 'ema.device="cpu"', sharded=True)
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "pytorch_lora_weights_raw.safetensors",
+        "projector.safetensors",
+    ):
+        assert_same_tensors(root / "ema-ddp" / name, root / "ema-fsdp" / name, atol=1e-6)
+    assert_same_tensors(
+        root / "ema-ddp/checkpoints/step-000002/ema.safetensors",
+        root / "ema-fsdp/checkpoints/step-000002/ema.safetensors",
+        atol=1e-6,
+    )
+    import shutil
+
+    shutil.copytree(root / "ema-fsdp/checkpoints/step-000002", root / "ema-resumed/checkpoints/step-000002")
+    launch(wan_world, *common, 'output.dir="ema-resumed"', 'ema.device="cpu"', sharded=True, resume=True)
+    assert_same_tensors(
+        root / "ema-fsdp/pytorch_lora_weights.safetensors",
+        root / "ema-resumed/pytorch_lora_weights.safetensors",
+        atol=1e-6,
+    )
