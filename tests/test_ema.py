@@ -137,7 +137,6 @@ def test_ema_under_fsdp2_equals_data_parallel_and_resumes(wan_world):
         "train.checkpoint_every=2",
         "ema.enabled=true",
         "ema.decay=0.5",
-        "optim.lr=1e-2",
     ]
     root = wan_world.parent
     launch(wan_world, *common, 'output.dir="ema-ddp"')
