@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-
-from crepa.config import SourceSection
+from pathlib import Path
 
 
 def source_shares(repeats: Sequence[int], sample_sources: Sequence[int]) -> list[float]:
@@ -17,13 +16,13 @@ def source_shares(repeats: Sequence[int], sample_sources: Sequence[int]) -> list
     return [d / total if total else 0.0 for d in draws]
 
 
-def source_shares_report(sources: Sequence[SourceSection], sample_sources: Sequence[int]) -> str:
-    """One line per source: samples, repeats and its share of the steps."""
+def source_shares_report(paths: Sequence[Path], repeats: Sequence[int], sample_sources: Sequence[int]) -> str:
+    """One line per source (``paths[i]``, ``repeats[i]``): samples, repeats and its share of the steps."""
     counts = Counter(sample_sources)
-    shares = source_shares([source.repeats for source in sources], sample_sources)
+    shares = source_shares(repeats, sample_sources)
     lines = ["data sources (share of the steps):"]
     lines += [
-        f"  [{i}] {source.path}: {counts[i]} samples x {source.repeats} repeats = {share:.1%}"
-        for i, (source, share) in enumerate(zip(sources, shares, strict=True))
+        f"  [{i}] {path}: {counts[i]} samples x {count} repeats = {share:.1%}"
+        for i, (path, count, share) in enumerate(zip(paths, repeats, shares, strict=True))
     ]
     return "\n".join(lines)

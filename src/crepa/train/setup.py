@@ -272,7 +272,8 @@ def _setup_data(state: TrainState, dataset: CachedDataset):
         repeats=[sources[entry.source].repeats for entry in dataset.entries],
     )
     if accelerator.is_main_process and state.config.data.sources:
-        accelerator.print(source_shares_report(sources, [entry.source for entry in dataset.entries]))
+        paths, repeats = [s.path for s in sources], [s.repeats for s in sources]
+        accelerator.print(source_shares_report(paths, repeats, [entry.source for entry in dataset.entries]))
     workers = train.num_workers
     if workers is None:
         workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
