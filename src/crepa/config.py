@@ -435,7 +435,7 @@ def _valid_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str
         if part not in fields:
             return []
         current = fields[part].annotation
-    return list(getattr(current, "model_fields", {}))
+    return [field.alias or name for name, field in getattr(current, "model_fields", {}).items()]
 
 
 def _format_error(error: dict[str, Any]) -> str:
