@@ -13,7 +13,7 @@ from scipy import optimize, stats
 
 from crepa.config import ConfigError, load_config
 from crepa.train.objectives import ddpm, flow_matching, loss_weights, sample_noise_level, weighted_mse
-from test_train import run_cli, write_world
+from helpers import run_cli, write_world
 
 GAMMA = 5.0
 STEPS = 1000
@@ -144,10 +144,7 @@ def test_shifted_without_a_shift_is_refused(tmp_path):
 def test_flow_weighting_for_a_ddpm_family_exits_2_before_loading(tmp_path):
     run = write_world(tmp_path, "cogvideox")
     result = run_cli(
-        ["train", str(run), "--set", 'train.loss_weighting="cosmap"', "--no-progress"],
-        tmp_path,
-        stderr=-1,
-        text=True,
+        "train", str(run), "--set", 'train.loss_weighting="cosmap"', "--no-progress", cwd=tmp_path
     )
-    _, stderr = result.communicate(timeout=300)
+    stderr = result.stderr
     assert result.returncode == 2 and "train.loss_weighting" in stderr and "min_snr" in stderr

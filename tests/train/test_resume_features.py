@@ -9,11 +9,11 @@ import time
 
 import torch
 from safetensors.torch import load_file
+from test_train import losses
 
 from crepa.config import load_config
 from crepa.precompute import precompute
-from test_data_sources import two_sources
-from test_train import losses, run_cli
+from helpers import start_cli, two_sources
 
 FEATURES = [
     "data.caption_dropout=0.5",
@@ -30,9 +30,9 @@ def test_exact_resume_with_ema_caption_dropout_and_sources_after_sigkill(tmp_pat
     precompute(load_config(run), progress=False)
     sets = [arg for key in FEATURES for arg in ("--set", key)]
     steps = ["--set", "train.max_steps=6", "--set", "train.checkpoint_every=3", "--no-progress", *sets]
-    straight = run_cli(["train", str(run), *steps, "--set", 'output.dir="straight"'], tmp_path)
+    straight = start_cli("train", str(run), *steps, "--set", 'output.dir="straight"', cwd=tmp_path)
     assert straight.wait(timeout=600) == 0
-    killed = run_cli(["train", str(run), *steps, "--set", 'output.dir="killed"'], tmp_path)
+    killed = start_cli("train", str(run), *steps, "--set", 'output.dir="killed"', cwd=tmp_path)
     checkpoint = tmp_path / "killed/checkpoints/step-000003"
     deadline = time.monotonic() + 600
     while not checkpoint.is_dir() and killed.poll() is None and time.monotonic() < deadline:
@@ -41,8 +41,8 @@ def test_exact_resume_with_ema_caption_dropout_and_sources_after_sigkill(tmp_pat
     killed.wait()
     assert (checkpoint / "ema.safetensors").is_file()
     assert not (tmp_path / "killed/training_summary.json").exists()
-    resumed = run_cli(
-        ["train", str(run), *steps, "--set", 'output.dir="killed"', "--resume", "latest"], tmp_path
+    resumed = start_cli(
+        "train", str(run), *steps, "--set", 'output.dir="killed"', "--resume", "latest", cwd=tmp_path
     )
     assert resumed.wait(timeout=600) == 0
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")

@@ -14,33 +14,7 @@ from crepa.config import ConfigError, load_config
 from crepa.data.mixture import source_shares
 from crepa.precompute import precompute
 from crepa.train.batches import BucketedBatchOrder
-from test_train import SHAPES, run_cli, write_clips, write_world
-
-
-def with_sources(run: Path, tables: str) -> Path:
-    """The run file with ``data.source`` replaced by ``[[data.sources]]`` tables (TOML text)."""
-    run.write_text(run.read_text().replace('source = "clips"\n', "") + tables)
-    return run
-
-
-def two_sources(root: Path, family: str = "wan") -> Path:
-    """``clips`` (4 clips, repeats 3, prefix "sks, ") and ``more`` (4 other clips, 5 frames)."""
-    run = write_world(root, family)
-    frames, height, width = SHAPES[family]
-    write_clips(root / "more", 4, frames, height, width)
-    return with_sources(
-        run,
-        """
-[[data.sources]]
-path = "clips"
-repeats = 3
-caption_prefix = "sks, "
-
-[[data.sources]]
-path = "more"
-num_frames = [5]
-""",
-    )
+from helpers import run_cli, two_sources, with_sources, write_world
 
 
 def test_repeats_3_supply_three_times_the_samples_of_repeats_1_per_epoch():
@@ -93,8 +67,8 @@ def test_data_source_or_sources_not_both_nor_neither(tmp_path):
 def test_a_source_with_frame_counts_the_family_cannot_encode_exits_2(tmp_path):
     run = two_sources(tmp_path)
     run.write_text(run.read_text().replace("num_frames = [5]", "num_frames = [6]"))
-    result = run_cli(["train", str(run), "--no-progress"], tmp_path, stderr=-1, text=True)
-    _, stderr = result.communicate(timeout=300)
+    result = run_cli("train", str(run), "--no-progress", cwd=tmp_path)
+    stderr = result.stderr
     assert result.returncode == 2 and "data.sources[1].num_frames" in stderr
 
 
@@ -153,17 +127,11 @@ def test_images_in_a_source_without_a_one_frame_bucket_are_skipped_with_the_reas
 
 
 def test_images_for_a_family_without_one_frame_clips_exit_2(tmp_path):
-    import shutil
-
-    from crepa.models.tiny_pipelines import save_tiny_pipeline
-
-    run = write_world(tmp_path, "cogvideox")
-    shutil.rmtree(tmp_path / "pipe")
-    save_tiny_pipeline("cogvideox_1_5", tmp_path / "pipe")  # patches 2 latent frames per token
+    run = write_world(tmp_path, "cogvideox_1_5")  # patches 2 latent frames per token
     write_images(tmp_path / "images", 2, 32, 32)
     run = with_sources(
         run, '\n[[data.sources]]\npath = "clips"\n\n[[data.sources]]\npath = "images"\nnum_frames = [1]\n'
     )
-    result = run_cli(["train", str(run), "--no-progress"], tmp_path, stderr=-1, text=True)
-    _, stderr = result.communicate(timeout=300)
+    result = run_cli("train", str(run), "--no-progress", cwd=tmp_path)
+    stderr = result.stderr
     assert result.returncode == 2 and "data.sources[1].num_frames: 1 is the frame count of images" in stderr

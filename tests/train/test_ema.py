@@ -13,7 +13,7 @@ from crepa.config import load_config
 from crepa.precompute import precompute
 from crepa.train.ema import WeightEMA
 from crepa.train.recipe import train
-from test_train import write_world
+from helpers import set_wan_layers, write_world
 
 DECAY = 0.9
 
@@ -47,8 +47,6 @@ def test_swapped_in_restores_the_trained_weights_bit_for_bit():
 def wan_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ema")
     run = write_world(root, "wan")
-    from test_train import set_wan_layers
-
     set_wan_layers(root / "pipe", 4)  # window 2 gates block 2
     precompute(load_config(run), progress=False)
     return run
@@ -129,7 +127,7 @@ def test_saved_ema_equals_a_hand_rolled_ema_of_the_checkpoints(wan_world, name, 
 def test_ema_under_fsdp2_equals_data_parallel_and_resumes(wan_world):
     """The EMA of sharded weights (local shards, gathered to save) equals the DDP run's EMA; the
     EMA in host memory (device cpu) gives the same numbers; a resumed FSDP2 run restores it."""
-    from test_scale import assert_same_tensors, launch
+    from helpers import assert_same_tensors, launch
 
     common = [
         "train.max_steps=4",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from crepa.config import load_config
 from crepa.precompute import precompute
 from crepa.train.recipe import train
-from test_train import write_world
+from helpers import write_world
 
 # (family, overrides) -> sha256 over the trained LoRA and projector tensors (sorted names, raw bytes);
 # the run file is test_train's without its timestep_sampling line, so every key has its default.

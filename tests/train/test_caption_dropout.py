@@ -16,7 +16,7 @@ from crepa.precompute import precompute
 from crepa.train.batches import BucketedBatchOrder, batch_loader
 from crepa.train.caption_dropout import CaptionDropout, dropped_rows
 from crepa.train.preflight import open_dataset
-from test_train import write_world
+from helpers import write_world
 
 
 @pytest.mark.parametrize("probability", [0.1, 0.5])
