@@ -109,7 +109,7 @@ def build_run(config: RunConfig, resume: str | None) -> TrainState:
         metrics_log=config.output.dir / METRICS_FILE,
         started=started,
     )
-    state.ema = _setup_ema(config, state)
+    state.ema = _setup_ema(state)
     if resume_from is not None:
         _resume(state, resume_from)
     _setup_output(state)
@@ -199,11 +199,11 @@ def _setup_optimizer(config: RunConfig, param_groups: list[dict[str, Any]]):
     return optimizer, lr_scheduler
 
 
-def _setup_ema(config: RunConfig, state: TrainState) -> WeightEMA | None:
+def _setup_ema(state: TrainState) -> WeightEMA | None:
     """The EMA of every trainable tensor under its checkpoint name (``ema.enabled``), else None."""
-    if not config.ema.enabled:
+    if not state.config.ema.enabled:
         return None
-    ema = config.ema
+    ema = state.config.ema
     params = ckpt.trainable_parameters(state.modules)
     return WeightEMA(params, ema.decay, ema.update_every, ema.start_step, ema.device)
 
