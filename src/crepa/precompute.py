@@ -200,17 +200,21 @@ def _scan_sources(
     sample_sources: list[int] = []
     report = DataReport()
     for i, (source, settings) in enumerate(zip(data.dataset_sources(), sampling, strict=True)):
-        key = f"data.sources[{i}]" if data.sources else "data"
+        key, buckets = (
+            (f"data.sources[{i}]", "its num_frames / resolutions")
+            if data.sources
+            else ("data.source", "data.num_frames / data.resolutions")
+        )
         try:
             found, found_report = scan_dataset(
                 source.path, settings, video_column=data.video_column, caption_column=data.caption_column
             )
         except ValueError as error:
-            raise ConfigError(f"{key}{'.path' if data.sources else '.source'}: {error}") from None
+            raise ConfigError(f"{key}: {error}") from None
         if not found:
             raise ConfigError(
-                f"{key}: no usable clip in {source.path} for its num_frames / resolutions (nothing to "
-                f"precompute or train on); files seen: {found_report.summary()}"
+                f"{key}: no usable clip in {source.path} for {buckets} (nothing to precompute or train on); "
+                f"files seen: {found_report.summary()}"
             )
         samples += [replace(sample, caption=source.caption_prefix + sample.caption) for sample in found]
         sample_sources += [i] * len(found)
