@@ -1,6 +1,6 @@
 """What many tests share (this module holds no tests; conftest.py wraps some as fixtures): the one tiny
-world (tiny saved pipeline + tiny DINOv2 + clips + a run file), the CLI in a real subprocess,
-``accelerate launch`` of two CPU processes, a two-step LoRA run, and synthetic clips for the metrics."""
+world (tiny saved pipeline + tiny DINOv2 + clips + a run file), its run file with several data
+sources, the CLI in a real subprocess, ``accelerate launch`` of two CPU processes, a two-step LoRA run, and synthetic clips for the metrics."""
 
 from __future__ import annotations
 
@@ -133,6 +133,32 @@ dir = "out"
 """
     )
     return run
+
+
+def with_sources(run: Path, tables: str) -> Path:
+    """The run file with ``data.source`` replaced by ``[[data.sources]]`` tables (TOML text)."""
+    run.write_text(run.read_text().replace('source = "clips"\n', "") + tables)
+    return run
+
+
+def two_sources(root: Path, family: str = "wan") -> Path:
+    """``clips`` (4 clips, repeats 3, prefix "sks, ") and ``more`` (4 other clips, 5 frames)."""
+    run = write_world(root, family)
+    frames, height, width = SHAPES[family]
+    write_clips(root / "more", 4, frames, height, width)
+    return with_sources(
+        run,
+        """
+[[data.sources]]
+path = "clips"
+repeats = 3
+caption_prefix = "sks, "
+
+[[data.sources]]
+path = "more"
+num_frames = [5]
+""",
+    )
 
 
 def set_wan_layers(pipe: Path, num_layers: int) -> None:

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from crepa.align.grids import valid_frame_counts_near
 from crepa.align.settings import CrepaConfig
@@ -55,10 +64,26 @@ class ModelSection(_Section):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
 
+class SourceSection(_Section):
+    """One dataset of a ``[[data.sources]]`` list: its clips, how often an epoch repeats them, a
+    prefix for its captions (a trigger word) and, optionally, its own buckets."""
+
+    path: Path = Field(description="folder of videos + .txt captions, or a .csv / .jsonl file")
+    repeats: int = Field(default=1, ge=1, description="times each of its samples appears per epoch")
+    caption_prefix: str = Field(default="", description="prepended to every caption, e.g. 'sks dog, '")
+    resolutions: list[tuple[int, int]] | None = Field(default=None, min_length=1)
+    num_frames: list[int] | None = Field(default=None, min_length=1)
+
+
 class DataSection(_Section):
     """The user's clips and how frames are sampled from them."""
 
-    source: Path = Field(description="folder of videos + .txt captions, or a .csv / .jsonl file")
+    source: Path | None = Field(
+        default=None, description="folder of videos + .txt captions, or a .csv / .jsonl file"
+    )
+    sources: list[SourceSection] = Field(
+        default_factory=list, description="several datasets ([[data.sources]]) instead of data.source"
+    )
     resolutions: list[tuple[int, int]] = Field(default_factory=lambda: [(480, 720)], min_length=1)
     num_frames: list[int] = Field(default_factory=lambda: [49], min_length=1)
     fps: float | None = Field(default=None, gt=0, description="resample clips to this frame rate")
@@ -66,6 +91,33 @@ class DataSection(_Section):
     start: float = Field(default=0.0, ge=0, description="seconds skipped at the start of each clip")
     video_column: str = "video"
     caption_column: str = "caption"
+    caption_dropout: float = Field(
+        default=0.0, ge=0, le=1, description="probability that a sample trains on the empty prompt"
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_data(self) -> DataSection:
+        if (self.source is None) == (not self.sources):
+            raise ValueError(
+                "give the clips as data.source (one dataset) or as [[data.sources]] tables (several), "
+                f"{'not both' if self.sources else 'neither is set'}"
+            )
+        return self
+
+    def dataset_sources(self) -> list[SourceSection]:
+        """Every dataset with its buckets filled in: the ``[[data.sources]]``, or ``data.source`` as
+        the one source (repeats 1, no caption prefix, data.resolutions / data.num_frames)."""
+        if not self.sources:
+            return [SourceSection(path=self.source, resolutions=self.resolutions, num_frames=self.num_frames)]
+        return [
+            source.model_copy(
+                update={
+                    "resolutions": source.resolutions or self.resolutions,
+                    "num_frames": source.num_frames or self.num_frames,
+                }
+            )
+            for source in self.sources
+        ]
 
 
 class CacheSection(_Section):
@@ -101,10 +153,25 @@ class AlignmentSection(CrepaConfig):
 
 class LoraSection(_Section):
     enabled: bool = True  # false: full fine-tuning of the transformer
+    variant: Literal["lora", "dora", "lokr", "loha"] = Field(
+        default="lora",
+        description="adapter kind (peft): lora, dora; lokr and loha are refused (diffusers cannot load them)",
+    )
     rank: int = Field(default=64, ge=1)
     alpha: float = Field(default=64.0, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     targets: str | list[str] | None = Field(default=None, description="peft target_modules; family default")
+
+    @field_validator("variant")
+    @classmethod
+    def _exportable(cls, variant: str) -> str:
+        if variant in ("lokr", "loha"):
+            raise ValueError(
+                f"{variant!r} cannot be exported in a form the video pipelines load: their load_lora_weights "
+                "(diffusers 0.42) reads LoRA and DoRA keys only (LoKr loads into Flux 2 pipelines alone, LoHa "
+                "into none); use 'lora' or 'dora'"
+            )
+        return variant
 
 
 class OptimSection(_Section):
@@ -123,16 +190,43 @@ class TrainSection(_Section):
     gradient_accumulation: int = Field(default=1, ge=1)
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    timestep_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "mode", "shifted"] = Field(
+        default="auto",
+        description="noise-level sampler (SD3 paper); auto: logit_normal for flow matching, uniform "
+        "integer timesteps for DDPM families; any other value applies to DDPM families too",
+    )
     logit_mean: float = 0.0
     logit_std: float = Field(default=1.0, gt=0)
-    shift: float = Field(default=1.0, gt=0, description="flow-matching timestep shift")
+    mode_scale: float = Field(
+        default=1.29, ge=-1.0, le=2 / (math.pi - 2), description="heavy-tail scale of 'mode' sampling"
+    )
+    shift: float = Field(
+        default=1.0,
+        gt=0,
+        validate_default=True,
+        description="timestep shift s' = shift*s / (1 + (shift-1)*s)",
+    )
+    loss_weighting: Literal["none", "min_snr", "sigma_sqrt", "cosmap"] = Field(
+        default="none",
+        description="per-sample weight of the diffusion loss; sigma_sqrt and cosmap need a flow-matching family",
+    )
+    snr_gamma: float = Field(default=5.0, gt=0, description="gamma of min_snr weighting (Hang et al. 2023)")
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)
     max_nonfinite_steps: int = Field(default=10, ge=1)
     num_workers: int | None = Field(
         default=None, ge=0, description="loader processes per training process; default: spare cores, <= 4"
     )
+
+    @field_validator("shift")
+    @classmethod
+    def _shift_for_shifted(cls, shift: float, info: ValidationInfo) -> float:
+        if info.data.get("timestep_sampling") == "shifted" and shift == 1.0:
+            raise ValueError(
+                "train.timestep_sampling = 'shifted' draws uniform levels moved by train.shift, which is 1 "
+                "(no shift); set train.shift (e.g. 3.0, the SD3 paper's value) or use 'uniform'"
+            )
+        return shift
 
 
 class LoggingSection(_Section):
@@ -187,6 +281,29 @@ class ExperimentSection(_Section):
     margins: dict[str, float] = Field(default_factory=dict)
 
 
+class EmaSection(_Section):
+    """An exponential moving average of the trained weights (LoRA or transformer, projector, gates)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        allow_inf_nan=False,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+    enabled: bool = False
+    decay: float = Field(default=0.999, gt=0, lt=1)
+    update_every: int = Field(default=1, ge=1, description="optimiser steps between EMA updates")
+    start_step: int = Field(default=0, ge=0, description="until this step the EMA copies the weights")
+    device: Literal["gpu", "cpu"] = Field(default="gpu", description="cpu: the EMA in host memory")
+    # run-file key "validate" (a field of that name would shadow pydantic's BaseModel.validate)
+    validate_with_ema: bool = Field(
+        default=False, alias="validate", description="sample validation with the EMA weights"
+    )
+
+
 class RunConfig(_Section):
     """A whole run file. Relative paths are resolved against the file's directory."""
 
@@ -203,6 +320,7 @@ class RunConfig(_Section):
     output: OutputSection = Field(default_factory=OutputSection)
     repvideo: RepVideoSection = Field(default_factory=RepVideoSection)
     experiment: ExperimentSection = Field(default_factory=ExperimentSection)
+    ema: EmaSection = Field(default_factory=EmaSection)
 
     @model_validator(mode="after")
     def _validation_shape_from_first_bucket(self) -> RunConfig:
@@ -243,37 +361,18 @@ def check_against_family(
     VAE stride x patch size (per axis: (height, width)), block indices inside ``depth``. Shared by
     precompute and train."""
     problems = []
-    for count in config.data.num_frames:
-        latent_frames = 1 + (count - 1) // temporal_ratio
-        if causal_vae and not (count - 1) % temporal_ratio and latent_frames % temporal_patch:
-            near = " or ".join(
-                map(str, valid_frame_counts_near(count, temporal_ratio, latent_multiple=temporal_patch))
-            )
-            problems.append(
-                f"data.num_frames: {count} frames give {latent_frames} latent frames, but this model patches "
-                f"{temporal_patch} latent frames per token; use {near}"
-            )
-        elif causal_vae and (count - 1) % temporal_ratio:
-            near = " or ".join(map(str, valid_frame_counts_near(count, temporal_ratio)))
-            problems.append(
-                f"data.num_frames: {count} frames cannot be encoded, this model needs 1 + {temporal_ratio}*m "
-                f"(e.g. {near})"
-            )
-        elif not causal_vae and count % temporal_ratio:
-            near = max(1, round(count / temporal_ratio)) * temporal_ratio
-            problems.append(
-                f"data.num_frames: {count} frames cannot be encoded, this model needs a multiple of "
-                f"{temporal_ratio} (e.g. {near})"
-            )
-    multiple_h, multiple_w = spatial_multiples
-    for height, width in config.data.resolutions:
-        if height % multiple_h or width % multiple_w:
-            near_h = max(1, round(height / multiple_h)) * multiple_h
-            near_w = max(1, round(width / multiple_w)) * multiple_w
-            problems.append(
-                f"data.resolutions: {height}x{width} must be divisible by {multiple_h}x{multiple_w} "
-                f"(VAE stride x patch size); nearest: {near_h}x{near_w}"
-            )
+    several = bool(config.data.sources)
+    for i, source in enumerate(config.data.dataset_sources()):
+        where = f"data.sources[{i}]" if several else "data"
+        problems += _bucket_problems(
+            where,
+            source.num_frames,
+            source.resolutions,
+            temporal_ratio,
+            spatial_multiples,
+            causal_vae,
+            temporal_patch,
+        )
     if depth is not None and config.crepa.enabled:
         for key in ("block_index", "teacher_block_index"):
             index = getattr(config.crepa, key)
@@ -283,6 +382,57 @@ def check_against_family(
                 )
     if problems:
         raise ConfigError("invalid run file\n  " + "\n  ".join(problems))
+
+
+def _bucket_problems(
+    where: str,
+    num_frames: list[int],
+    resolutions: list[tuple[int, int]],
+    temporal_ratio: int,
+    spatial_multiples: tuple[int, int],
+    causal_vae: bool,
+    temporal_patch: int,
+) -> list[str]:
+    """Frame counts and resolutions of one source (keys ``{where}.num_frames`` / ``.resolutions``)
+    that the family cannot encode."""
+    problems = []
+    for count in num_frames:
+        latent_frames = 1 + (count - 1) // temporal_ratio
+        if causal_vae and not (count - 1) % temporal_ratio and latent_frames % temporal_patch:
+            near = " or ".join(
+                map(str, valid_frame_counts_near(count, temporal_ratio, latent_multiple=temporal_patch))
+            )
+            problems.append(
+                f"{where}.num_frames: {count} frames give {latent_frames} latent frames, but this model patches "
+                f"{temporal_patch} latent frames per token; use {near}"
+            )
+        elif causal_vae and (count - 1) % temporal_ratio:
+            near = " or ".join(map(str, valid_frame_counts_near(count, temporal_ratio)))
+            problems.append(
+                f"{where}.num_frames: {count} frames cannot be encoded, this model needs 1 + {temporal_ratio}*m "
+                f"(e.g. {near})"
+            )
+        elif not causal_vae and count % temporal_ratio:
+            near = max(1, round(count / temporal_ratio)) * temporal_ratio
+            problems.append(
+                f"{where}.num_frames: {count} frames cannot be encoded, this model needs a multiple of "
+                f"{temporal_ratio} (e.g. {near})"
+            )
+    if 1 in num_frames and any(problem.startswith(f"{where}.num_frames: 1 ") for problem in problems):
+        problems.append(
+            f"{where}.num_frames: 1 is the frame count of images (one-frame clips), which this model "
+            "family cannot train on; drop 1 and the images from this source"
+        )
+    multiple_h, multiple_w = spatial_multiples
+    for height, width in resolutions:
+        if height % multiple_h or width % multiple_w:
+            near_h = max(1, round(height / multiple_h)) * multiple_h
+            near_w = max(1, round(width / multiple_w)) * multiple_w
+            problems.append(
+                f"{where}.resolutions: {height}x{width} must be divisible by {multiple_h}x{multiple_w} "
+                f"(VAE stride x patch size); nearest: {near_h}x{near_w}"
+            )
+    return problems
 
 
 def check_optional_dependencies(config: RunConfig) -> None:
@@ -309,7 +459,7 @@ def _valid_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str
         if part not in fields:
             return []
         current = fields[part].annotation
-    return list(getattr(current, "model_fields", {}))
+    return [field.alias or name for name, field in getattr(current, "model_fields", {}).items()]
 
 
 def _format_error(error: dict[str, Any]) -> str:
@@ -370,7 +520,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         local = base / getattr(section, key)
         if local.exists():
             setattr(section, key, str(local.resolve()))
-    config.data.source = (base / config.data.source).resolve()
+    if config.data.source is not None:
+        config.data.source = (base / config.data.source).resolve()
+    for source in config.data.sources:
+        source.path = (base / source.path).resolve()
     config.validation.images = [(base / image).resolve() for image in config.validation.images]
     config.cache.dir = (base / config.cache.dir).resolve()
     config.output.dir = (base / config.output.dir).resolve()

@@ -260,6 +260,11 @@ def export_run(
         raise ValueError(
             "--format comfyui: this run fine-tuned the whole transformer (no LoRA); use --format merged"
         )
+    if config.lora.enabled and config.lora.variant != "lora" and export_format == "comfyui":
+        raise ValueError(
+            f"--format comfyui: this run trained lora.variant = {config.lora.variant!r}, whose magnitude "
+            "vectors the ComfyUI LoRA layout does not carry; use --format diffusers or merged"
+        )
     single_file = export_format == "comfyui" and out.suffix == ".safetensors"
     staged = _staging(out)
     (staged.parent if single_file else staged).mkdir(parents=True, exist_ok=True)
@@ -403,13 +408,16 @@ def model_card(
 
 def training_captions(config: RunConfig, count: int = 5) -> list[str]:
     """The first ``count`` captions of the run's training data (its trigger words), if it is still readable."""
-    try:
-        entries = list_source(
-            config.data.source, DataReport(), config.data.video_column, config.data.caption_column
-        )
-    except (OSError, ValueError):  # the data moved or is not on this machine: the card goes without
-        return []
-    return [" ".join(entry.caption.split()) for entry in entries[:count]]
+    captions = []
+    for source in config.data.dataset_sources():
+        try:
+            entries = list_source(
+                source.path, DataReport(), config.data.video_column, config.data.caption_column
+            )
+        except (OSError, ValueError):  # the data moved or is not on this machine: the card goes without
+            continue
+        captions += [" ".join((source.caption_prefix + entry.caption).split()) for entry in entries]
+    return captions[:count]
 
 
 def _usage(family: ModelFamily, export_format: str, files: dict[str, str]) -> list[str]:

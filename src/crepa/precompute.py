@@ -50,7 +50,13 @@ from crepa.cache.keys import (
 )
 from crepa.cache.manifest import SHARDS_DIR, CacheEntry, Manifest
 from crepa.cache.shards import PART_KINDS, ShardIndex, ShardWriter, to_storage
-from crepa.config import ConfigError, RunConfig, check_against_family, check_optional_dependencies
+from crepa.config import (
+    ConfigError,
+    RunConfig,
+    SourceSection,
+    check_against_family,
+    check_optional_dependencies,
+)
 from crepa.data import DataReport, SamplingConfig, VideoSample, iter_decoded, scan_dataset
 from crepa.lock import hold
 from crepa.models.hub import hub_access
@@ -160,16 +166,18 @@ class _Plan:
     parts: dict[str, str]
     missing: list[str]
     caption: str
+    source: int = 0  # index into data.dataset_sources()
 
 
-def sampling_config(config: RunConfig, family: ModelFamily) -> SamplingConfig:
-    """The data section as :class:`SamplingConfig` for ``family``; errors name the run-file key."""
+def sampling_config(config: RunConfig, family: ModelFamily, source: SourceSection) -> SamplingConfig:
+    """The data section as :class:`SamplingConfig` of one source for ``family``; errors name the
+    run-file key."""
     data = config.data
     try:
         return SamplingConfig(
             target_fps=data.fps,
-            frame_buckets=tuple(data.num_frames),
-            resolution_buckets=tuple(tuple(size) for size in data.resolutions),
+            frame_buckets=tuple(source.num_frames),
+            resolution_buckets=tuple(tuple(size) for size in source.resolutions),
             temporal_ratio=family.temporal_ratio,
             stride=data.stride,
             start=data.start,
@@ -184,14 +192,47 @@ def sampling_config(config: RunConfig, family: ModelFamily) -> SamplingConfig:
         raise ConfigError(f"invalid data section for {family.name}: " + "; ".join(messages)) from None
 
 
+def _scan_sources(
+    config: RunConfig, sampling: list[SamplingConfig]
+) -> tuple[list[VideoSample], list[int], DataReport]:
+    """The usable samples of every data source (captions with the source's prefix), the source index
+    of each, and one report of every file; a source without a usable clip is a :class:`ConfigError`."""
+    data = config.data
+    samples: list[VideoSample] = []
+    sample_sources: list[int] = []
+    report = DataReport()
+    for i, (source, settings) in enumerate(zip(data.dataset_sources(), sampling, strict=True)):
+        key, buckets = (
+            (f"data.sources[{i}]", "its num_frames / resolutions")
+            if data.sources
+            else ("data.source", "data.num_frames / data.resolutions")
+        )
+        try:
+            found, found_report = scan_dataset(
+                source.path, settings, video_column=data.video_column, caption_column=data.caption_column
+            )
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
+        if not found:
+            raise ConfigError(
+                f"{key}: no usable clip in {source.path} for {buckets} (nothing to precompute or train on); "
+                f"files seen: {found_report.summary()}"
+            )
+        samples += [replace(sample, caption=source.caption_prefix + sample.caption) for sample in found]
+        sample_sources += [i] * len(found)
+        report.used += found_report.used
+        report.skipped += found_report.skipped
+    return samples, sample_sources, report
+
+
 def uses_cached_teacher(config: RunConfig) -> bool:
     """Whether the run reads teacher grids from the cache (else precompute stores none)."""
     return config.crepa.enabled and config.crepa.mode != "backbone" and config.cache.teacher_source == "cache"
 
 
-def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], SamplingConfig]:
-    """Family, transformer config and sampling of a run, from configs only (no weights);
-    raises :class:`~crepa.config.ConfigError` naming the run-file key."""
+def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], list[SamplingConfig]]:
+    """Family, transformer config and the sampling of each data source, from configs only (no
+    weights); raises :class:`~crepa.config.ConfigError` naming the run-file key."""
     model = config.model
     _check_local_path("model.pretrained", model.pretrained)
     try:
@@ -205,7 +246,7 @@ def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], Samp
     patch_t, patch_h, patch_w = patch_sizes_from_config(family, transformer_config)
     multiples = (family.spatial_ratio * patch_h, family.spatial_ratio * patch_w)
     check_against_family(config, family.temporal_ratio, multiples, family.causal_vae, temporal_patch=patch_t)
-    sampling = sampling_config(config, family)
+    sampling = [sampling_config(config, family, source) for source in config.data.dataset_sources()]
     if uses_cached_teacher(config):
         check_teacher_settings(config)
     return family, transformer_config, sampling
@@ -251,20 +292,7 @@ def _precompute(config: RunConfig, *, prune: bool, progress: bool) -> Precompute
             leftover.unlink(missing_ok=True)
         shutil.rmtree(ranks_dir, ignore_errors=True)
     state.wait_for_everyone()
-    try:
-        samples, report = scan_dataset(
-            config.data.source,
-            sampling,
-            video_column=config.data.video_column,
-            caption_column=config.data.caption_column,
-        )
-    except ValueError as error:
-        raise ConfigError(f"data.source: {error}") from None
-    if not samples:
-        raise ConfigError(
-            f"data.source: no usable clip in {config.data.source} for data.num_frames / data.resolutions "
-            f"(nothing to precompute or train on); files seen: {report.summary()}"
-        )
+    samples, sample_sources, report = _scan_sources(config, sampling)
     scan_skips = len(report.skipped)
 
     dtype = config.model.torch_dtype(state.device)
@@ -272,7 +300,7 @@ def _precompute(config: RunConfig, *, prune: bool, progress: bool) -> Precompute
     index = ShardIndex(shards_dir)
     hasher = FileHasher(read_json(cache_dir / FILE_HASHES, {}))
     plans = [
-        identity.plan(i, sample, hasher, index)
+        identity.plan(i, sample, hasher, index, sample_sources[i])
         for i, sample in enumerate(samples)
         if i % state.num_processes == state.process_index
     ]
@@ -346,10 +374,25 @@ class CacheIdentity:
         )
         self.text_length = text_length(family, transformer_config)
         data = config.data
-        self.sampling = {
+        where: dict[str, Any] = {
             "source": str(data.source),
             "resolutions": [list(size) for size in data.resolutions],
             "num_frames": list(data.num_frames),
+        }
+        if data.sources:  # repeats are not a fact of the cache: they only change the batch order
+            where = {
+                "sources": [
+                    {
+                        "path": str(source.path),
+                        "caption_prefix": source.caption_prefix,
+                        "resolutions": [list(size) for size in source.resolutions],
+                        "num_frames": list(source.num_frames),
+                    }
+                    for source in data.dataset_sources()
+                ]
+            }
+        self.sampling = {
+            **where,
             "fps": data.fps,
             "stride": data.stride,
             "start": data.start,
@@ -394,12 +437,14 @@ class CacheIdentity:
             parts["teacher"] = teacher_key(clip, self.teacher, grid, self.family.temporal_ratio)
         return parts
 
-    def plan(self, index: int, sample: VideoSample, hasher: FileHasher, shards: ShardIndex) -> _Plan:
+    def plan(
+        self, index: int, sample: VideoSample, hasher: FileHasher, shards: ShardIndex, source: int = 0
+    ) -> _Plan:
         clip = clip_facts(hasher(sample.path), sample.frame_indices, sample.size)
         grid = student_grid(self.family, self.patch_sizes, sample.num_frames, *sample.size)
         parts = self.parts(clip, sample.caption, grid)
         missing = [kind for kind, key in parts.items() if not shards.has(key)]
-        return _Plan(index, sample, grid, parts, missing, sample.caption)
+        return _Plan(index, sample, grid, parts, missing, sample.caption, source)
 
 
 class _Worker:
@@ -541,6 +586,7 @@ def _entry(plan: _Plan) -> CacheEntry:
         parts=plan.parts,
         file_size=stat.st_size,
         file_mtime_ns=stat.st_mtime_ns,
+        source=plan.source,
     )
 
 

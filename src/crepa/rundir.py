@@ -6,8 +6,9 @@ the trainer, the readers of a run (:mod:`crepa.runs`) and the evaluators all imp
         run_config.json                     the validated run file (written when the run starts)
         metrics.jsonl                       one line per logged step
         checkpoints/step-000123/            trainable.safetensors, training_state.{json,safetensors},
-                                            rng-rank{r}.{json,safetensors}
-        pytorch_lora_weights.safetensors    final LoRA (or transformer/ for full fine-tuning)
+                                            rng-rank{r}.{json,safetensors}, ema.safetensors (ema.enabled)
+        pytorch_lora_weights.safetensors    final LoRA (or transformer/ for full fine-tuning); with
+                                            ema.enabled the EMA weights, the raw ones in *_raw files
         projector.safetensors               final CREPA projector
         repvideo_gates.safetensors          final RepVideo gates
         training_summary.json               written when the run ends (holds the run file too)
@@ -31,6 +32,7 @@ VALIDATION_DIR = "validation"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_TENSORS = "trainable.safetensors"
 CHECKPOINT_STATE = "training_state"
+CHECKPOINT_EMA = "ema.safetensors"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{6,})$")
 TRASH_PREFIX = ".trash-"
 
@@ -43,6 +45,13 @@ def step_name(step: int) -> str:
 def side_module_file(name: str) -> str:
     """The final file of a module trained next to the transformer ("projector", "repvideo_gates")."""
     return f"{name}.safetensors"
+
+
+def raw_name(name: str) -> str:
+    """Where an EMA run puts the raw (not averaged) weights of final file or folder ``name``:
+    ``pytorch_lora_weights_raw.safetensors``, ``transformer_raw``; the EMA takes ``name`` itself."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}_raw{dot}{suffix}"
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from crepa.cache.manifest import SHARDS_DIR, CacheEntry, Manifest
 from crepa.cache.shards import DamagedShardError, ShardReader
 from crepa.data.dataset import VideoSample, load_sample
-from crepa.io.video import probe_video
+from crepa.io.video import probe_clip
 
 
 class CacheDamagedError(RuntimeError):
@@ -109,6 +109,6 @@ class CachedDataset(Dataset):
                 f"{entry.video} changed since it was precomputed; run `crepa precompute CONFIG` again"
             )
         sample = VideoSample(
-            Path(entry.video), entry.caption, probe_video(entry.video), entry.frame_indices, entry.size
+            Path(entry.video), entry.caption, probe_clip(entry.video), entry.frame_indices, entry.size
         )
         return load_sample(sample).frames

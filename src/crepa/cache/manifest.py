@@ -27,7 +27,8 @@ class CacheEntry:
 
     num_frames, size: the bucket (T pixel frames, (H, W)); grid: the student token grid
     (F' latent frames, H', W'); parts: {"latents": key, "text": key[, "teacher": key]}.
-    file_size / file_mtime_ns let the online "pixels" mode notice a video changed since.
+    file_size / file_mtime_ns let the online "pixels" mode notice a video changed since; source: the
+    index of its ``[[data.sources]]`` entry (0 for ``data.source``).
     """
 
     index: int
@@ -40,6 +41,7 @@ class CacheEntry:
     parts: dict[str, str]
     file_size: int
     file_mtime_ns: int
+    source: int = 0  # which of the run file's data sources the sample came from
 
     @property
     def num_frames(self) -> int:

@@ -51,7 +51,8 @@ def precompute(
             fail(
                 console,
                 "error",
-                f"no clip of data.source could be used ({run.data.source}); nothing to train on. See the "
+                f"no clip of the data could be used ({', '.join(str(s.path) for s in run.data.dataset_sources())}); "
+                "nothing to train on. See the "
                 "skipped files above",
                 EXIT_CONFIG,
             )

@@ -16,7 +16,14 @@ from crepa.data.report import DataReport
 from crepa.data.sampling import available_frame_count, sample_frame_indices
 from crepa.data.sources import list_source
 from crepa.data.transforms import resize_center_crop
-from crepa.io.video import VideoBackend, VideoDecodeError, VideoProbe, decode_frames, probe_video
+from crepa.io.video import (
+    IMAGE_CODEC,
+    VideoBackend,
+    VideoDecodeError,
+    VideoProbe,
+    decode_frames,
+    probe_clip,
+)
 
 
 @dataclass(frozen=True)
@@ -66,12 +73,19 @@ def scan_dataset(
             report.skip(entry.video, "empty caption")
             continue
         try:
-            probe = probe_video(entry.video)
+            probe = probe_clip(entry.video)
         except VideoDecodeError as error:
             report.skip(entry.video, _problem(error), error.reason)
             continue
         available = available_frame_count(probe.timestamps, config.target_fps, config.stride, config.start)
         num_frames = choose_frame_bucket(available, config.frame_buckets)
+        if num_frames is None and probe.codec == IMAGE_CODEC:
+            report.skip(
+                entry.video,
+                "image without a one-frame bucket",
+                "an image is a one-frame clip: add 1 to its source's num_frames (families that take images)",
+            )
+            continue
         if num_frames is None:
             rate = f"at {config.target_fps:g} fps" if config.target_fps else "at the source rate"
             report.skip(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crepa.data.report import DataReport
+from crepa.io.video import is_image
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif", ".mpg", ".mpeg"})
 # Byte-order marks and the codec each one means; UTF-32 first (its LE mark starts with UTF-16's).
@@ -80,7 +81,8 @@ def list_source(
 
 def _list_folder(folder: Path, report: DataReport) -> list[SourceEntry]:
     files = sorted(path for path in folder.rglob("*") if path.is_file() and not path.name.startswith("."))
-    videos = [path for path in files if path.suffix.lower() in VIDEO_EXTENSIONS]
+    # still images are listed too: one-frame clips, kept where the source's num_frames holds 1
+    videos = [path for path in files if path.suffix.lower() in VIDEO_EXTENSIONS or is_image(path)]
     video_stems = {path.with_suffix("") for path in videos}
     for caption in files:
         if caption.suffix.lower() == ".txt" and caption.with_suffix("") not in video_stems:

@@ -142,6 +142,33 @@ def probe_video(path: str | os.PathLike) -> VideoProbe:
         )
 
 
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+IMAGE_CODEC = "image"  # VideoProbe.codec of a still image read as a one-frame clip
+
+
+def is_image(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a still image (by extension): a one-frame clip for the families that take one."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def probe_clip(path: str | os.PathLike) -> VideoProbe:
+    """:func:`probe_video` for a video; for an image, a one-frame clip (timestamp 0, codec "image")."""
+    if not is_image(path):
+        return probe_video(path)
+    height, width, _ = _decode_image(Path(path)).shape
+    return VideoProbe(Path(path), np.zeros(1), height, width, IMAGE_CODEC, stated_frames=1, stated_fps=0.0)
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    """A still image as (H, W, 3) uint8 RGB, through FFmpeg's image decoders (PyAV)."""
+    _check_file(path)
+    try:
+        with av.open(str(path)) as container:
+            return next(container.decode(video=0)).to_ndarray(format="rgb24")
+    except (av.error.FFmpegError, OSError, StopIteration) as error:
+        raise VideoDecodeError(path, f"not a readable image ({_ffmpeg_message(error)})") from error
+
+
 def _decoded(container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
     """Decoded frames of the container's first video stream, in presentation order."""
     stream = container.streams.video[0]
@@ -183,6 +210,8 @@ def decode_frames(
         raise VideoDecodeError(
             probe.path, f"frame index {max(indices)} requested, the video has {probe.num_frames} frames"
         )
+    if probe.codec == IMAGE_CODEC:  # the one frame of a still image (index 0, checked above)
+        return _decode_image(probe.path)[None], np.zeros(1)
     if video_backend(backend) == "torchcodec":
         try:
             return _checked(probe, indices, *_decode_torchcodec(probe.path, indices))

@@ -21,9 +21,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from crepa.train.caption_dropout import CaptionDropout
+
 
 class BucketedBatchOrder:
-    """Batches of sample indices. ``buckets[i]`` is sample i's bucket key (e.g. (T, H, W))."""
+    """Batches of sample indices. ``buckets[i]`` is sample i's bucket key (e.g. (T, H, W));
+    ``repeats[i]`` (default 1) how many times sample i appears in an epoch (a source's repeats)."""
 
     def __init__(
         self,
@@ -32,9 +35,13 @@ class BucketedBatchOrder:
         seed: int,
         world_size: int = 1,
         rank: int = 0,
+        repeats: Sequence[int] | None = None,
     ) -> None:
         if not buckets:
             raise ValueError("the dataset is empty: nothing to train on (check the cache / data.source)")
+        # an epoch's draws: sample i listed repeats[i] times (all ones: the samples themselves)
+        counts = repeats if repeats is not None else [1] * len(buckets)
+        self.draws = [index for index, count in enumerate(counts) for _ in range(count)]
         self.buckets = list(buckets)
         self.batch_size = batch_size
         self.seed = seed
@@ -51,7 +58,7 @@ class BucketedBatchOrder:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch`` (incomplete batches are dropped)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.buckets), generator=generator).tolist()
+        order = [self.draws[i] for i in torch.randperm(len(self.draws), generator=generator).tolist()]
         grouped: dict[Hashable, list[int]] = defaultdict(list)
         for index in order:
             grouped[self.buckets[index]].append(index)
@@ -79,17 +86,21 @@ class BucketedBatchOrder:
 class PositionedBatches(Dataset):
     """Item p: the batch at position p of ``order``, its samples' tensors stacked (B, ...)."""
 
-    def __init__(self, samples: Dataset, order: BucketedBatchOrder) -> None:
+    def __init__(
+        self, samples: Dataset, order: BucketedBatchOrder, caption_dropout: CaptionDropout | None = None
+    ) -> None:
         self.samples = samples
         self.order = order
+        self.caption_dropout = caption_dropout
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
         items = [self.samples[i] for i in self.order.batch_at(position)]
-        return {
+        batch = {
             key: torch.stack([item[key] for item in items])
             for key, value in items[0].items()
             if isinstance(value, torch.Tensor)
         }
+        return batch if self.caption_dropout is None else self.caption_dropout(position, batch)
 
 
 def default_workers(processes_per_machine: int) -> int:
@@ -99,12 +110,18 @@ def default_workers(processes_per_machine: int) -> int:
 
 
 def batch_loader(
-    samples: Dataset, order: BucketedBatchOrder, start: int, num_workers: int, pin_memory: bool
+    samples: Dataset,
+    order: BucketedBatchOrder,
+    start: int,
+    num_workers: int,
+    pin_memory: bool,
+    caption_dropout: CaptionDropout | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Endless batches from position ``start``, prepared by ``num_workers`` processes (0: inline),
-    in pinned memory when ``pin_memory`` (for non-blocking copies to the GPU)."""
+    in pinned memory when ``pin_memory`` (for non-blocking copies to the GPU), captions dropped by
+    ``caption_dropout``."""
     loader = DataLoader(
-        PositionedBatches(samples, order),
+        PositionedBatches(samples, order, caption_dropout),
         batch_size=None,  # items are batches already
         sampler=itertools.count(start),
         num_workers=num_workers,

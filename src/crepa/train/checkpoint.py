@@ -22,7 +22,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from crepa.config import ConfigError
-from crepa.rundir import CHECKPOINT_STATE, CHECKPOINT_TENSORS, TRASH_PREFIX, checkpoint_dirs, step_name
+from crepa.rundir import (
+    CHECKPOINT_EMA,
+    CHECKPOINT_STATE,
+    CHECKPOINT_TENSORS,
+    TRASH_PREFIX,
+    checkpoint_dirs,
+    step_name,
+)
 from crepa.train.parallel import copy_full_into, full_tensor
 
 
@@ -145,6 +152,8 @@ RESUME_SETTINGS = (
     ("repvideo", "enabled", "RepVideo enabled"),
     ("repvideo", "window", "RepVideo window"),
     ("teacher", "name", "teacher"),
+    ("lora", "variant", "LoRA variant"),
+    ("ema", "enabled", "EMA enabled"),
 )
 
 
@@ -177,26 +186,29 @@ def check_resume_settings(checkpoint: Path, config: Any) -> None:
         )
 
 
+def trainable_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Trainable parameters of each module, keyed "<module>.<parameter name>" (the checkpoint's names)."""
+    return {
+        f"{prefix}.{name}": param
+        for prefix, module in modules.items()
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
+
+
 def trainable_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Trainable parameters of each module, keyed "<module>.<parameter name>", as whole tensors
     (gathered from the shards under FSDP: every rank must call it)."""
     return {
-        f"{prefix}.{name}": full_tensor(param.detach()).to("cpu").contiguous()
-        for prefix, module in modules.items()
-        for name, param in module.named_parameters()
-        if param.requires_grad
+        name: full_tensor(param.detach()).to("cpu").contiguous()
+        for name, param in trainable_parameters(modules).items()
     }
 
 
 def load_trainable_state(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
     """Copy saved trainable parameters back in place; every trainable parameter must be present with
     its shape (else :class:`ConfigError`, before any parameter is changed)."""
-    wanted = {
-        f"{prefix}.{name}": param
-        for prefix, module in modules.items()
-        for name, param in module.named_parameters()
-        if param.requires_grad
-    }
+    wanted = trainable_parameters(modules)
     missing = [key for key in wanted if key not in tensors]
     mismatched = [
         f"{key}: checkpoint {tuple(tensors[key].shape)}, run {tuple(param.shape)}"
@@ -234,13 +246,20 @@ def staging_dir(root: Path, step: int) -> Path:
 
 
 def write_checkpoint_files(
-    directory: Path, tensors: dict[str, torch.Tensor] | None, state: dict[str, Any] | None, rank: int
+    directory: Path,
+    tensors: dict[str, torch.Tensor] | None,
+    state: dict[str, Any] | None,
+    rank: int,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write this process's part of a checkpoint into the staging ``directory`` (rank 0 writes the model)."""
+    """Write this process's part of a checkpoint into the staging ``directory`` (rank 0 writes the
+    model and, with ``ema``, the EMA weights)."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
         if tensors is not None:
             save_file(tensors, str(directory / CHECKPOINT_TENSORS))
+        if ema is not None:
+            save_file(ema, str(directory / CHECKPOINT_EMA))
         if state is not None:
             save_state(directory, CHECKPOINT_STATE, state)
         save_state(directory, f"rng-rank{rank}", rng_state())
@@ -289,3 +308,14 @@ def read_checkpoint(
     state = load_state(directory, CHECKPOINT_STATE)
     rng = load_state(directory, f"rng-rank{rank}") if (directory / f"rng-rank{rank}.json").is_file() else None
     return tensors, state, rng
+
+
+def read_ema(directory: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of a checkpoint written with ``ema.enabled`` (else :class:`ConfigError`)."""
+    path = directory / CHECKPOINT_EMA
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {directory}: the checkpoint holds no EMA weights ({CHECKPOINT_EMA}); resume with "
+            "ema.enabled = false, or start a new run in another output.dir"
+        )
+    return load_file(str(path))

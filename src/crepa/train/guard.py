@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded (FSDP2) tensor, sharing its storage; other tensors as they are."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+from crepa.train.parallel import local_shard as _local
 
 
 class UpdateGuard:

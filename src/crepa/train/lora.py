@@ -25,7 +25,8 @@ from crepa.rundir import LORA_FILE
 
 
 def lora_config(family: ModelFamily, settings: LoraSection) -> LoraConfig:
-    """The peft config of a run's LoRA: rank, alpha, dropout, and ``settings.targets`` or the family's regex."""
+    """The peft config of a run's adapter (``settings.variant``: LoRA, or DoRA = LoRA with a learned
+    magnitude per output): rank, alpha, dropout, and ``settings.targets`` or the family's regex."""
     targets = settings.targets if settings.targets is not None else family.lora_target_regex
     return LoraConfig(
         r=settings.rank,
@@ -33,13 +34,14 @@ def lora_config(family: ModelFamily, settings: LoraSection) -> LoraConfig:
         lora_dropout=settings.dropout,
         target_modules=targets,
         init_lora_weights=True,
+        use_dora=settings.variant == "dora",
     )
 
 
 def add_lora(transformer: nn.Module, family: ModelFamily, settings: LoraSection) -> list[nn.Parameter]:
-    """Freeze ``transformer`` and add LoRA adapters to the family's attention projections.
+    """Freeze ``transformer`` and add LoRA (or DoRA) adapters to the family's attention projections.
 
-    Returns the trainable LoRA parameters. Transformers without diffusers' ``add_adapter`` (Allegro)
+    Returns the trainable adapter parameters. Transformers without diffusers' ``add_adapter`` (Allegro)
     get peft's ``inject_adapter_in_model``. ``settings.targets`` overrides the family's regex.
     """
     config = lora_config(family, settings)
@@ -73,19 +75,25 @@ def save_lora(
     family: ModelFamily,
     directory: str | Path,
     state: dict[str, torch.Tensor] | None = None,
+    weight_name: str = LORA_FILE,
 ) -> Path:
     """Write the LoRA in the diffusers format of the family's pipeline; returns the file path.
-    ``state``: the transformer's parameters by name when they are not its own (sharded training)."""
+    ``state``: the transformer's parameters by name when they are not its own (sharded training);
+    ``weight_name``: the file name (``load_lora_weights(directory, weight_name=...)`` reads another)."""
     state = {
         name: tensor.detach().to("cpu").contiguous()
         for name, tensor in lora_state_dict(transformer, state).items()
     }
     config = getattr(transformer, "peft_config", {}).get("default")  # inject_adapter_in_model keeps none
-    return save_lora_tensors(state, family, config, directory)
+    return save_lora_tensors(state, family, config, directory, weight_name)
 
 
 def save_lora_tensors(
-    tensors: dict[str, torch.Tensor], family: ModelFamily, config: LoraConfig | None, directory: str | Path
+    tensors: dict[str, torch.Tensor],
+    family: ModelFamily,
+    config: LoraConfig | None,
+    directory: str | Path,
+    weight_name: str = LORA_FILE,
 ) -> Path:
     """LoRA tensors (peft names, no adapter name) in the diffusers format of the family's pipeline,
     with the LoRA config as metadata: without it ``load_lora_weights`` takes alpha = rank and
@@ -93,20 +101,23 @@ def save_lora_tensors(
     directory = Path(directory)
     pipeline_class = getattr(diffusers, family.pipeline_class)
     if not hasattr(pipeline_class, "save_lora_weights"):  # e.g. AllegroPipeline, the Cosmos pipelines
-        return _save_generic_lora(tensors, config, directory)
+        return _save_generic_lora(tensors, config, directory, weight_name)
     pipeline_class.save_lora_weights(
         directory,
         transformer_lora_layers=tensors,
+        weight_name=weight_name,
         safe_serialization=True,
         transformer_lora_adapter_metadata=None if config is None else config.to_dict(),
     )
-    return directory / LORA_FILE
+    return directory / weight_name
 
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def _save_generic_lora(tensors: dict[str, torch.Tensor], config: LoraConfig | None, directory: Path) -> Path:
+def _save_generic_lora(
+    tensors: dict[str, torch.Tensor], config: LoraConfig | None, directory: Path, weight_name: str
+) -> Path:
     """The same file for pipelines without a LoRA loader: ``transformer.``-prefixed peft keys with the
     LoRA config in the safetensors metadata (``lora_adapter_metadata``, as diffusers writes it), so
     ``transformer.load_lora_adapter(directory, prefix="transformer")`` reads it; plus peft's
@@ -123,5 +134,5 @@ def _save_generic_lora(tensors: dict[str, torch.Tensor], config: LoraConfig | No
         metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(settings, sort_keys=True, default=str)
         atomic_write_bytes(directory / ADAPTER_CONFIG, metadata[LORA_ADAPTER_METADATA_KEY].encode())
     prefixed = {f"transformer.{name}": tensor for name, tensor in tensors.items()}
-    atomic_write_bytes(directory / LORA_FILE, save(prefixed, metadata=metadata))
-    return directory / LORA_FILE
+    atomic_write_bytes(directory / weight_name, save(prefixed, metadata=metadata))
+    return directory / weight_name

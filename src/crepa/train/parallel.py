@@ -70,6 +70,11 @@ def shard_transformer(transformer: nn.Module, family: ModelFamily) -> None:
     fully_shard(transformer)
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (FSDP2) tensor, sharing its storage; other tensors as they are."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a sharded parameter (collective: every rank must call); others as they are."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -40,6 +40,7 @@ from crepa.precompute import (
 from crepa.rundir import CHECKPOINTS_DIR
 from crepa.train import checkpoint as ckpt
 from crepa.train.lora import add_lora
+from crepa.train.objectives import FLOW_ONLY_WEIGHTINGS
 
 # Facts of a cache that depend on the machine it was built on, not on the run file: a cache built
 # in fp32 on a CPU serves a bf16 run on a GPU (the latents are stored in float16 either way).
@@ -104,6 +105,12 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
             f"model.family: training {family.name} needs the {family.objective!r} objective, which crepa "
             f"does not implement yet (trainable objectives: {', '.join(TRAINABLE_OBJECTIVES)})"
         )
+    weighting = config.train.loss_weighting
+    if weighting in FLOW_ONLY_WEIGHTINGS and not family.objective.startswith("flow_matching"):
+        raise ConfigError(
+            f"train.loss_weighting: {weighting!r} is defined on the flow-matching noise level, but "
+            f"{family.name} trains the DDPM {family.objective!r} objective; use 'min_snr' or 'none'"
+        )
     transformer_class = getattr(diffusers, family.class_names[0])
     try:
         with hub_access(config.model.pretrained, "model.pretrained"):
@@ -146,6 +153,11 @@ def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool)
         raise ConfigError(
             f"cache.dir: {dataset.cache_dir} was precomputed for family {dataset.manifest.family!r}, "
             f"not {family.name!r}; run `crepa precompute` with this run file or point cache.dir elsewhere"
+        )
+    if config.data.caption_dropout > 0 and dataset.manifest.null_text is None:
+        raise ConfigError(
+            f"data.caption_dropout: {dataset.cache_dir} holds no empty-prompt embedding to drop captions "
+            "to; run `crepa precompute` with this run file, or set data.caption_dropout = 0"
         )
     return dataset
 

@@ -30,7 +30,15 @@ from tqdm.auto import tqdm
 from crepa.cache.atomic import atomic_write_json
 from crepa.config import RunConfig
 from crepa.models.loading import describe_device
-from crepa.rundir import SUMMARY_FILE, TRANSFORMER_DIR, VALIDATION_DIR, checkpoint_dirs, side_module_file
+from crepa.rundir import (
+    LORA_FILE,
+    SUMMARY_FILE,
+    TRANSFORMER_DIR,
+    VALIDATION_DIR,
+    checkpoint_dirs,
+    raw_name,
+    side_module_file,
+)
 from crepa.train import checkpoint as ckpt
 from crepa.train.lora import save_lora
 from crepa.train.parallel import average_gradients, clip_grad_norm, exchange_objects
@@ -63,6 +71,8 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
     while run.step < max_steps:
         step_metrics = optimizer_step(state)
         run.step += 1
+        if state.ema is not None:
+            state.ema.update(run.step)
         bar.update(1)
         if run.step % config.logging.every == 0 or run.step == max_steps:
             last = _log_metrics(state, step_metrics)
@@ -148,9 +158,14 @@ def save_checkpoint(state: TrainState) -> None:
     accelerator.wait_for_everyone()
     main = accelerator.is_main_process
     tensors = ckpt.trainable_state(state.modules)
+    ema = None if state.ema is None else state.ema.state_dict()
     document = state.state_dict()
     ckpt.write_checkpoint_files(
-        staged, tensors if main else None, document if main else None, accelerator.process_index
+        staged,
+        tensors if main else None,
+        document if main else None,
+        accelerator.process_index,
+        ema if main else None,
     )
     accelerator.wait_for_everyone()
     if main:
@@ -191,21 +206,34 @@ def finish(state: TrainState) -> TrainingSummary:
         config=json.loads(config.model_dump_json()),
         stop_signal=state.stop_signal,
     )
+    if state.ema is None:
+        _write_final_weights(state, trained, raw=False)
+    else:  # the EMA under the default names, the raw weights beside them
+        with state.ema.swapped_in():
+            _write_final_weights(state, ckpt.trainable_state(state.modules), raw=False)
+        _write_final_weights(state, trained, raw=True)
     if accelerator.is_main_process:
-        model = state.modules["transformer"]
-        if config.lora.enabled:
-            prefix = "transformer."
-            lora = {
-                key.removeprefix(prefix): value for key, value in trained.items() if key.startswith(prefix)
-            }
-            save_lora(model, state.family, output, state=lora)
-        else:
-            model.save_pretrained(output / TRANSFORMER_DIR)
-        for name, module in state.side_modules.items():  # projector.safetensors, repvideo_gates.safetensors
-            tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
-            save_file(tensors, str(output / side_module_file(name)))
         atomic_write_json(output / SUMMARY_FILE, asdict(summary))
     return summary
+
+
+def _write_final_weights(state: TrainState, trained: dict[str, torch.Tensor], raw: bool) -> None:
+    """The final LoRA (from ``trained``, whole tensors by checkpoint name) or transformer folder and
+    the side modules' files, written by the main process; ``raw``: the *_raw names of an EMA run."""
+    if not state.accelerator.is_main_process:
+        return
+    output, config = state.config.output.dir, state.config
+    named = raw_name if raw else str
+    model = state.modules["transformer"]
+    if config.lora.enabled:
+        prefix = "transformer."
+        lora = {key.removeprefix(prefix): value for key, value in trained.items() if key.startswith(prefix)}
+        save_lora(model, state.family, output, state=lora, weight_name=named(LORA_FILE))
+    else:
+        model.save_pretrained(output / named(TRANSFORMER_DIR))
+    for name, module in state.side_modules.items():  # projector.safetensors, repvideo_gates.safetensors
+        tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+        save_file(tensors, str(output / named(side_module_file(name))))
 
 
 # ---------------------------------------------------------------- pieces of the loop
@@ -237,11 +265,15 @@ def _validate(state: TrainState) -> None:
     rank samples (the same clips) and only rank 0's files are kept."""
     config, accelerator, step = state.config, state.accelerator, state.progress.step
     model = accelerator.unwrap_model(state.transformer)
-    if accelerator.is_main_process:
-        run_validation(config, state.family, model, config.output.dir / VALIDATION_DIR, step)
-    else:
-        with tempfile.TemporaryDirectory() as scratch:
-            run_validation(config, state.family, model, Path(scratch), step)
+    weights = (
+        state.ema.swapped_in() if state.ema is not None and config.ema.validate_with_ema else nullcontext()
+    )
+    with weights:
+        if accelerator.is_main_process:
+            run_validation(config, state.family, model, config.output.dir / VALIDATION_DIR, step)
+        else:
+            with tempfile.TemporaryDirectory() as scratch:
+                run_validation(config, state.family, model, Path(scratch), step)
     if state.sharding == "fsdp":
         accelerator.wait_for_everyone()
 

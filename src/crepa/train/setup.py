@@ -23,6 +23,7 @@ from torch import nn
 from crepa.cache.atomic import atomic_write_json
 from crepa.cache.dataset import CachedDataset
 from crepa.config import RunConfig
+from crepa.data.mixture import source_shares_report
 from crepa.models import ModelFamily
 from crepa.models.loading import (
     compile_blocks,
@@ -37,6 +38,8 @@ from crepa.repvideo import install_repvideo
 from crepa.rundir import CHECKPOINTS_DIR, METRICS_FILE, RUN_CONFIG_FILE
 from crepa.train import checkpoint as ckpt
 from crepa.train.batches import BucketedBatchOrder, batch_loader, default_workers
+from crepa.train.caption_dropout import CaptionDropout
+from crepa.train.ema import WeightEMA
 from crepa.train.guard import UpdateGuard
 from crepa.train.lora import add_lora
 from crepa.train.parallel import launch_sharding, shard_transformer
@@ -106,6 +109,7 @@ def build_run(config: RunConfig, resume: str | None) -> TrainState:
         metrics_log=config.output.dir / METRICS_FILE,
         started=started,
     )
+    state.ema = _setup_ema(state)
     if resume_from is not None:
         _resume(state, resume_from)
     _setup_output(state)
@@ -195,12 +199,23 @@ def _setup_optimizer(config: RunConfig, param_groups: list[dict[str, Any]]):
     return optimizer, lr_scheduler
 
 
+def _setup_ema(state: TrainState) -> WeightEMA | None:
+    """The EMA of every trainable tensor under its checkpoint name (``ema.enabled``), else None."""
+    if not state.config.ema.enabled:
+        return None
+    ema = state.config.ema
+    params = ckpt.trainable_parameters(state.modules)
+    return WeightEMA(params, ema.decay, ema.update_every, ema.start_step, ema.device)
+
+
 def _resume(state: TrainState, checkpoint: Path) -> None:
     """Trainable weights, optimiser / schedules / progress and this rank's RNG from ``checkpoint``."""
     accelerator = state.accelerator
     tensors, saved, rng = ckpt.read_checkpoint(checkpoint, accelerator.process_index)
     ckpt.load_trainable_state(state.modules, tensors)
     state.load_state_dict(saved)
+    if state.ema is not None:
+        state.ema.load_state_dict(ckpt.read_ema(checkpoint))
     if rng is not None:
         ckpt.set_rng_state(rng)
     accelerator.print(f"resumed from {checkpoint} at step {state.progress.step}")
@@ -214,24 +229,61 @@ def _setup_output(state: TrainState) -> None:
         config.output.dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(state.metrics_log, state.progress.step)
         atomic_write_json(config.output.dir / RUN_CONFIG_FILE, json.loads(config.model_dump_json()))
+        accelerator.print(startup_summary(config))
         accelerator.init_trackers("crepa", config=_flat_hparams(config))
+
+
+def startup_summary(config: RunConfig) -> str:
+    """The trainer options of the run, one ``key=value`` each, printed when training starts."""
+    train, ema = config.train, config.ema
+    options = {
+        "data.caption_dropout": config.data.caption_dropout,
+        "train.timestep_sampling": train.timestep_sampling,
+        "train.shift": train.shift,
+        "train.loss_weighting": train.loss_weighting,
+        "lora.variant": config.lora.variant if config.lora.enabled else "(full fine-tuning)",
+        "ema.enabled": ema.enabled,
+    }
+    if train.timestep_sampling == "mode":
+        options["train.mode_scale"] = train.mode_scale
+    if train.loss_weighting == "min_snr":
+        options["train.snr_gamma"] = train.snr_gamma
+    if ema.enabled:
+        options |= {
+            "ema.decay": ema.decay,
+            "ema.update_every": ema.update_every,
+            "ema.start_step": ema.start_step,
+            "ema.device": ema.device,
+            "ema.validate": ema.validate_with_ema,
+        }
+    return "trainer options: " + "  ".join(f"{key}={value}" for key, value in options.items())
 
 
 def _setup_data(state: TrainState, dataset: CachedDataset):
     """The batch loader from the resumed position of the bucketed batch order."""
     accelerator, train = state.accelerator, state.config.train
+    sources = state.config.data.dataset_sources()
     order = BucketedBatchOrder(
         dataset.buckets,
         train.batch_size,
         train.seed,
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
+        repeats=[sources[entry.source].repeats for entry in dataset.entries],
     )
+    if accelerator.is_main_process and state.config.data.sources:
+        paths, repeats = [s.path for s in sources], [s.repeats for s in sources]
+        accelerator.print(source_shares_report(paths, repeats, [entry.source for entry in dataset.entries]))
     workers = train.num_workers
     if workers is None:
         workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     pin_memory = accelerator.device.type == "cuda"
-    return batch_loader(dataset, order, state.progress.position, workers, pin_memory=pin_memory)
+    dropout = None
+    if state.config.data.caption_dropout > 0:
+        dropout = CaptionDropout(
+            state.config.data.caption_dropout, dataset.null_text(), train.seed, accelerator.process_index
+        )
+    return batch_loader(dataset, order, state.progress.position, workers, pin_memory, dropout)
 
 
 def _trackers(config: RunConfig) -> list[str]:

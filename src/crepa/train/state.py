@@ -18,6 +18,7 @@ from torch import nn
 from crepa.config import RunConfig
 from crepa.models import ModelFamily
 from crepa.regularizer import CrepaRegularizer
+from crepa.train.ema import WeightEMA
 from crepa.train.guard import UpdateGuard
 from crepa.train.parallel import load_optimizer_state_by_name, optimizer_state_by_name
 from crepa.train.step import StepParts
@@ -91,6 +92,7 @@ class TrainState:
     checkpoints: Path
     metrics_log: Path
     started: float
+    ema: WeightEMA | None = None
     progress: TrainProgress = field(default_factory=TrainProgress)
     data: Iterator[dict[str, torch.Tensor]] | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crepa.config import RunConfig
+from crepa.config import RunConfig, TrainSection
 from crepa.models import ModelFamily
 from crepa.models.conditioning import prediction_to_latents, transformer_inputs
 from crepa.models.image_conditioning import image_parts
@@ -24,7 +24,9 @@ from crepa.train.objectives import (
     ddpm,
     flow_matching,
     flow_matching_reversed,
+    loss_weights,
     sample_noise_level,
+    weighted_mse,
 )
 
 
@@ -56,16 +58,27 @@ def noise_batch(
 ) -> NoisedBatch:
     """The family's objective applied to clean latents (B, C, F, H, W); flow-matching noise levels are
     mapped into ``noise_range`` (one expert of a two-expert pipeline, :func:`expert_noise_range`)."""
-    if family.objective in ("v_prediction", "epsilon"):
-        return ddpm(latents, alphas_cumprod, generator, family.objective)
     train = config.train
-    levels = sample_noise_level(
-        latents.shape[0], generator, train.timestep_sampling, train.logit_mean, train.logit_std, train.shift
+    sampling = train.timestep_sampling
+    if family.objective in ("v_prediction", "epsilon"):
+        levels = None  # uniform integer timesteps, the DDPM families' own draw
+        if sampling not in ("auto", "uniform") or train.shift != 1.0:
+            levels = _noise_levels(train, sampling, latents.shape[0], generator)
+        return ddpm(latents, alphas_cumprod, generator, family.objective, levels)
+    levels = _noise_levels(
+        train, "logit_normal" if sampling == "auto" else sampling, latents.shape[0], generator
     )
     low, high = noise_range
     levels = low + (high - low) * levels
     objective = flow_matching if family.objective == "flow_matching" else flow_matching_reversed
     return objective(latents, levels, generator, family.timestep_scale)
+
+
+def _noise_levels(train: TrainSection, sampling: str, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """(B,) noise levels of ``sampling`` with the run's logit-normal, mode and shift settings."""
+    return sample_noise_level(
+        batch, generator, sampling, train.logit_mean, train.logit_std, train.shift, train.mode_scale
+    )
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -131,7 +144,13 @@ def step_loss(
         prediction = parts.transformer(**inputs)[0]
         alignment = parts.regularizer.loss(teacher_grid, step=step) if parts.regularizer is not None else None
     prediction = prediction_to_latents(parts.model, family, prediction, noised.target.shape)
-    diffusion_loss = F.mse_loss(prediction.float(), noised.target.float())
+    if config.train.loss_weighting == "none":
+        diffusion_loss = F.mse_loss(prediction.float(), noised.target.float())
+    else:
+        weights = loss_weights(
+            config.train.loss_weighting, family.objective, noised.snr, config.train.snr_gamma
+        )
+        diffusion_loss = weighted_mse(prediction, noised.target, weights)
     loss = diffusion_loss
     metrics = {"loss/diffusion": diffusion_loss.detach()}
     if alignment is not None:
