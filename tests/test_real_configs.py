@@ -3,7 +3,8 @@ weights), with CREPA and RepVideo installed, run one forward at the shape users 
 CREPA captures must be the one written out here by hand from the pixel size, the VAE's compression and
 the patch size, and the registry must name the right family.
 
-Configs are the ``transformer/config.json`` of the hub checkpoints (values typed in from them).
+Configs are the ``transformer/config.json`` of the hub checkpoints (:mod:`crepa.plan.published`); the
+shapes each was published for are checked against the library's entries.
 """
 
 from __future__ import annotations
@@ -20,231 +21,31 @@ from torch.fx.experimental import _config as fx_config
 from crepa import CrepaConfig, CrepaRegularizer
 from crepa.models.conditioning import transformer_inputs
 from crepa.models.registry import detect_family
+from crepa.plan.published import PUBLISHED, text_width
 from crepa.repvideo import install_repvideo
 
-_COGVIDEOX_5B = dict(
-    activation_fn="gelu-approximate",
-    attention_bias=True,
-    attention_head_dim=64,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    in_channels=16,
-    max_text_seq_length=226,
-    norm_elementwise_affine=True,
-    norm_eps=1e-5,
-    num_attention_heads=48,
-    num_layers=42,
-    out_channels=16,
-    patch_size=2,
-    sample_frames=49,
-    sample_height=60,
-    sample_width=90,
-    spatial_interpolation_scale=1.875,
-    temporal_compression_ratio=4,
-    temporal_interpolation_scale=1.0,
-    text_embed_dim=4096,
-    time_embed_dim=512,
-    timestep_activation_fn="silu",
-    use_learned_positional_embeddings=False,
-    use_rotary_positional_embeddings=True,
-)
-_WAN_14B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
-
-# name -> (class, config, pixel frames x height x width, latent frames fed, expected family, token grid)
-REAL = {
-    "CogVideoX-5B": (
-        "CogVideoXTransformer3DModel",
-        _COGVIDEOX_5B,
-        (49, 480, 720),
-        13,
-        "cogvideox",
-        (13, 30, 45),
-    ),
+# name -> (pixel frames x height x width, latent frames fed, expected family, token grid), written out
+# by hand from the VAE's compression and the patch size; the configs are crepa.plan.published's.
+EXPECTED = {
+    "CogVideoX-5B": ((49, 480, 720), 13, "cogvideox", (13, 30, 45)),
     # 81 frames -> 21 latent frames; the pipeline pads one in front (22) for the temporal patch of 2
-    "CogVideoX1.5-5B": (
-        "CogVideoXTransformer3DModel",
-        {
-            **_COGVIDEOX_5B,
-            "patch_size_t": 2,
-            "patch_bias": False,
-            "sample_frames": 81,
-            "sample_height": 300,
-            "sample_width": 300,
-        },
-        (81, 768, 1360),
-        22,
-        "cogvideox",
-        (11, 48, 85),
-    ),
-    "CogVideoX-5B-I2V": (
-        "CogVideoXTransformer3DModel",
-        {**_COGVIDEOX_5B, "in_channels": 32, "use_learned_positional_embeddings": True},
-        (49, 480, 720),
-        13,
-        "cogvideox_i2v",
-        (13, 30, 45),
-    ),
-    "HunyuanVideo": (
-        "HunyuanVideoTransformer3DModel",
-        dict(
-            in_channels=16,
-            out_channels=16,
-            num_attention_heads=24,
-            attention_head_dim=128,
-            num_layers=20,
-            num_single_layers=40,
-            num_refiner_layers=2,
-            mlp_ratio=4.0,
-            patch_size=2,
-            patch_size_t=1,
-            qk_norm="rms_norm",
-            guidance_embeds=True,
-            text_embed_dim=4096,
-            pooled_projection_dim=768,
-            rope_theta=256.0,
-            rope_axes_dim=(16, 56, 56),
-        ),
-        (129, 720, 1280),
-        33,
-        "hunyuanvideo",
-        (33, 45, 80),
-    ),
-    "Wan2.1-T2V-14B": ("WanTransformer3DModel", _WAN_14B, (81, 480, 832), 21, "wan", (21, 30, 52)),
-    "Wan2.1-T2V-1.3B": (
-        "WanTransformer3DModel",
-        {**_WAN_14B, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
-        (81, 480, 832),
-        21,
-        "wan",
-        (21, 30, 52),
-    ),
-    "Wan2.1-I2V-14B-480P": (
-        "WanTransformer3DModel",
-        {**_WAN_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120},
-        (81, 480, 832),
-        21,
-        "wan_i2v",
-        (21, 30, 52),
-    ),
-    "SkyReels-V2-T2V-14B-540P": (
-        "SkyReelsV2Transformer3DModel",
-        _WAN_14B,
-        (97, 544, 960),
-        25,
-        "skyreels_v2",
-        (25, 34, 60),
-    ),
-    "LTX-Video": (
-        "LTXVideoTransformer3DModel",
-        dict(
-            in_channels=128,
-            out_channels=128,
-            patch_size=1,
-            patch_size_t=1,
-            num_attention_heads=32,
-            attention_head_dim=64,
-            cross_attention_dim=2048,
-            num_layers=28,
-            activation_fn="gelu-approximate",
-            qk_norm="rms_norm_across_heads",
-            norm_elementwise_affine=False,
-            norm_eps=1e-6,
-            caption_channels=4096,
-            attention_bias=True,
-            attention_out_bias=True,
-        ),
-        (161, 512, 768),
-        21,
-        "ltx_video",
-        (21, 16, 24),
-    ),
-    "Mochi-1": (
-        "MochiTransformer3DModel",
-        dict(
-            patch_size=2,
-            num_attention_heads=24,
-            attention_head_dim=128,
-            num_layers=48,
-            pooled_projection_dim=1536,
-            in_channels=12,
-            out_channels=None,
-            qk_norm="rms_norm",
-            text_embed_dim=4096,
-            time_embed_dim=256,
-            activation_fn="swiglu",
-            max_sequence_length=256,
-        ),
-        (85, 480, 848),
-        15,
-        "mochi",
-        (15, 30, 53),
-    ),
-    "Cosmos-1.0-Diffusion-7B-Text2World": (
-        "CosmosTransformer3DModel",
-        dict(
-            in_channels=16,
-            out_channels=16,
-            num_attention_heads=32,
-            attention_head_dim=128,
-            num_layers=28,
-            mlp_ratio=4.0,
-            text_embed_dim=1024,
-            adaln_lora_dim=256,
-            max_size=(128, 240, 240),
-            patch_size=(1, 2, 2),
-            rope_scale=(2.0, 1.0, 1.0),
-            concat_padding_mask=True,
-            extra_pos_embed_type="learnable",
-        ),
-        (121, 704, 1280),
-        16,
-        "cosmos",
-        (16, 44, 80),
-    ),
+    "CogVideoX1.5-5B": ((81, 768, 1360), 22, "cogvideox", (11, 48, 85)),
+    "CogVideoX-5B-I2V": ((49, 480, 720), 13, "cogvideox_i2v", (13, 30, 45)),
+    "HunyuanVideo": ((129, 720, 1280), 33, "hunyuanvideo", (33, 45, 80)),
+    "Wan2.1-T2V-14B": ((81, 480, 832), 21, "wan", (21, 30, 52)),
+    "Wan2.1-T2V-1.3B": ((81, 480, 832), 21, "wan", (21, 30, 52)),
+    "Wan2.1-I2V-14B-480P": ((81, 480, 832), 21, "wan_i2v", (21, 30, 52)),
+    "SkyReels-V2-T2V-14B-540P": ((97, 544, 960), 25, "skyreels_v2", (25, 34, 60)),
+    "LTX-Video": ((161, 512, 768), 21, "ltx_video", (21, 16, 24)),
+    "Mochi-1": ((85, 480, 848), 15, "mochi", (15, 30, 53)),
+    "Cosmos-1.0-Diffusion-7B-Text2World": ((121, 704, 1280), 16, "cosmos", (16, 44, 80)),
     # non-causal VAE: 88 frames -> 22 latent frames
-    "Allegro": (
-        "AllegroTransformer3DModel",
-        dict(
-            patch_size=2,
-            patch_size_t=1,
-            num_attention_heads=24,
-            attention_head_dim=96,
-            in_channels=4,
-            out_channels=4,
-            num_layers=32,
-            cross_attention_dim=2304,
-            attention_bias=True,
-            sample_height=90,
-            sample_width=160,
-            sample_frames=22,
-            norm_elementwise_affine=False,
-            norm_eps=1e-6,
-            caption_channels=4096,
-            interpolation_scale_h=2.0,
-            interpolation_scale_w=2.0,
-            interpolation_scale_t=2.2,
-        ),
-        (88, 720, 1280),
-        22,
-        "allegro",
-        (22, 45, 80),
-    ),
+    "Allegro": ((88, 720, 1280), 22, "allegro", (22, 45, 80)),
 }
-TEXT_WIDTH_KEYS = ("text_embed_dim", "text_dim", "caption_channels")
+REAL = {
+    name: (PUBLISHED[name].class_name, PUBLISHED[name].config, *expected)
+    for name, expected in EXPECTED.items()
+}
 
 
 class _NearestResize:
@@ -296,7 +97,7 @@ def test_published_config_forward_on_meta_captures_the_registry_grid(
     block = family.default_block_index
     regularizer = CrepaRegularizer(transformer, CrepaConfig(block_index=block), teacher_dim=1536)
     gates = install_repvideo(transformer, window=6, gate_init=0.5)
-    text_width = next(config[key] for key in TEXT_WIDTH_KEYS if key in config)
+    text_dim = text_width(config)
     text_length = config.get("max_text_seq_length", 64)
     with torch.device("meta"):
         channels = transformer.config.out_channels or transformer.config.in_channels
@@ -304,7 +105,7 @@ def test_published_config_forward_on_meta_captures_the_registry_grid(
             1, channels, latent_frames, height // family.spatial_ratio, width // family.spatial_ratio
         )
         text = {
-            "prompt_embeds": torch.empty(1, text_length, text_width),
+            "prompt_embeds": torch.empty(1, text_length, text_dim),
             "prompt_attention_mask": torch.ones(1, text_length, dtype=torch.bool),
         }
         if "pooled_projection_dim" in config:
@@ -328,3 +129,9 @@ def test_published_config_forward_on_meta_captures_the_registry_grid(
     assert captured.shape == (1, *expected_grid, width_c)
     assert gates.depth == len(family.blocks(transformer))
     assert output.shape[0] == 1
+
+
+def test_published_shapes_are_the_ones_written_here() -> None:
+    assert {name: PUBLISHED[name].shape for name in EXPECTED} == {
+        name: expected[0] for name, expected in EXPECTED.items()
+    }

@@ -1,0 +1,181 @@
+"""Running a transformer without memory: fake tensors (shapes, dtypes and autograd, no data) and a
+counter of the bytes their storages would take.
+
+The memory model (:mod:`crepa.plan.memory`) profiles one block with these tools and composes the
+step from it; the validation measures a whole step with them. CPU autocast (bf16) stands in for CUDA
+autocast: matmuls, linears and attention run in bf16 alike; CUDA's autocast also runs layer norms in
+fp32, which the CPU one does not.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import diffusers
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from crepa.config import LoraSection
+from crepa.models.conditioning import transformer_inputs
+from crepa.models.registry import ModelFamily, detect_family
+
+
+class AllocationCounter(TorchDispatchMode):
+    """Live and peak bytes of every tensor storage created while the mode is on, freed when Python
+    frees the storage: what a caching allocator would hand out, without fragmentation.
+
+    Tensors created before the mode (weights, inputs) count once :meth:`add` is called on them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def add(self, tensor: Any) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            return
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._live:
+            return
+        size = storage.nbytes()
+        self._live[key] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            self.add(tensor)
+        return out
+
+
+def _fake_like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=dtype)
+
+
+def fake_transformer(
+    class_name: str,
+    config: Mapping[str, Any],
+    mode: FakeTensorMode,
+    lora: LoraSection | None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[nn.Module, ModelFamily]:
+    """The diffusers transformer ``class_name(**config)`` with fake CPU weights in ``dtype``; with
+    ``lora``, the family's LoRA added; trainable parameters in fp32 (as training keeps them)."""
+    with torch.device("meta"):
+        transformer = getattr(diffusers, class_name).from_config(dict(config)).to(dtype)
+    family = detect_family(transformer)
+    if lora is not None:
+        from crepa.train.lora import add_lora
+
+        add_lora(transformer, family, lora)
+    else:
+        transformer.requires_grad_(True)
+    with mode:
+        for module in transformer.modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    stored = torch.float32 if param.requires_grad else param.dtype
+                    module._parameters[name] = nn.Parameter(
+                        _fake_like(param, stored), requires_grad=param.requires_grad
+                    )
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = _fake_like(buffer, buffer.dtype)
+    transformer.train()
+    return transformer, family
+
+
+def fake_step_inputs(
+    transformer: nn.Module,
+    family: ModelFamily,
+    mode: FakeTensorMode,
+    latent_shape: tuple[int, int, int, int, int],
+    text_length: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, Any]:
+    """Forward kwargs of a batch of latents (B, C, F, H, W) with ``text_length`` text tokens (and the
+    first-frame inputs of image-to-video families), as fake tensors."""
+    from crepa.plan.published import text_width
+
+    config = transformer.config
+    batch, _, frames, height, width = latent_shape
+    with mode:
+        latents = torch.empty(latent_shape, dtype=dtype)
+        text = {
+            "prompt_embeds": torch.empty(batch, text_length, text_width(config), dtype=dtype),
+            "prompt_attention_mask": torch.ones(batch, text_length, dtype=torch.bool),
+        }
+        if config.get("pooled_projection_dim"):
+            text["pooled_prompt_embeds"] = torch.empty(batch, config["pooled_projection_dim"], dtype=dtype)
+        image: dict[str, torch.Tensor] = {}
+        if family.name == "cogvideox_i2v":
+            image = {"image_latents": torch.empty(batch, family.latent_channels, 1, height, width, dtype=dtype)}
+        elif family.name == "wan_i2v":
+            image = {"condition_latents": torch.empty(latent_shape, dtype=dtype)}
+            if config.get("image_dim"):
+                image["image_embeds"] = torch.empty(batch, 257, config["image_dim"], dtype=dtype)
+        return transformer_inputs(
+            transformer, family, latents, torch.full((batch,), 500.0), text, guidance=6.0, image=image
+        )
+
+
+@contextmanager
+def fake_autocast() -> Iterator[None]:
+    """bf16 autocast on the (fake) CPU tensors, as training runs under bf16 autocast on the GPU."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yield
+
+
+@dataclass(frozen=True)
+class ComponentProfile:
+    """Bytes and FLOPs of one call of a component (a block, the CREPA head) in training.
+
+    saved: what autograd keeps from its forward for its backward (beyond inputs and outputs);
+    output: its outputs; backward_peak: the most its backward holds at once beyond ``saved``, the
+    outputs' gradients included; forward_flops: matmul and attention FLOPs of the forward.
+    """
+
+    saved: int
+    output: int
+    backward_peak: int
+    forward_flops: int
+
+
+def profile_call(call: Callable[[], Any], counter_inputs: list[torch.Tensor]) -> ComponentProfile:
+    """Run ``call`` forward and backward (from a gradient on every floating output) and count.
+
+    ``counter_inputs``: tensors alive before the call (counted as already there)."""
+    counter = AllocationCounter()
+    for tensor in counter_inputs:
+        counter.add(tensor)
+    before = counter.current
+    flops = FlopCounterMode(display=False)
+    with counter, flops:
+        outputs = [t for t in tree_flatten(call())[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    output_bytes = sum(t.untyped_storage().nbytes() for t in outputs)
+    saved = counter.current - before - output_bytes
+    with counter:
+        grads = [torch.empty_like(t) for t in outputs]
+        counter.reset_peak()
+        holding = counter.current
+        torch.autograd.backward(outputs, grads)
+    backward_peak = counter.peak - holding + sum(g.untyped_storage().nbytes() for g in grads)
+    return ComponentProfile(saved, output_bytes, backward_peak, flops.get_total_flops())
