@@ -21,11 +21,33 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from crepa.config import LoraSection
+from crepa.regularizer import CrepaConfig, CrepaRegularizer
 from crepa.models.conditioning import transformer_inputs
 from crepa.models.registry import ModelFamily, detect_family
+
+
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the CPU flash-attention kernel the fake tensors dispatch to
+    (with torch's own attention formulas, as for the CUDA kernels)."""
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+        },
+    )
 
 
 class AllocationCounter(TorchDispatchMode):
@@ -75,21 +97,29 @@ def fake_transformer(
     config: Mapping[str, Any],
     mode: FakeTensorMode,
     lora: LoraSection | None,
+    crepa: CrepaConfig | None = None,
+    teacher_dim: int = 1536,
     dtype: torch.dtype = torch.bfloat16,
-) -> tuple[nn.Module, ModelFamily]:
+) -> tuple[nn.Module, ModelFamily, CrepaRegularizer | None]:
     """The diffusers transformer ``class_name(**config)`` with fake CPU weights in ``dtype``; with
-    ``lora``, the family's LoRA added; trainable parameters in fp32 (as training keeps them)."""
+    ``lora``, the family's LoRA added (else every weight trains); with ``crepa``, the CREPA
+    regularizer installed. Trainable parameters are fp32, as training keeps them."""
     with torch.device("meta"):
         transformer = getattr(diffusers, class_name).from_config(dict(config)).to(dtype)
-    family = detect_family(transformer)
-    if lora is not None:
-        from crepa.train.lora import add_lora
+        family = detect_family(transformer)
+        if lora is not None:
+            from crepa.train.lora import add_lora
 
-        add_lora(transformer, family, lora)
-    else:
-        transformer.requires_grad_(True)
+            add_lora(transformer, family, lora)
+        else:
+            transformer.requires_grad_(True)
+        regularizer = None
+        if crepa is not None:
+            external = crepa.mode != "backbone"
+            regularizer = CrepaRegularizer(transformer, crepa, teacher_dim=teacher_dim if external else None)
+    modules = [*transformer.modules(), *(regularizer.modules() if regularizer is not None else ())]
     with mode:
-        for module in transformer.modules():
+        for module in modules:
             for name, param in module._parameters.items():
                 if param is not None:
                     stored = torch.float32 if param.requires_grad else param.dtype
@@ -100,7 +130,7 @@ def fake_transformer(
                 if buffer is not None:
                     module._buffers[name] = _fake_like(buffer, buffer.dtype)
     transformer.train()
-    return transformer, family
+    return transformer, family, regularizer
 
 
 def fake_step_inputs(
@@ -127,7 +157,9 @@ def fake_step_inputs(
             text["pooled_prompt_embeds"] = torch.empty(batch, config["pooled_projection_dim"], dtype=dtype)
         image: dict[str, torch.Tensor] = {}
         if family.name == "cogvideox_i2v":
-            image = {"image_latents": torch.empty(batch, family.latent_channels, 1, height, width, dtype=dtype)}
+            image = {
+                "image_latents": torch.empty(batch, family.latent_channels, 1, height, width, dtype=dtype)
+            }
         elif family.name == "wan_i2v":
             image = {"condition_latents": torch.empty(latent_shape, dtype=dtype)}
             if config.get("image_dim"):
@@ -135,6 +167,24 @@ def fake_step_inputs(
         return transformer_inputs(
             transformer, family, latents, torch.full((batch,), 500.0), text, guidance=6.0, image=image
         )
+
+
+@contextmanager
+def convertible_fake_modules() -> Iterator[None]:
+    """Let ``module.to(dtype)`` convert fake parameters (diffusers' layerwise casting does it at every
+    forward). ``nn.Module._apply`` swaps fake parameters with ``torch.utils.swap_tensors``, which refuses
+    tensors the fake mode holds weak references to; inside this block the swap sets ``.data`` instead,
+    which is what ``_apply`` does for real tensors."""
+
+    def set_data(first: torch.Tensor, second: torch.Tensor) -> None:
+        first.data = second
+
+    original = torch.utils.swap_tensors
+    torch.utils.swap_tensors = set_data
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
 
 
 @contextmanager
@@ -157,6 +207,7 @@ class ComponentProfile:
     output: int
     backward_peak: int
     forward_flops: int
+    backward_flops: int
 
 
 def profile_call(call: Callable[[], Any], counter_inputs: list[torch.Tensor]) -> ComponentProfile:
@@ -167,15 +218,19 @@ def profile_call(call: Callable[[], Any], counter_inputs: list[torch.Tensor]) ->
     for tensor in counter_inputs:
         counter.add(tensor)
     before = counter.current
-    flops = FlopCounterMode(display=False)
-    with counter, flops:
+    forward_flops = flop_counter()
+    with counter, forward_flops:
         outputs = [t for t in tree_flatten(call())[0] if isinstance(t, torch.Tensor) and t.requires_grad]
     output_bytes = sum(t.untyped_storage().nbytes() for t in outputs)
     saved = counter.current - before - output_bytes
+    backward_flops = flop_counter()
     with counter:
         grads = [torch.empty_like(t) for t in outputs]
         counter.reset_peak()
         holding = counter.current
-        torch.autograd.backward(outputs, grads)
+        with backward_flops:
+            torch.autograd.backward(outputs, grads)
     backward_peak = counter.peak - holding + sum(g.untyped_storage().nbytes() for g in grads)
-    return ComponentProfile(saved, output_bytes, backward_peak, flops.get_total_flops())
+    return ComponentProfile(
+        saved, output_bytes, backward_peak, forward_flops.get_total_flops(), backward_flops.get_total_flops()
+    )

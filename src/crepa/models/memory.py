@@ -1,0 +1,106 @@
+"""The memory options of ``[model]`` applied to a loaded transformer: which blocks recompute their
+activations in backward, which frozen weights are stored in fp8, which blocks live in CPU memory.
+
+All three use diffusers' own machinery: the transformer's gradient-checkpointing hook (with a
+function that checkpoints only the chosen blocks), layerwise casting (``apply_layerwise_casting``:
+storage fp8, compute bf16) and group offloading (``apply_group_offloading``, block level, pinned
+memory, prefetch on a side stream).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from crepa.models.registry import ModelFamily
+
+FP8_STORAGE = torch.float8_e4m3fn
+# Layers layerwise casting leaves in the compute dtype: LoRA adapters (trained in fp32) and the
+# small, precision-sensitive layers diffusers itself skips (embeddings, norms, input/output projections).
+FP8_SKIP_PATTERNS = ("lora_", "pos_embed", "patch_embed", "norm", r"^proj_in$", r"^proj_out$")
+
+
+def checkpointed_count(setting: bool | int, depth: int) -> int:
+    """How many of ``depth`` blocks ``model.gradient_checkpointing`` checkpoints (true: all)."""
+    if setting is True:
+        return depth
+    return min(int(setting), depth)
+
+
+def _checkpoint_chosen(chosen: frozenset[int], block: nn.Module, *args, **kwargs):
+    """diffusers' gradient-checkpointing call: recompute ``block`` in backward only if it is chosen."""
+    if id(block) in chosen:
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+    return block(*args, **kwargs)
+
+
+def set_gradient_checkpointing(transformer: nn.Module, family: ModelFamily, setting: bool | int) -> None:
+    """Checkpoint the first N blocks (execution order; true: all, false / 0: none). The block
+    activations of the others stay in memory: faster, as they are not recomputed in backward."""
+    blocks = family.blocks(transformer)
+    count = checkpointed_count(setting, len(blocks))
+    if count == 0:
+        if getattr(transformer, "is_gradient_checkpointing", False):
+            transformer.disable_gradient_checkpointing()
+        return
+    chosen = frozenset(id(block) for block in blocks[:count])
+    transformer.enable_gradient_checkpointing(partial(_checkpoint_chosen, chosen))
+
+
+def store_in_fp8(transformer: nn.Module) -> None:
+    """Frozen weights stored in fp8 (e4m3), cast to bf16 layer by layer for compute; LoRA stays fp32."""
+    apply_layerwise_casting(
+        transformer,
+        storage_dtype=FP8_STORAGE,
+        compute_dtype=torch.bfloat16,
+        skip_modules_pattern=FP8_SKIP_PATTERNS
+        + tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ()),
+    )
+
+
+def offload_blocks(transformer: nn.Module, family: ModelFamily, count: int, device: torch.device) -> None:
+    """Keep the last ``count`` blocks' weights in pinned CPU memory, streamed to ``device`` one block
+    ahead on a side stream (CUDA) when each block runs; the rest of the model moves to ``device``."""
+    blocks = family.blocks(transformer)[len(family.blocks(transformer)) - count :]
+    offloaded = {id(block) for block in blocks}
+    for module in transformer.modules():  # everything but the offloaded blocks onto the device
+        if id(module) in offloaded:
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            param.data = param.data.to(device)
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
+    for block in blocks:
+        block.to("cpu")
+        apply_group_offloading(
+            block,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=device.type == "cuda",
+        )
+
+
+BasePrecision = Literal["bf16", "fp8"]
+
+
+def apply_memory_options(
+    transformer: nn.Module,
+    family: ModelFamily,
+    gradient_checkpointing: bool | int = True,
+    base_precision: BasePrecision = "bf16",
+    offload: int = 0,
+    device: torch.device | None = None,
+) -> None:
+    """Apply ``model.gradient_checkpointing``, ``model.base_precision`` and ``model.offload_blocks`` to a
+    loaded transformer (LoRA already added, trainables already fp32). ``device``: where it trains."""
+    set_gradient_checkpointing(transformer, family, gradient_checkpointing)
+    if base_precision == "fp8":
+        store_in_fp8(transformer)
+    if offload:
+        offload_blocks(transformer, family, offload, device or torch.device("cpu"))

@@ -1,0 +1,321 @@
+"""Peak GPU memory and FLOPs of one training step, predicted from the transformer config.
+
+The model is built with fake weights (:mod:`crepa.plan.trace`); the first block of each block list
+is run forward and backward once at the real token count, with and without fp8 weights, which
+gives what one block keeps for backward, its output and its backward working set. A step is then
+composed, per process:
+
+    weights (storage dtype; offloaded blocks off the GPU; sharded over FSDP ranks)
+    + trainables in fp32, their gradients and the optimiser state (AdamW 8 bytes / parameter,
+      8-bit AdamW 2)
+    + every block's input (what a checkpointed block keeps) + what each non-checkpointed block saves
+    + the largest backward working set (a recomputed block's activations plus its backward)
+    + the CREPA head's and the online teacher's share.
+
+FLOPs: the forward counted by torch's FlopCounterMode on the fake model, the backward as counted on
+the profiled blocks, plus one more forward of every checkpointed block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from crepa.config import AlignmentSection, LoraSection
+from crepa.models.memory import FP8_SKIP_PATTERNS, checkpointed_count, store_in_fp8
+from crepa.plan.trace import (
+    ComponentProfile,
+    convertible_fake_modules,
+    fake_autocast,
+    fake_step_inputs,
+    fake_transformer,
+    flop_counter,
+    profile_call,
+)
+
+GIB = 2**30
+OptimizerName = Literal["adamw", "adamw8bit"]
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # state bytes per trainable parameter (two moments)
+# Step-time constants (one H200, SPEC §7): 341 TFLOP/s of work done by the CogVideoX-5B LoRA step,
+# host-to-device copies from pinned memory, and HBM bandwidth for fp8 -> bf16 casts.
+ACHIEVED_FLOPS = 341e12
+PCIE_BYTES_PER_S = 25e9
+HBM_BYTES_PER_S = 4.0e12
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run trains: the transformer config, one batch of latents (B, C, F, H, W), the text
+    length, LoRA (None: full fine-tuning), CREPA (None: off) and its teacher width, RepVideo."""
+
+    class_name: str
+    config: Mapping[str, Any]
+    latent_shape: tuple[int, int, int, int, int]
+    text_length: int
+    lora: LoraSection | None = field(default_factory=LoraSection)
+    crepa: AlignmentSection | None = None
+    teacher_dim: int = 1536
+    teacher_params: int = 0  # an online teacher's parameters (fp16 on the GPU), 0 when grids are cached
+    teacher_activation: int = 0  # bytes one chunk of online teacher frames takes
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The memory options the planner chooses among (``model.*`` / ``optim.name``)."""
+
+    checkpointed_blocks: int
+    offload_blocks: int = 0
+    base_precision: Literal["bf16", "fp8"] = "bf16"
+    optimizer: OptimizerName = "adamw"
+
+    def set_lines(self, depth: int) -> list[str]:
+        """The ``--set`` overrides of ``crepa train`` that select these settings."""
+        checkpointing = {0: "false", depth: "true"}.get(
+            self.checkpointed_blocks, str(self.checkpointed_blocks)
+        )
+        return [
+            f"model.gradient_checkpointing={checkpointing}",
+            f"model.offload_blocks={self.offload_blocks}",
+            f'model.base_precision="{self.base_precision}"',
+            f'optim.name="{self.optimizer}"',
+        ]
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """One block list's blocks: how many, and one block's profile and weights."""
+
+    count: int
+    profile: ComponentProfile
+    profile_fp8: ComponentProfile
+    weight_bytes: int  # one block's frozen weights in bf16
+    castable_params: int  # of which fp8 storage applies to this many parameters
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything the composition needs, independent of the settings."""
+
+    blocks: tuple[BlockKind, ...]
+    frozen_bytes: int  # all frozen weights in bf16
+    castable_params: int  # frozen parameters fp8 storage applies to
+    trainable_params: int  # the transformer's (LoRA or all)
+    side_params: int  # CREPA projector (replicated, never sharded)
+    head: ComponentProfile | None
+    io_bytes: int  # the step's inputs and the prediction
+    forward_flops: int
+    full_finetune: bool
+
+    @property
+    def depth(self) -> int:
+        return sum(kind.count for kind in self.blocks)
+
+    def block_sequence(self) -> list[BlockKind]:
+        return [kind for kind in self.blocks for _ in range(kind.count)]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted peak bytes per process, by part, and the step's FLOPs and time."""
+
+    settings: Settings
+    weights: int
+    trainable_state: int
+    activations: int
+    teacher: int
+    step_flops: float
+    seconds: float
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.trainable_state + self.activations + self.teacher
+
+
+def _grad_copies(args: tuple, kwargs: dict, output_shapes: set[tuple[int, ...]]) -> tuple[tuple, dict]:
+    """The block's inputs with the hidden states (those shaped like an output) requiring grad, as
+    they do in training (they come out of the previous trainable block)."""
+
+    def prepare(value):
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and tuple(value.shape) in output_shapes
+        ):
+            return value.detach().requires_grad_(True)
+        return value
+
+    return tuple(prepare(a) for a in args), {k: prepare(v) for k, v in kwargs.items()}
+
+
+def _tensors(*values) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    return [t for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor)]
+
+
+def _profile_block(block: nn.Module, args: tuple, kwargs: dict) -> ComponentProfile:
+    with torch.no_grad(), fake_autocast():
+        outputs = _tensors(block(*args, **kwargs))
+    args, kwargs = _grad_copies(args, kwargs, {tuple(t.shape) for t in outputs})
+
+    def call():
+        with fake_autocast():
+            return block(*args, **kwargs)
+
+    return profile_call(call, _tensors(args, kwargs))
+
+
+def _castable(module: nn.Module) -> int:
+    """Frozen parameters of ``module`` that fp8 layerwise casting stores in fp8 (Linear / Conv weights
+    and biases outside the skipped layers)."""
+    import re
+
+    count = 0
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not any(
+            re.search(pattern, name) for pattern in FP8_SKIP_PATTERNS
+        ):
+            count += sum(p.numel() for p in sub.parameters(recurse=False) if not p.requires_grad)
+    return count
+
+
+def profile_model(workload: Workload) -> ModelProfile:
+    """Profile ``workload`` on fake tensors (a few seconds on the CPU for a 14 B model)."""
+    mode = FakeTensorMode()
+    transformer, family, regularizer = fake_transformer(
+        workload.class_name, workload.config, mode, workload.lora, workload.crepa, workload.teacher_dim
+    )
+    inputs = fake_step_inputs(transformer, family, mode, workload.latent_shape, workload.text_length)
+    first_blocks = [getattr(transformer, name)[0] for name in family.block_lists]
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def record(module, args, kwargs):
+        calls.setdefault(id(module), (args, kwargs))
+
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in first_blocks]
+    flops = flop_counter()
+    with mode, torch.no_grad(), fake_autocast(), flops:
+        prediction = transformer(**inputs)[0]
+    for handle in handles:
+        handle.remove()
+    if regularizer is not None:
+        regularizer.capture.pop()
+
+    kinds = []
+    with mode, convertible_fake_modules():
+        for name, block in zip(family.block_lists, first_blocks, strict=True):
+            args, kwargs = calls[id(block)]
+            profile = _profile_block(block, args, kwargs)
+            weight_bytes = sum(p.numel() * 2 for p in block.parameters() if not p.requires_grad)
+            castable = _castable(block)
+            store_in_fp8(block)
+            profile_fp8 = _profile_block(block, args, kwargs)
+            kinds.append(
+                BlockKind(len(getattr(transformer, name)), profile, profile_fp8, weight_bytes, castable)
+            )
+        head = None
+        if regularizer is not None:
+            grid = regularizer.capture.grid_size
+            batch = workload.latent_shape[0]
+            student = torch.empty(batch, *grid, family.hidden_size(transformer), dtype=torch.bfloat16)
+            teacher = torch.empty(batch, *grid, workload.teacher_dim, dtype=torch.float16)
+            student.requires_grad_(True)
+
+            def head_call():
+                with fake_autocast():
+                    return regularizer._head(student, teacher)[0]
+
+            head = profile_call(head_call, [student, teacher])
+    io_bytes = sum(t.untyped_storage().nbytes() for t in _tensors(inputs)) + prediction.numel() * 4 * 3
+    return ModelProfile(
+        blocks=tuple(kinds),
+        frozen_bytes=sum(p.numel() * 2 for p in transformer.parameters() if not p.requires_grad),
+        castable_params=_castable(transformer),
+        trainable_params=sum(p.numel() for p in transformer.parameters() if p.requires_grad),
+        side_params=0 if regularizer is None else sum(p.numel() for p in regularizer.projector.parameters()),
+        head=head,
+        io_bytes=io_bytes,
+        forward_flops=flops.get_total_flops() + (0 if head is None else head.forward_flops),
+        full_finetune=workload.lora is None,
+    )
+
+
+def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus: int = 1) -> Estimate:
+    """Peak memory per process and step time of ``settings`` (``gpus`` > 1: FSDP over that many)."""
+    sequence = profile.block_sequence()
+    fp8 = settings.base_precision == "fp8"
+    checkpointed = [index < settings.checkpointed_blocks for index in range(len(sequence))]
+
+    # weights
+    weights = profile.frozen_bytes - (profile.castable_params if fp8 else 0)
+    if settings.offload_blocks:
+        offloaded = sequence[len(sequence) - settings.offload_blocks :]
+        stored = [kind.weight_bytes - (kind.castable_params if fp8 else 0) for kind in offloaded]
+        weights -= sum(stored) - 2 * max(stored)  # the running block and the one prefetched
+    largest_block = max(kind.weight_bytes for kind in profile.blocks)
+    if gpus > 1:
+        weights = weights // gpus + 2 * largest_block  # the gathered block and the next one
+
+    # trainables: fp32 parameter + fp32 gradient + optimiser state
+    per_param = 4 + 4 + OPTIMIZER_BYTES[settings.optimizer]
+    trainable_state = profile.trainable_params * per_param // gpus + profile.side_params * (4 + 4 + 8)
+
+    # activations: every block's input, the saved tensors of the non-checkpointed ones, and the largest
+    # backward working set (a checkpointed block is recomputed first)
+    def block_profile(kind: BlockKind) -> ComponentProfile:
+        return kind.profile_fp8 if fp8 else kind.profile
+
+    held = sum(block_profile(kind).output for kind in sequence)
+    held += sum(
+        block_profile(kind).saved for kind, ckpt in zip(sequence, checkpointed, strict=True) if not ckpt
+    )
+    working = max(
+        (block_profile(kind).saved if ckpt else 0) + block_profile(kind).backward_peak
+        for kind, ckpt in zip(sequence, checkpointed, strict=True)
+    )
+    head = profile.head
+    if head is not None:
+        held += head.output + (0 if checkpointed[0] else head.saved)
+        working = max(working, head.saved + head.backward_peak)
+    activations = held + working + profile.io_bytes
+    teacher = workload.teacher_params * 2 + workload.teacher_activation
+
+    # FLOPs and time
+    recompute = sum(
+        kind.profile.forward_flops for kind, ckpt in zip(sequence, checkpointed, strict=True) if ckpt
+    )
+    backward = sum(kind.profile.backward_flops for kind in sequence)
+    if head is not None:
+        backward += head.backward_flops
+    step_flops = float(profile.forward_flops + recompute + backward)
+    seconds = step_flops / ACHIEVED_FLOPS
+    if fp8:  # every weight use casts fp8 -> bf16 (read 1 byte, write 2): forward, recompute, backward
+        uses = 2 + sum(checkpointed) / max(len(sequence), 1)
+        seconds += profile.castable_params * 3 * uses / HBM_BYTES_PER_S
+    if settings.offload_blocks:  # copies not hidden behind the previous block's compute
+        per_block_seconds = seconds / len(sequence)
+        copy = max(stored) / PCIE_BYTES_PER_S
+        seconds += 2 * settings.offload_blocks * max(0.0, copy - per_block_seconds)
+    return Estimate(settings, weights, trainable_state, activations, teacher, step_flops, seconds)
+
+
+def checkpointing_options(depth: int) -> list[int]:
+    """Checkpointed-block counts the planner tries: none, quarters, all."""
+    return sorted({0, depth // 4, depth // 2, 3 * depth // 4, depth})
+
+
+def candidate_settings(depth: int, allow_offload: bool) -> list[Settings]:
+    """Every combination the planner weighs."""
+    offloads = sorted({0, depth // 2, depth - 2}) if allow_offload else [0]
+    return [
+        Settings(checkpointed, offload, precision, optimizer)
+        for checkpointed in checkpointing_options(depth)
+        for offload in offloads
+        for precision in ("bf16", "fp8")
+        for optimizer in ("adamw", "adamw8bit")
+    ]
