@@ -27,7 +27,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from crepa.config import AlignmentSection, LoraSection
-from crepa.models.memory import FP8_SKIP_PATTERNS, checkpointed_count, store_in_fp8
+from crepa.models.memory import FP8_SKIP_PATTERNS, store_in_fp8
 from crepa.plan.trace import (
     ComponentProfile,
     convertible_fake_modules,
@@ -167,7 +167,7 @@ def _profile_block(block: nn.Module, args: tuple, kwargs: dict) -> ComponentProf
         with fake_autocast():
             return block(*args, **kwargs)
 
-    return profile_call(call, _tensors(args, kwargs))
+    return profile_call(call, [*_tensors(args, kwargs), *block.parameters(), *block.buffers()])
 
 
 def _castable(module: nn.Module) -> int:
@@ -230,7 +230,7 @@ def profile_model(workload: Workload) -> ModelProfile:
                 with fake_autocast():
                     return regularizer._head(student, teacher)[0]
 
-            head = profile_call(head_call, [student, teacher])
+            head = profile_call(head_call, [student, teacher, *regularizer.parameters()])
     io_bytes = sum(t.untyped_storage().nbytes() for t in _tensors(inputs)) + prediction.numel() * 4 * 3
     return ModelProfile(
         blocks=tuple(kinds),

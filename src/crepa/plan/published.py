@@ -7,8 +7,8 @@ the transformer from it on the meta device; ``tests/test_real_configs.py`` runs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 

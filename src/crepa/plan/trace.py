@@ -24,9 +24,10 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from crepa.config import LoraSection
-from crepa.regularizer import CrepaConfig, CrepaRegularizer
 from crepa.models.conditioning import transformer_inputs
+from crepa.models.memory import set_gradient_checkpointing, store_in_fp8
 from crepa.models.registry import ModelFamily, detect_family
+from crepa.regularizer import CrepaConfig, CrepaRegularizer
 
 
 def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -99,11 +100,14 @@ def fake_transformer(
     lora: LoraSection | None,
     crepa: CrepaConfig | None = None,
     teacher_dim: int = 1536,
+    gradient_checkpointing: bool | int = False,
     dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[nn.Module, ModelFamily, CrepaRegularizer | None]:
     """The diffusers transformer ``class_name(**config)`` with fake CPU weights in ``dtype``; with
-    ``lora``, the family's LoRA added (else every weight trains); with ``crepa``, the CREPA
-    regularizer installed. Trainable parameters are fp32, as training keeps them."""
+    ``lora``, the family's LoRA added (else every weight trains); ``gradient_checkpointing`` as
+    ``model.gradient_checkpointing``; with ``crepa``, the CREPA regularizer installed (after the
+    checkpointing, as in training: it recomputes its head when blocks are recomputed). Trainable
+    parameters are fp32, as training keeps them."""
     with torch.device("meta"):
         transformer = getattr(diffusers, class_name).from_config(dict(config)).to(dtype)
         family = detect_family(transformer)
@@ -113,6 +117,7 @@ def fake_transformer(
             add_lora(transformer, family, lora)
         else:
             transformer.requires_grad_(True)
+        set_gradient_checkpointing(transformer, family, gradient_checkpointing)
         regularizer = None
         if crepa is not None:
             external = crepa.mode != "backbone"
@@ -234,3 +239,55 @@ def profile_call(call: Callable[[], Any], counter_inputs: list[torch.Tensor]) ->
     return ComponentProfile(
         saved, output_bytes, backward_peak, forward_flops.get_total_flops(), backward_flops.get_total_flops()
     )
+
+
+def measure_step_peak(
+    class_name: str,
+    config: Mapping[str, Any],
+    latent_shape: tuple[int, int, int, int, int],
+    text_length: int,
+    lora: LoraSection | None,
+    crepa: CrepaConfig | None = None,
+    teacher_dim: int = 1536,
+    gradient_checkpointing: bool | int = True,
+    base_precision: str = "bf16",
+) -> int:
+    """Peak bytes of the second of two real training steps (forward, diffusion + CREPA loss, backward,
+    AdamW step) on fake tensors, everything counted: weights, trainables, gradients, optimiser state,
+    activations. The measurement the memory model is validated against on the CPU."""
+    mode = FakeTensorMode()
+    transformer, family, regularizer = fake_transformer(
+        class_name, config, mode, lora, crepa, teacher_dim, gradient_checkpointing
+    )
+    inputs = fake_step_inputs(transformer, family, mode, latent_shape, text_length)
+    trainables = [p for p in transformer.parameters() if p.requires_grad]
+    if regularizer is not None:
+        trainables += list(regularizer.projector.parameters())
+    counter = AllocationCounter()
+    for tensor in [*transformer.parameters(), *transformer.buffers(), *trainables, *tree_flatten(inputs)[0]]:
+        counter.add(tensor)
+    with mode, convertible_fake_modules():
+        if base_precision == "fp8":
+            store_in_fp8(transformer)
+        optimizer = torch.optim.AdamW(trainables)
+        teacher = None
+        if regularizer is not None:
+            patches = family.patch_sizes(transformer)
+            grid = [size // patch for size, patch in zip(latent_shape[2:], patches, strict=True)]
+            teacher = torch.empty(latent_shape[0], *grid, teacher_dim, dtype=torch.float16)
+            counter.add(teacher)
+        for step in range(2):
+            if step == 1:
+                counter.reset_peak()
+            with counter:
+                with fake_autocast():
+                    prediction = transformer(**inputs)[0]
+                loss = prediction.float().square().mean()  # the diffusion loss's fp32 copy of the prediction
+                if regularizer is not None:
+                    with fake_autocast():
+                        loss = loss + regularizer.loss(teacher, step=step).loss
+                loss.backward()
+                del prediction, loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    return counter.peak
