@@ -71,7 +71,7 @@ def offload_blocks(transformer: nn.Module, family: ModelFamily, count: int, devi
     for module in transformer.modules():  # everything but the offloaded blocks onto the device
         if id(module) in offloaded:
             continue
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             param.data = param.data.to(device)
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)

@@ -151,7 +151,7 @@ def fake_step_inputs(
     from crepa.plan.published import text_width
 
     config = transformer.config
-    batch, _, frames, height, width = latent_shape
+    batch, _, _, height, width = latent_shape
     with mode:
         latents = torch.empty(latent_shape, dtype=dtype)
         text = {
