@@ -304,17 +304,13 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     return Estimate(settings, weights, trainable_state, activations, teacher, step_flops, seconds)
 
 
-def checkpointing_options(depth: int) -> list[int]:
-    """Checkpointed-block counts the planner tries: none, quarters, all."""
-    return sorted({0, depth // 4, depth // 2, 3 * depth // 4, depth})
-
-
 def candidate_settings(depth: int, allow_offload: bool) -> list[Settings]:
-    """Every combination the planner weighs."""
-    offloads = sorted({0, depth // 2, depth - 2}) if allow_offload else [0]
+    """Every combination the planner weighs: any number of checkpointed blocks, offload of none, a
+    quarter, half, three quarters or all but two blocks, bf16 / fp8 weights, AdamW / 8-bit AdamW."""
+    offloads = sorted({0, depth // 4, depth // 2, 3 * depth // 4, max(depth - 2, 0)}) if allow_offload else [0]
     return [
         Settings(checkpointed, offload, precision, optimizer)
-        for checkpointed in checkpointing_options(depth)
+        for checkpointed in range(depth + 1)
         for offload in offloads
         for precision in ("bf16", "fp8")
         for optimizer in ("adamw", "adamw8bit")

@@ -1,0 +1,167 @@
+"""``crepa plan``: which memory settings fit a GPU budget, fastest first, from the run file alone.
+
+The run file gives the model (a local pipeline folder, or a hub id crepa knows the published config
+of: :mod:`crepa.plan.published`), its largest bucket, LoRA / CREPA / teacher settings and the
+memory options it asks for; :mod:`crepa.plan.memory` predicts each candidate setting.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+
+from crepa.config import ConfigError, RunConfig
+from crepa.models.memory import checkpointed_count
+from crepa.models.registry import FAMILIES, ModelFamily
+from crepa.plan.memory import (
+    GIB,
+    Estimate,
+    ModelProfile,
+    Settings,
+    Workload,
+    candidate_settings,
+    estimate,
+    profile_model,
+)
+from crepa.plan.published import published_by_repo
+
+# The CUDA context, cuBLAS workspaces and the caching allocator's slack are not in the prediction:
+# a setting fits when its peak leaves this much of the card free.
+HEADROOM_BYTES = int(1.5 * GIB)
+# (parameters, width) of teachers by size word in their name: DINOv2 ViT-S/B/L/g (with or without registers).
+TEACHER_SIZES = {"small": (22_000_000, 384), "base": (86_000_000, 768), "large": (304_000_000, 1024), "giant": (1_100_000_000, 1536)}
+
+
+OPTION_PENALTY = 0.02
+
+
+def ranking_seconds(estimate: Estimate) -> float:
+    """Predicted step time, ``OPTION_PENALTY`` more per lossy or overhead-bearing option in use."""
+    settings = estimate.settings
+    options = (settings.base_precision == "fp8") + (settings.optimizer == "adamw8bit") + (settings.offload_blocks > 0)
+    return estimate.seconds * (1 + OPTION_PENALTY * options)
+
+
+def parse_memory(text: str) -> int:
+    """``"24GiB"`` / ``"80GB"`` / ``"48"`` (GiB) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(GiB|GB|G|MiB|MB)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"--gpu-memory {text!r}: expected a size such as 24GiB, 80GB or 48")
+    value, unit = float(match.group(1)), (match.group(2) or "GiB").lower()
+    return int(value * {"gib": GIB, "g": GIB, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit])
+
+
+def transformer_source(config: RunConfig) -> tuple[str, dict[str, Any]]:
+    """(class name, transformer config) of the run's model without touching the network: a local
+    pipeline folder's ``config.json``, else the published config of a known hub id."""
+    model = config.model
+    subfolder = model.expert or "transformer"
+    local = Path(model.pretrained) / subfolder / "config.json"
+    if local.is_file():
+        loaded = dict(diffusers.ConfigMixin.load_config(str(local.parent)))
+        return loaded["_class_name"], {k: v for k, v in loaded.items() if not k.startswith("_")}
+    published = published_by_repo(model.pretrained)
+    if published is None:
+        raise ConfigError(
+            f"model.pretrained: {model.pretrained!r} is neither a local pipeline folder nor a checkpoint whose "
+            "published config crepa knows (see `crepa families`); point it at a downloaded pipeline folder"
+        )
+    return published.class_name, dict(published.config)
+
+
+def _family(class_name: str, transformer_config: dict[str, Any], config: RunConfig) -> ModelFamily:
+    if config.model.family:
+        return FAMILIES[config.model.family]
+    matching = [f for f in FAMILIES.values() if f.matches(class_name, transformer_config)]
+    return max(matching, key=lambda family: len(family.config_match))
+
+
+def largest_latent_shape(
+    config: RunConfig, family: ModelFamily, transformer_config: dict[str, Any]
+) -> tuple[int, int, int, int, int]:
+    """(B, C, F, H, W) latents of the run's largest bucket (most tokens)."""
+    patch_t = transformer_config.get("patch_size_t") or 1
+    shapes = []
+    for frames in config.data.num_frames:
+        latent_frames = 1 + (frames - 1) // family.temporal_ratio if family.causal_vae else frames // family.temporal_ratio
+        latent_frames += -latent_frames % patch_t  # the pipeline pads to whole temporal patches
+        for height, width in config.data.resolutions:
+            shapes.append((latent_frames, height // family.spatial_ratio, width // family.spatial_ratio))
+    frames, height, width = max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2])
+    return (config.train.batch_size, family.latent_channels, frames, height, width)
+
+
+def teacher_size(name: str) -> tuple[int, int]:
+    """(parameters, width) of a DINOv2-style teacher from its name; giant when the name says nothing."""
+    lowered = name.lower()
+    return next((size for word, size in TEACHER_SIZES.items() if word in lowered), TEACHER_SIZES["giant"])
+
+
+def workload_of(config: RunConfig) -> Workload:
+    """What ``config`` trains, for the memory model (no weights, no network)."""
+    from crepa.models.pipelines import text_length
+
+    class_name, transformer_config = transformer_source(config)
+    family = _family(class_name, transformer_config, config)
+    latent_shape = largest_latent_shape(config, family, transformer_config)
+    teacher_params, teacher_dim = teacher_size(config.teacher.name)
+    crepa = config.crepa if config.crepa.enabled else None
+    online = crepa is not None and crepa.mode != "backbone" and config.cache.teacher_source != "cache"
+    frames_tokens = latent_shape[3] * latent_shape[4] * 4  # teacher patches per frame, about 2x the latent grid
+    return Workload(
+        class_name=class_name,
+        config=transformer_config,
+        latent_shape=latent_shape,
+        text_length=text_length(family, transformer_config),
+        lora=config.lora if config.lora.enabled else None,
+        crepa=crepa,
+        teacher_dim=teacher_dim,
+        teacher_params=teacher_params if online else 0,
+        # one chunk of frames through the teacher under no_grad: a few (tokens, width) fp16 tensors
+        teacher_activation=config.teacher.chunk_size * frames_tokens * teacher_dim * 2 * 6 if online else 0,
+    )
+
+
+def run_settings(config: RunConfig, depth: int) -> Settings:
+    """The memory settings ``config`` asks for."""
+    model = config.model
+    return Settings(
+        checkpointed_count(model.gradient_checkpointing, depth),
+        model.offload_blocks,
+        model.base_precision,
+        config.optim.name,
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The run's own estimate and every candidate's, for a budget per GPU."""
+
+    workload: Workload
+    profile: ModelProfile
+    budget: int
+    gpus: int
+    current: Estimate
+    candidates: list[Estimate]
+
+    def fits(self, estimate: Estimate) -> bool:
+        return estimate.peak + HEADROOM_BYTES <= self.budget
+
+    def fitting(self) -> list[Estimate]:
+        """Settings that fit, fastest first. Each of fp8 weights, 8-bit moments and offload ranks
+        ``OPTION_PENALTY`` slower than predicted: they are picked when they buy more than that."""
+        return sorted(filter(self.fits, self.candidates), key=ranking_seconds)
+
+
+def plan_run(config: RunConfig, budget: int, gpus: int = 1) -> Plan:
+    """Profile the run's model and estimate its own settings and every candidate."""
+    workload = workload_of(config)
+    profile = profile_model(workload)
+    allow_offload = gpus == 1
+    candidates = [estimate(profile, settings, workload, gpus) for settings in candidate_settings(profile.depth, allow_offload)]
+    current = estimate(profile, run_settings(config, profile.depth), workload, gpus)
+    return Plan(workload, profile, budget, gpus, current, candidates)
