@@ -19,9 +19,9 @@ from diffusers.models.transformers import transformer_cosmos
 from torch.fx.experimental import _config as fx_config
 
 from crepa import CrepaConfig, CrepaRegularizer
-from crepa.models.conditioning import transformer_inputs
+from crepa.models.conditioning import text_width, transformer_inputs
 from crepa.models.registry import detect_family
-from crepa.plan.published import PUBLISHED, text_width
+from crepa.plan.published import PUBLISHED
 from crepa.repvideo import install_repvideo
 
 # name -> (pixel frames x height x width, latent frames fed, expected family, token grid), written out

@@ -34,7 +34,9 @@ def _row(estimate: Estimate, depth: int) -> list[str]:
 def plan(
     config: str = typer.Argument(..., help="The run file (TOML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.batch_size=2."),
-    gpu_memory: str = typer.Option("80GiB", "--gpu-memory", help="Memory of one GPU, e.g. 24GiB, 48GiB, 80GB."),
+    gpu_memory: str = typer.Option(
+        "80GiB", "--gpu-memory", help="Memory of one GPU, e.g. 24GiB, 48GiB, 80GB."
+    ),
     gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs the run shards over with FSDP (1: one GPU)."),
 ) -> None:
     """Predict the peak GPU memory and step time of CONFIG's training step (offline: config only, no
@@ -54,7 +56,17 @@ def plan(
         highlight=False,
         soft_wrap=True,
     )
-    columns = ["ckpt blocks", "offload", "weights", "optimizer", "peak GiB", "weights GiB", "activ. GiB", "TFLOP", "s/step*"]
+    columns = [
+        "ckpt blocks",
+        "offload",
+        "weights",
+        "optimizer",
+        "peak GiB",
+        "weights GiB",
+        "activ. GiB",
+        "TFLOP",
+        "s/step*",
+    ]
     current = Table(*columns, title="the run file's settings")
     current.add_row(*_row(result.current, depth))
     console.print(current)
@@ -69,7 +81,9 @@ def plan(
             "data.resolutions, or shard over more GPUs (--gpus)",
             EXIT_FAILURE,
         )
-    table = Table(*columns, title=f"fitting settings, fastest first ({len(fitting)}, {min(SHOWN, len(fitting))} shown)")
+    table = Table(
+        *columns, title=f"fitting settings, fastest first ({len(fitting)}, {min(SHOWN, len(fitting))} shown)"
+    )
     for estimate in fitting[:SHOWN]:
         table.add_row(*_row(estimate, depth))
     console.print(table)

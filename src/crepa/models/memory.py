@@ -52,38 +52,45 @@ def set_gradient_checkpointing(transformer: nn.Module, family: ModelFamily, sett
     transformer.enable_gradient_checkpointing(partial(_checkpoint_chosen, chosen))
 
 
-def store_in_fp8(transformer: nn.Module) -> None:
-    """Frozen weights stored in fp8 (e4m3), cast to bf16 layer by layer for compute; LoRA stays fp32."""
+def store_in_fp8(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Frozen weights stored in fp8 (e4m3), cast to ``compute_dtype`` layer by layer when each layer
+    runs; LoRA (fp32) and the layers diffusers keeps precise stay as they are."""
     apply_layerwise_casting(
         transformer,
         storage_dtype=FP8_STORAGE,
-        compute_dtype=torch.bfloat16,
+        compute_dtype=compute_dtype,
         skip_modules_pattern=FP8_SKIP_PATTERNS
         + tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ()),
     )
 
 
 def offload_blocks(transformer: nn.Module, family: ModelFamily, count: int, device: torch.device) -> None:
-    """Keep the last ``count`` blocks' weights in pinned CPU memory, streamed to ``device`` one block
-    ahead on a side stream (CUDA) when each block runs; the rest of the model moves to ``device``."""
-    blocks = family.blocks(transformer)[len(family.blocks(transformer)) - count :]
-    offloaded = {id(block) for block in blocks}
-    for module in transformer.modules():  # everything but the offloaded blocks onto the device
-        if id(module) in offloaded:
-            continue
+    """Keep the first ``count`` blocks' weights in (pinned) CPU memory; diffusers' block-level group
+    offloading copies each to ``device`` when it runs (on a side stream on CUDA) and drops the copy
+    after. The rest of the model moves to ``device``. Offloaded blocks must be checkpointed: autograd
+    keeps the weights a block used until its backward, and only a recomputed block lets them go."""
+    blocks = family.blocks(transformer)[:count]
+    offloaded = {id(param) for block in blocks for param in block.parameters()}
+    offloaded |= {id(buffer) for block in blocks for buffer in block.buffers()}
+    for module in transformer.modules():
         for param in module.parameters(recurse=False):
-            param.data = param.data.to(device)
+            if id(param) not in offloaded:
+                param.data = param.data.to(device)
         for name, buffer in module.named_buffers(recurse=False):
-            module._buffers[name] = buffer.to(device)
-    for block in blocks:
-        block.to("cpu")
-        apply_group_offloading(
-            block,
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="leaf_level",
-            use_stream=device.type == "cuda",
-        )
+            if id(buffer) not in offloaded:
+                module._buffers[name] = buffer.to(device)
+    # block-level offloading groups the blocks of a ModuleList: give it the chosen ones as one
+    holder = nn.Module()
+    holder.blocks = nn.ModuleList(blocks)
+    holder.to("cpu")
+    apply_group_offloading(
+        holder,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=device.type == "cuda",
+    )
 
 
 BasePrecision = Literal["bf16", "fp8"]
@@ -96,11 +103,13 @@ def apply_memory_options(
     base_precision: BasePrecision = "bf16",
     offload: int = 0,
     device: torch.device | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """Apply ``model.gradient_checkpointing``, ``model.base_precision`` and ``model.offload_blocks`` to a
-    loaded transformer (LoRA already added, trainables already fp32). ``device``: where it trains."""
+    loaded transformer (LoRA already added, trainables already fp32). ``device``: where it trains;
+    ``compute_dtype``: the dtype the frozen weights compute in (the weights' dtype before fp8)."""
     set_gradient_checkpointing(transformer, family, gradient_checkpointing)
     if base_precision == "fp8":
-        store_in_fp8(transformer)
+        store_in_fp8(transformer, compute_dtype)
     if offload:
         offload_blocks(transformer, family, offload, device or torch.device("cpu"))

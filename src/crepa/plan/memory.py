@@ -31,11 +31,12 @@ from crepa.models.memory import FP8_SKIP_PATTERNS, store_in_fp8
 from crepa.plan.trace import (
     ComponentProfile,
     convertible_fake_modules,
-    fake_autocast,
+    fake_forward,
     fake_step_inputs,
     fake_transformer,
     flop_counter,
     profile_call,
+    storage_bytes,
 )
 
 GIB = 2**30
@@ -159,12 +160,12 @@ def _tensors(*values) -> list[torch.Tensor]:
 
 
 def _profile_block(block: nn.Module, args: tuple, kwargs: dict) -> ComponentProfile:
-    with torch.no_grad(), fake_autocast():
+    with torch.no_grad(), fake_forward():
         outputs = _tensors(block(*args, **kwargs))
     args, kwargs = _grad_copies(args, kwargs, {tuple(t.shape) for t in outputs})
 
     def call():
-        with fake_autocast():
+        with fake_forward():
             return block(*args, **kwargs)
 
     return profile_call(call, [*_tensors(args, kwargs), *block.parameters(), *block.buffers()])
@@ -199,7 +200,7 @@ def profile_model(workload: Workload) -> ModelProfile:
 
     handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in first_blocks]
     flops = flop_counter()
-    with mode, torch.no_grad(), fake_autocast(), flops:
+    with mode, torch.no_grad(), fake_forward(), flops:
         prediction = transformer(**inputs)[0]
     for handle in handles:
         handle.remove()
@@ -227,11 +228,11 @@ def profile_model(workload: Workload) -> ModelProfile:
             student.requires_grad_(True)
 
             def head_call():
-                with fake_autocast():
+                with fake_forward():
                     return regularizer._head(student, teacher)[0]
 
             head = profile_call(head_call, [student, teacher, *regularizer.parameters()])
-    io_bytes = sum(t.untyped_storage().nbytes() for t in _tensors(inputs)) + prediction.numel() * 4 * 3
+    io_bytes = storage_bytes(_tensors(inputs)) + prediction.numel() * 4 * 3
     return ModelProfile(
         blocks=tuple(kinds),
         frozen_bytes=sum(p.numel() * 2 for p in transformer.parameters() if not p.requires_grad),
@@ -254,7 +255,7 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     # weights
     weights = profile.frozen_bytes - (profile.castable_params if fp8 else 0)
     if settings.offload_blocks:
-        offloaded = sequence[len(sequence) - settings.offload_blocks :]
+        offloaded = sequence[: settings.offload_blocks]  # offloaded blocks are checkpointed ones
         stored = [kind.weight_bytes - (kind.castable_params if fp8 else 0) for kind in offloaded]
         weights -= sum(stored) - 2 * max(stored)  # the running block and the one prefetched
     largest_block = max(kind.weight_bytes for kind in profile.blocks)
@@ -307,11 +308,14 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
 def candidate_settings(depth: int, allow_offload: bool) -> list[Settings]:
     """Every combination the planner weighs: any number of checkpointed blocks, offload of none, a
     quarter, half, three quarters or all but two blocks, bf16 / fp8 weights, AdamW / 8-bit AdamW."""
-    offloads = sorted({0, depth // 4, depth // 2, 3 * depth // 4, max(depth - 2, 0)}) if allow_offload else [0]
+    offloads = (
+        sorted({0, depth // 4, depth // 2, 3 * depth // 4, max(depth - 2, 0)}) if allow_offload else [0]
+    )
     return [
         Settings(checkpointed, offload, precision, optimizer)
         for checkpointed in range(depth + 1)
         for offload in offloads
+        if offload <= checkpointed
         for precision in ("bf16", "fp8")
         for optimizer in ("adamw", "adamw8bit")
     ]

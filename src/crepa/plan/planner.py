@@ -33,7 +33,12 @@ from crepa.plan.published import published_by_repo
 # a setting fits when its peak leaves this much of the card free.
 HEADROOM_BYTES = int(1.5 * GIB)
 # (parameters, width) of teachers by size word in their name: DINOv2 ViT-S/B/L/g (with or without registers).
-TEACHER_SIZES = {"small": (22_000_000, 384), "base": (86_000_000, 768), "large": (304_000_000, 1024), "giant": (1_100_000_000, 1536)}
+TEACHER_SIZES = {
+    "small": (22_000_000, 384),
+    "base": (86_000_000, 768),
+    "large": (304_000_000, 1024),
+    "giant": (1_100_000_000, 1536),
+}
 
 
 OPTION_PENALTY = 0.02
@@ -42,7 +47,11 @@ OPTION_PENALTY = 0.02
 def ranking_seconds(estimate: Estimate) -> float:
     """Predicted step time, ``OPTION_PENALTY`` more per lossy or overhead-bearing option in use."""
     settings = estimate.settings
-    options = (settings.base_precision == "fp8") + (settings.optimizer == "adamw8bit") + (settings.offload_blocks > 0)
+    options = (
+        (settings.base_precision == "fp8")
+        + (settings.optimizer == "adamw8bit")
+        + (settings.offload_blocks > 0)
+    )
     return estimate.seconds * (1 + OPTION_PENALTY * options)
 
 
@@ -87,7 +96,11 @@ def largest_latent_shape(
     patch_t = transformer_config.get("patch_size_t") or 1
     shapes = []
     for frames in config.data.num_frames:
-        latent_frames = 1 + (frames - 1) // family.temporal_ratio if family.causal_vae else frames // family.temporal_ratio
+        latent_frames = (
+            1 + (frames - 1) // family.temporal_ratio
+            if family.causal_vae
+            else frames // family.temporal_ratio
+        )
         latent_frames += -latent_frames % patch_t  # the pipeline pads to whole temporal patches
         for height, width in config.data.resolutions:
             shapes.append((latent_frames, height // family.spatial_ratio, width // family.spatial_ratio))
@@ -111,7 +124,9 @@ def workload_of(config: RunConfig) -> Workload:
     teacher_params, teacher_dim = teacher_size(config.teacher.name)
     crepa = config.crepa if config.crepa.enabled else None
     online = crepa is not None and crepa.mode != "backbone" and config.cache.teacher_source != "cache"
-    frames_tokens = latent_shape[3] * latent_shape[4] * 4  # teacher patches per frame, about 2x the latent grid
+    frames_tokens = (
+        latent_shape[3] * latent_shape[4] * 4
+    )  # teacher patches per frame, about 2x the latent grid
     return Workload(
         class_name=class_name,
         config=transformer_config,
@@ -162,6 +177,9 @@ def plan_run(config: RunConfig, budget: int, gpus: int = 1) -> Plan:
     workload = workload_of(config)
     profile = profile_model(workload)
     allow_offload = gpus == 1
-    candidates = [estimate(profile, settings, workload, gpus) for settings in candidate_settings(profile.depth, allow_offload)]
+    candidates = [
+        estimate(profile, settings, workload, gpus)
+        for settings in candidate_settings(profile.depth, allow_offload)
+    ]
     current = estimate(profile, run_settings(config, profile.depth), workload, gpus)
     return Plan(workload, profile, budget, gpus, current, candidates)

@@ -7,7 +7,6 @@ the transformer from it on the meta device; ``tests/test_real_configs.py`` runs 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,11 +245,3 @@ PUBLISHED: dict[str, PublishedModel] = {
 def published_by_repo(repo: str) -> PublishedModel | None:
     """The entry whose hub id is ``repo`` (case-insensitive), None if crepa does not know it."""
     return next((model for model in PUBLISHED.values() if model.repo.lower() == repo.lower()), None)
-
-
-TEXT_WIDTH_KEYS = ("text_embed_dim", "text_dim", "caption_channels")
-
-
-def text_width(config: Mapping[str, Any]) -> int:
-    """Width of the text states a transformer config takes."""
-    return int(next(config[key] for key in TEXT_WIDTH_KEYS if config.get(key)))

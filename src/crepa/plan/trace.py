@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from crepa.config import LoraSection
-from crepa.models.conditioning import transformer_inputs
+from crepa.models.conditioning import text_width, transformer_inputs
 from crepa.models.memory import set_gradient_checkpointing, store_in_fp8
 from crepa.models.registry import ModelFamily, detect_family
 from crepa.regularizer import CrepaConfig, CrepaRegularizer
@@ -89,6 +89,11 @@ class AllocationCounter(TorchDispatchMode):
         return out
 
 
+def storage_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    return sum({id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def _fake_like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tensor.shape, dtype=dtype)
 
@@ -148,8 +153,6 @@ def fake_step_inputs(
 ) -> dict[str, Any]:
     """Forward kwargs of a batch of latents (B, C, F, H, W) with ``text_length`` text tokens (and the
     first-frame inputs of image-to-video families), as fake tensors."""
-    from crepa.plan.published import text_width
-
     config = transformer.config
     batch, _, _, height, width = latent_shape
     with mode:
@@ -192,10 +195,23 @@ def convertible_fake_modules() -> Iterator[None]:
         torch.utils.swap_tensors = original
 
 
+class _MasksAllOnes(TorchDispatchMode):
+    """``nonzero`` as if every element were nonzero: its output size depends on data fake tensors do not
+    have (Mochi packs its text tokens with ``nonzero(mask)``; the masks of a full-length prompt are all
+    ones)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.nonzero.default:
+            (tensor,) = args
+            return torch.empty(tensor.numel(), tensor.dim(), dtype=torch.long)
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
-def fake_autocast() -> Iterator[None]:
-    """bf16 autocast on the (fake) CPU tensors, as training runs under bf16 autocast on the GPU."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def fake_forward() -> Iterator[None]:
+    """A training forward on fake CPU tensors: under bf16 autocast, as training runs on the GPU, with
+    all-ones masks for data-dependent shapes."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), _MasksAllOnes():
         yield
 
 
@@ -226,16 +242,16 @@ def profile_call(call: Callable[[], Any], counter_inputs: list[torch.Tensor]) ->
     forward_flops = flop_counter()
     with counter, forward_flops:
         outputs = [t for t in tree_flatten(call())[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-    output_bytes = sum(t.untyped_storage().nbytes() for t in outputs)
+    output_bytes = storage_bytes(outputs)
     saved = counter.current - before - output_bytes
     backward_flops = flop_counter()
     with counter:
         grads = [torch.empty_like(t) for t in outputs]
         counter.reset_peak()
         holding = counter.current
-        with backward_flops:
+        with backward_flops, _MasksAllOnes():  # a checkpointed block runs its forward again here
             torch.autograd.backward(outputs, grads)
-    backward_peak = counter.peak - holding + sum(g.untyped_storage().nbytes() for g in grads)
+    backward_peak = counter.peak - holding + storage_bytes(grads)
     return ComponentProfile(
         saved, output_bytes, backward_peak, forward_flops.get_total_flops(), backward_flops.get_total_flops()
     )
@@ -280,13 +296,14 @@ def measure_step_peak(
             if step == 1:
                 counter.reset_peak()
             with counter:
-                with fake_autocast():
+                with fake_forward():
                     prediction = transformer(**inputs)[0]
                 loss = prediction.float().square().mean()  # the diffusion loss's fp32 copy of the prediction
                 if regularizer is not None:
-                    with fake_autocast():
+                    with fake_forward():
                         loss = loss + regularizer.loss(teacher, step=step).loss
-                loss.backward()
+                with _MasksAllOnes():  # checkpointed blocks run their forward again here
+                    loss.backward()
                 del prediction, loss
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
