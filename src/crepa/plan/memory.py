@@ -8,8 +8,9 @@ composed, per process:
     weights (storage dtype; offloaded blocks off the GPU; sharded over FSDP ranks)
     + trainables in fp32, their gradients and the optimiser state (AdamW 8 bytes / parameter,
       8-bit AdamW 2)
-    + every block's input (what a checkpointed block keeps) + what each non-checkpointed block saves
-    + the largest backward working set (a recomputed block's activations plus its backward)
+    + every block's input (what a checkpointed block keeps) + what each non-checkpointed block saves,
+      released block by block as backward runs from the last block down, plus the working set of the
+      block in backward (its recomputed activations if checkpointed, its backward's own tensors)
     + the CREPA head's and the online teacher's share.
 
 FLOPs: the forward counted by torch's FlopCounterMode on the fake model, the backward as counted on
@@ -94,7 +95,7 @@ class BlockKind:
     count: int
     profile: ComponentProfile
     profile_fp8: ComponentProfile
-    weight_bytes: int  # one block's frozen weights in bf16
+    weight_bytes: int  # one block's frozen weights (bf16, the few fp32 modules diffusers keeps in fp32)
     castable_params: int  # of which fp8 storage applies to this many parameters
 
 
@@ -103,7 +104,7 @@ class ModelProfile:
     """Everything the composition needs, independent of the settings."""
 
     blocks: tuple[BlockKind, ...]
-    frozen_bytes: int  # all frozen weights in bf16
+    frozen_bytes: int  # all frozen weights (bf16, fp32 where diffusers keeps modules in fp32)
     castable_params: int  # frozen parameters fp8 storage applies to
     trainable_params: int  # the transformer's (LoRA or all)
     side_params: int  # CREPA projector (replicated, never sharded)
@@ -212,7 +213,9 @@ def profile_model(workload: Workload) -> ModelProfile:
         for name, block in zip(family.block_lists, first_blocks, strict=True):
             args, kwargs = calls[id(block)]
             profile = _profile_block(block, args, kwargs)
-            weight_bytes = sum(p.numel() * 2 for p in block.parameters() if not p.requires_grad)
+            weight_bytes = sum(
+                p.numel() * p.element_size() for p in block.parameters() if not p.requires_grad
+            )
             castable = _castable(block)
             store_in_fp8(block)
             profile_fp8 = _profile_block(block, args, kwargs)
@@ -235,7 +238,9 @@ def profile_model(workload: Workload) -> ModelProfile:
     io_bytes = storage_bytes(_tensors(inputs)) + prediction.numel() * 4 * 3
     return ModelProfile(
         blocks=tuple(kinds),
-        frozen_bytes=sum(p.numel() * 2 for p in transformer.parameters() if not p.requires_grad),
+        frozen_bytes=sum(
+            p.numel() * p.element_size() for p in transformer.parameters() if not p.requires_grad
+        ),
         castable_params=_castable(transformer),
         trainable_params=sum(p.numel() for p in transformer.parameters() if p.requires_grad),
         side_params=0 if regularizer is None else sum(p.numel() for p in regularizer.projector.parameters()),
@@ -266,24 +271,26 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     per_param = 4 + 4 + OPTIMIZER_BYTES[settings.optimizer]
     trainable_state = profile.trainable_params * per_param // gpus + profile.side_params * (4 + 4 + 8)
 
-    # activations: every block's input, the saved tensors of the non-checkpointed ones, and the largest
-    # backward working set (a checkpointed block is recomputed first)
     def block_profile(kind: BlockKind) -> ComponentProfile:
         return kind.profile_fp8 if fp8 else kind.profile
 
+    # Backward runs from the last block down: at block j, blocks after j have freed their inputs and
+    # saved tensors; a checkpointed block first recomputes its own. (Checkpointing the first N blocks
+    # thus recomputes only when the non-checkpointed blocks' activations are gone.)
     held = sum(block_profile(kind).output for kind in sequence)
     held += sum(
         block_profile(kind).saved for kind, ckpt in zip(sequence, checkpointed, strict=True) if not ckpt
     )
-    working = max(
-        (block_profile(kind).saved if ckpt else 0) + block_profile(kind).backward_peak
-        for kind, ckpt in zip(sequence, checkpointed, strict=True)
-    )
     head = profile.head
+    peak_activations = 0
     if head is not None:
         held += head.output + (0 if checkpointed[0] else head.saved)
-        working = max(working, head.saved + head.backward_peak)
-    activations = held + working + profile.io_bytes
+        peak_activations = held + head.backward_peak + (head.saved if checkpointed[0] else 0)
+    for kind, ckpt in zip(reversed(sequence), reversed(checkpointed), strict=True):
+        block = block_profile(kind)
+        peak_activations = max(peak_activations, held + block.backward_peak + (block.saved if ckpt else 0))
+        held -= block.output + (0 if ckpt else block.saved)
+    activations = peak_activations + profile.io_bytes
     teacher = workload.teacher_params * 2 + workload.teacher_activation
 
     # FLOPs and time

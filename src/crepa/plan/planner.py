@@ -14,8 +14,9 @@ from typing import Any
 
 import diffusers
 
-from crepa.config import ConfigError, RunConfig
+from crepa.config import AlignmentSection, ConfigError, RunConfig
 from crepa.models.memory import checkpointed_count
+from crepa.models.pipelines import text_length
 from crepa.models.registry import FAMILIES, ModelFamily
 from crepa.plan.memory import (
     GIB,
@@ -27,7 +28,7 @@ from crepa.plan.memory import (
     estimate,
     profile_model,
 )
-from crepa.plan.published import published_by_repo
+from crepa.plan.published import PublishedModel, published_by_repo
 
 # The CUDA context, cuBLAS workspaces and the caching allocator's slack are not in the prediction:
 # a setting fits when its peak leaves this much of the card free.
@@ -82,30 +83,62 @@ def transformer_source(config: RunConfig) -> tuple[str, dict[str, Any]]:
     return published.class_name, dict(published.config)
 
 
-def _family(class_name: str, transformer_config: dict[str, Any], config: RunConfig) -> ModelFamily:
-    if config.model.family:
-        return FAMILIES[config.model.family]
+def family_of(class_name: str, transformer_config: dict[str, Any], name: str | None = None) -> ModelFamily:
+    """The registry family ``name``, else the most specific one matching the class and config."""
+    if name:
+        return FAMILIES[name]
     matching = [f for f in FAMILIES.values() if f.matches(class_name, transformer_config)]
     return max(matching, key=lambda family: len(family.config_match))
+
+
+def latent_shape(
+    family: ModelFamily,
+    transformer_config: dict[str, Any],
+    frames: int,
+    height: int,
+    width: int,
+    batch: int = 1,
+) -> tuple[int, int, int, int, int]:
+    """(B, C, F, H, W) latents of clips of ``frames`` x ``height`` x ``width`` pixels."""
+    latent_frames = (
+        1 + (frames - 1) // family.temporal_ratio if family.causal_vae else frames // family.temporal_ratio
+    )
+    latent_frames += -latent_frames % (transformer_config.get("patch_size_t") or 1)  # the pipeline pads
+    return (
+        batch,
+        family.latent_channels,
+        latent_frames,
+        height // family.spatial_ratio,
+        width // family.spatial_ratio,
+    )
 
 
 def largest_latent_shape(
     config: RunConfig, family: ModelFamily, transformer_config: dict[str, Any]
 ) -> tuple[int, int, int, int, int]:
     """(B, C, F, H, W) latents of the run's largest bucket (most tokens)."""
-    patch_t = transformer_config.get("patch_size_t") or 1
-    shapes = []
-    for frames in config.data.num_frames:
-        latent_frames = (
-            1 + (frames - 1) // family.temporal_ratio
-            if family.causal_vae
-            else frames // family.temporal_ratio
-        )
-        latent_frames += -latent_frames % patch_t  # the pipeline pads to whole temporal patches
-        for height, width in config.data.resolutions:
-            shapes.append((latent_frames, height // family.spatial_ratio, width // family.spatial_ratio))
-    frames, height, width = max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2])
-    return (config.train.batch_size, family.latent_channels, frames, height, width)
+    shapes = [
+        latent_shape(family, transformer_config, frames, height, width, config.train.batch_size)
+        for frames in config.data.num_frames
+        for height, width in config.data.resolutions
+    ]
+    return max(shapes, key=lambda shape: shape[2] * shape[3] * shape[4])
+
+
+def published_workload(
+    model: PublishedModel, crepa: AlignmentSection | None = None, **config_overrides: Any
+) -> Workload:
+    """A LoRA (rank 64) workload of a published model at its published shape; ``config_overrides``
+    change the transformer config (e.g. fewer blocks)."""
+    config = {**model.config, **config_overrides}
+    family = family_of(model.class_name, config)
+    return Workload(
+        class_name=model.class_name,
+        config=config,
+        latent_shape=latent_shape(family, config, *model.shape),
+        text_length=text_length(family, config),
+        crepa=crepa,
+    )
 
 
 def teacher_size(name: str) -> tuple[int, int]:
@@ -116,10 +149,8 @@ def teacher_size(name: str) -> tuple[int, int]:
 
 def workload_of(config: RunConfig) -> Workload:
     """What ``config`` trains, for the memory model (no weights, no network)."""
-    from crepa.models.pipelines import text_length
-
     class_name, transformer_config = transformer_source(config)
-    family = _family(class_name, transformer_config, config)
+    family = family_of(class_name, transformer_config, config.model.family)
     latent_shape = largest_latent_shape(config, family, transformer_config)
     teacher_params, teacher_dim = teacher_size(config.teacher.name)
     crepa = config.crepa if config.crepa.enabled else None

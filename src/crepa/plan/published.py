@@ -142,6 +142,20 @@ PUBLISHED: dict[str, PublishedModel] = {
             (81, 480, 832),
         ),
         PublishedModel(
+            "Wan2.2-TI2V-5B",
+            "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            "WanTransformer3DModel",
+            {
+                **_WAN_14B,
+                "num_attention_heads": 24,
+                "ffn_dim": 14336,
+                "num_layers": 30,
+                "in_channels": 48,
+                "out_channels": 48,
+            },
+            (121, 704, 1280),
+        ),
+        PublishedModel(
             "SkyReels-V2-T2V-14B-540P",
             "Skywork/SkyReels-V2-T2V-14B-540P-Diffusers",
             "SkyReelsV2Transformer3DModel",

@@ -114,7 +114,12 @@ def fake_transformer(
     checkpointing, as in training: it recomputes its head when blocks are recomputed). Trainable
     parameters are fp32, as training keeps them."""
     with torch.device("meta"):
-        transformer = getattr(diffusers, class_name).from_config(dict(config)).to(dtype)
+        transformer = getattr(diffusers, class_name).from_config(dict(config))
+        nn.Module.to(transformer, dtype)  # ModelMixin.to would warn about the fp32 modules kept below
+        keep_fp32 = getattr(transformer, "_keep_in_fp32_modules", None) or []
+        for name, param in transformer.named_parameters():  # as from_pretrained(torch_dtype=...) keeps them
+            if any(module in name.split(".") for module in keep_fp32):
+                param.data = param.data.float()
         family = detect_family(transformer)
         if lora is not None:
             from crepa.train.lora import add_lora
