@@ -75,13 +75,16 @@ def test_predicted_peak_within_15_percent_of_measured(name, checkpointing):
     assert abs(beyond - 1) < 0.15, beyond
 
 
-def test_fp8_prediction_within_15_percent_of_measured():
-    """fp8 storage halves the block weights; a non-checkpointed block keeps its bf16 copies for backward."""
-    name = "CogVideoX-5B"
+@pytest.mark.parametrize("name", ["CogVideoX-5B", "HunyuanVideo"])
+def test_fp8_and_offloaded_activations_within_15_percent_of_measured(name):
+    """fp8 storage halves the block weights (a non-checkpointed block keeps its bf16 copies for backward);
+    offloaded activations leave the checkpointed inputs in host memory (the trace's meta device)."""
     workload = published_workload(PUBLISHED[name], None, **four_blocks(name))
     profile = profile_model(workload)
-    for checkpointing in (True, False):
-        settings = Settings(profile.depth if checkpointing else 0, base_precision="fp8")
+    cases = [(True, "fp8", False), (False, "fp8", False), (True, "bf16", True), (2, "bf16", True)]
+    for checkpointing, precision, offload_activations in cases:
+        count = {True: profile.depth, False: 0}.get(checkpointing, checkpointing)
+        settings = Settings(count, base_precision=precision, offload_activations=offload_activations)
         predicted = estimate(profile, settings, workload).peak
         measured = measure_step_peak(
             workload.class_name,
@@ -90,9 +93,10 @@ def test_fp8_prediction_within_15_percent_of_measured():
             workload.text_length,
             LoraSection(),
             gradient_checkpointing=checkpointing,
-            base_precision="fp8",
+            base_precision=precision,
+            offload_activations=offload_activations,
         )
-        assert abs(predicted / measured - 1) < 0.15, (checkpointing, predicted / GIB, measured / GIB)
+        assert abs(predicted / measured - 1) < 0.15, (settings, predicted / GIB, measured / GIB)
 
 
 @pytest.fixture(scope="module")

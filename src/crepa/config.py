@@ -50,6 +50,10 @@ class ModelSection(_Section):
     offload_blocks: int = Field(
         default=0, ge=0, description="blocks whose weights live in pinned CPU memory, streamed in one ahead"
     )
+    offload_activations: bool = Field(
+        default=False,
+        description="checkpointed blocks keep their inputs in CPU memory until backward (CUDA only)",
+    )
     base_precision: Literal["bf16", "fp8"] = Field(
         default="bf16", description="storage of the frozen weights; fp8 is cast to bf16 layer by layer"
     )

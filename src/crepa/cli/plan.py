@@ -10,7 +10,7 @@ from crepa.cli import app
 from crepa.cli._errors import EXIT_FAILURE, command_errors, fail
 from crepa.config import load_config
 from crepa.plan.memory import GIB, Estimate
-from crepa.plan.planner import HEADROOM_BYTES, parse_memory, plan_run
+from crepa.plan.planner import HEADROOM_BYTES, parse_memory, plan_run, published_table
 
 SHOWN = 12
 
@@ -32,16 +32,24 @@ def _row(estimate: Estimate, depth: int) -> list[str]:
 
 @app.command()
 def plan(
-    config: str = typer.Argument(..., help="The run file (TOML)."),
+    config: str | None = typer.Argument(None, help="The run file (TOML)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set train.batch_size=2."),
     gpu_memory: str = typer.Option(
         "80GiB", "--gpu-memory", help="Memory of one GPU, e.g. 24GiB, 48GiB, 80GB."
     ),
     gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs the run shards over with FSDP (1: one GPU)."),
+    markdown: bool = typer.Option(
+        False, "--markdown", help="Print the README's table of the published models instead (no RUN_FILE)."
+    ),
 ) -> None:
     """Predict the peak GPU memory and step time of CONFIG's training step (offline: config only, no
     weights) and print the fastest memory settings that fit, as --set lines for `crepa train`."""
+    if markdown:
+        typer.echo(published_table())
+        return
     console = Console()
+    if config is None:
+        fail(console, "error", "RUN_FILE is missing (or use --markdown for the published models' table)", 2)
     if not console.is_terminal:  # piped: full rows rather than an 80-column wrap
         console = Console(width=160)
     with command_errors(console, lambda: (None, "nothing was written")):

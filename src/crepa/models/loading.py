@@ -38,7 +38,9 @@ def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype)
             revision=config.model.revision,
             torch_dtype=dtype,
         )
-    set_gradient_checkpointing(transformer, family, config.model.gradient_checkpointing)
+    # model.offload_activations: checkpointed blocks keep their inputs in CPU memory (a GPU run's only)
+    host = torch.device("cpu") if config.model.offload_activations and torch.cuda.is_available() else None
+    set_gradient_checkpointing(transformer, family, config.model.gradient_checkpointing, host)
     return transformer
 
 

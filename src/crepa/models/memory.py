@@ -32,16 +32,36 @@ def checkpointed_count(setting: bool | int, depth: int) -> int:
     return min(int(setting), depth)
 
 
-def _checkpoint_chosen(chosen: frozenset[int], block: nn.Module, *args, **kwargs):
-    """diffusers' gradient-checkpointing call: recompute ``block`` in backward only if it is chosen."""
-    if id(block) in chosen:
+def _checkpoint_chosen(
+    chosen: frozenset[int], inputs_to: torch.device | None, block: nn.Module, *args, **kwargs
+):
+    """diffusers' gradient-checkpointing call: recompute ``block`` in backward only if it is chosen.
+
+    ``inputs_to``: where a checkpointed block keeps its hidden-state inputs (the tensors that require
+    grad) until backward, e.g. the CPU; they are copied back to their device when the block runs."""
+    if id(block) not in chosen:
+        return block(*args, **kwargs)
+    if inputs_to is None:
         return checkpoint(block, *args, use_reentrant=False, **kwargs)
-    return block(*args, **kwargs)
+    devices = [arg.device if isinstance(arg, torch.Tensor) else None for arg in args]
+    kept = [arg.to(inputs_to) if isinstance(arg, torch.Tensor) and arg.requires_grad else arg for arg in args]
+
+    def run(*kept_args):
+        moved = [
+            arg.to(device) if isinstance(arg, torch.Tensor) else arg
+            for arg, device in zip(kept_args, devices, strict=True)
+        ]
+        return block(*moved, **kwargs)
+
+    return checkpoint(run, *kept, use_reentrant=False)
 
 
-def set_gradient_checkpointing(transformer: nn.Module, family: ModelFamily, setting: bool | int) -> None:
+def set_gradient_checkpointing(
+    transformer: nn.Module, family: ModelFamily, setting: bool | int, inputs_to: torch.device | None = None
+) -> None:
     """Checkpoint the first N blocks (execution order; true: all, false / 0: none). The block
-    activations of the others stay in memory: faster, as they are not recomputed in backward."""
+    activations of the others stay in memory: faster, as they are not recomputed in backward.
+    ``inputs_to``: a device (the CPU) where checkpointed blocks keep their inputs until backward."""
     blocks = family.blocks(transformer)
     count = checkpointed_count(setting, len(blocks))
     if count == 0:
@@ -49,7 +69,7 @@ def set_gradient_checkpointing(transformer: nn.Module, family: ModelFamily, sett
             transformer.disable_gradient_checkpointing()
         return
     chosen = frozenset(id(block) for block in blocks[:count])
-    transformer.enable_gradient_checkpointing(partial(_checkpoint_chosen, chosen))
+    transformer.enable_gradient_checkpointing(partial(_checkpoint_chosen, chosen, inputs_to))
 
 
 def store_in_fp8(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> None:

@@ -47,6 +47,7 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # state bytes per trainable para
 # host-to-device copies from pinned memory, and HBM bandwidth for fp8 -> bf16 casts.
 ACHIEVED_FLOPS = 341e12
 PCIE_BYTES_PER_S = 25e9
+PAGEABLE_BYTES_PER_S = 10e9  # synchronous copies to and from pageable host memory
 HBM_BYTES_PER_S = 4.0e12
 
 
@@ -74,6 +75,7 @@ class Settings:
     offload_blocks: int = 0
     base_precision: Literal["bf16", "fp8"] = "bf16"
     optimizer: OptimizerName = "adamw"
+    offload_activations: bool = False
 
     def set_lines(self, depth: int) -> list[str]:
         """The ``--set`` overrides of ``crepa train`` that select these settings."""
@@ -85,6 +87,7 @@ class Settings:
             f"model.offload_blocks={self.offload_blocks}",
             f'model.base_precision="{self.base_precision}"',
             f'optim.name="{self.optimizer}"',
+            f"model.offload_activations={str(self.offload_activations).lower()}",
         ]
 
 
@@ -277,7 +280,10 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     # Backward runs from the last block down: at block j, blocks after j have freed their inputs and
     # saved tensors; a checkpointed block first recomputes its own. (Checkpointing the first N blocks
     # thus recomputes only when the non-checkpointed blocks' activations are gone.)
-    held = sum(block_profile(kind).output for kind in sequence)
+    # A checkpointed block's input stays on the GPU, or in host memory with offload_activations (copied
+    # back for its recompute).
+    on_gpu = [not (ckpt and settings.offload_activations) for ckpt in checkpointed]
+    held = sum(block_profile(kind).output for kind, kept in zip(sequence, on_gpu, strict=True) if kept)
     held += sum(
         block_profile(kind).saved for kind, ckpt in zip(sequence, checkpointed, strict=True) if not ckpt
     )
@@ -286,10 +292,12 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     if head is not None:
         held += head.output + (0 if checkpointed[0] else head.saved)
         peak_activations = held + head.backward_peak + (head.saved if checkpointed[0] else 0)
-    for kind, ckpt in zip(reversed(sequence), reversed(checkpointed), strict=True):
+    for kind, ckpt, kept in zip(reversed(sequence), reversed(checkpointed), reversed(on_gpu), strict=True):
         block = block_profile(kind)
-        peak_activations = max(peak_activations, held + block.backward_peak + (block.saved if ckpt else 0))
-        held -= block.output + (0 if ckpt else block.saved)
+        copied_back = 0 if kept else block.output
+        working = copied_back + block.backward_peak + (block.saved if ckpt else 0)
+        peak_activations = max(peak_activations, held + working)
+        held -= (block.output if kept else 0) + (0 if ckpt else block.saved)
     activations = peak_activations + profile.io_bytes
     teacher = workload.teacher_params * 2 + workload.teacher_activation
 
@@ -305,6 +313,11 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     if fp8:  # every weight use casts fp8 -> bf16 (read 1 byte, write 2): forward, recompute, backward
         uses = 2 + sum(checkpointed) / max(len(sequence), 1)
         seconds += profile.castable_params * 3 * uses / HBM_BYTES_PER_S
+    if settings.offload_activations:  # synchronous copies of the checkpointed inputs, out and back
+        moved = sum(
+            block_profile(kind).output for kind, kept in zip(sequence, on_gpu, strict=True) if not kept
+        )
+        seconds += 2 * moved / PAGEABLE_BYTES_PER_S
     if settings.offload_blocks:  # copies not hidden behind the previous block's compute
         per_block_seconds = seconds / len(sequence)
         copy = max(stored) / PCIE_BYTES_PER_S
@@ -314,15 +327,17 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
 
 def candidate_settings(depth: int, allow_offload: bool) -> list[Settings]:
     """Every combination the planner weighs: any number of checkpointed blocks, offload of none, a
-    quarter, half, three quarters or all but two blocks, bf16 / fp8 weights, AdamW / 8-bit AdamW."""
+    quarter, half, three quarters or all but two (checkpointed) blocks, bf16 / fp8 weights, AdamW /
+    8-bit AdamW, checkpointed inputs on the GPU or in host memory."""
     offloads = (
         sorted({0, depth // 4, depth // 2, 3 * depth // 4, max(depth - 2, 0)}) if allow_offload else [0]
     )
     return [
-        Settings(checkpointed, offload, precision, optimizer)
+        Settings(checkpointed, offload, precision, optimizer, offload_activations)
         for checkpointed in range(depth + 1)
         for offload in offloads
         if offload <= checkpointed
         for precision in ("bf16", "fp8")
         for optimizer in ("adamw", "adamw8bit")
+        for offload_activations in ((False, True) if checkpointed and allow_offload else (False,))
     ]

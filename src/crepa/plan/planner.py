@@ -15,9 +15,11 @@ from typing import Any
 import diffusers
 
 from crepa.config import AlignmentSection, ConfigError, RunConfig
+from crepa.models.hub import HubUnreachableError, hub_access
 from crepa.models.memory import checkpointed_count
 from crepa.models.pipelines import text_length
 from crepa.models.registry import FAMILIES, ModelFamily
+from crepa.models.support import VARIANTS
 from crepa.plan.memory import (
     GIB,
     Estimate,
@@ -28,7 +30,7 @@ from crepa.plan.memory import (
     estimate,
     profile_model,
 )
-from crepa.plan.published import PublishedModel, published_by_repo
+from crepa.plan.published import PUBLISHED, PublishedModel, published_by_repo
 
 # The CUDA context, cuBLAS workspaces and the caching allocator's slack are not in the prediction:
 # a setting fits when its peak leaves this much of the card free.
@@ -52,6 +54,7 @@ def ranking_seconds(estimate: Estimate) -> float:
         (settings.base_precision == "fp8")
         + (settings.optimizer == "adamw8bit")
         + (settings.offload_blocks > 0)
+        + settings.offload_activations
     )
     return estimate.seconds * (1 + OPTION_PENALTY * options)
 
@@ -66,21 +69,29 @@ def parse_memory(text: str) -> int:
 
 
 def transformer_source(config: RunConfig) -> tuple[str, dict[str, Any]]:
-    """(class name, transformer config) of the run's model without touching the network: a local
-    pipeline folder's ``config.json``, else the published config of a known hub id."""
+    """(class name, transformer config) of the run's model, no weights read: a local pipeline folder's
+    ``config.json``, the published config of a hub id crepa knows, else the hub's ``config.json``
+    (from the local cache when offline)."""
     model = config.model
     subfolder = model.expert or "transformer"
-    local = Path(model.pretrained) / subfolder / "config.json"
-    if local.is_file():
-        loaded = dict(diffusers.ConfigMixin.load_config(str(local.parent)))
-        return loaded["_class_name"], {k: v for k, v in loaded.items() if not k.startswith("_")}
+    local = Path(model.pretrained) / subfolder
     published = published_by_repo(model.pretrained)
-    if published is None:
+    if published is not None and not local.is_dir():
+        return published.class_name, dict(published.config)
+    try:
+        with hub_access(model.pretrained, "model.pretrained"):
+            loaded = dict(
+                diffusers.ConfigMixin.load_config(
+                    model.pretrained, subfolder=subfolder, revision=model.revision
+                )
+            )
+    except (OSError, HubUnreachableError):
         raise ConfigError(
             f"model.pretrained: {model.pretrained!r} is neither a local pipeline folder nor a checkpoint whose "
-            "published config crepa knows (see `crepa families`); point it at a downloaded pipeline folder"
-        )
-    return published.class_name, dict(published.config)
+            "published config crepa knows (see `crepa families`), and its transformer config.json cannot be "
+            "read; point model.pretrained at a downloaded pipeline folder"
+        ) from None
+    return loaded["_class_name"], {key: value for key, value in loaded.items() if not key.startswith("_")}
 
 
 def family_of(class_name: str, transformer_config: dict[str, Any], name: str | None = None) -> ModelFamily:
@@ -180,6 +191,7 @@ def run_settings(config: RunConfig, depth: int) -> Settings:
         model.offload_blocks,
         model.base_precision,
         config.optim.name,
+        model.offload_activations,
     )
 
 
@@ -214,3 +226,61 @@ def plan_run(config: RunConfig, budget: int, gpus: int = 1) -> Plan:
     ]
     current = estimate(profile, run_settings(config, profile.depth), workload, gpus)
     return Plan(workload, profile, budget, gpus, current, candidates)
+
+
+def memory_warning(config: RunConfig, free_bytes: int, gpus: int = 1) -> str | None:
+    """A warning when the run's predicted peak per GPU exceeds ``free_bytes``, naming the settings of
+    the fastest candidate that fits (None when the run fits)."""
+    plan = plan_run(config, free_bytes, gpus)
+    if plan.fits(plan.current):
+        return None
+    need = f"this run is predicted to need {plan.current.peak / GIB:.1f} GiB per GPU ({HEADROOM_BYTES / GIB:.1f} GiB headroom on top) and {free_bytes / GIB:.1f} GiB are free"
+    fitting = plan.fitting()
+    if not fitting:
+        return f"{need}; no memory setting fits: lower train.batch_size, data.num_frames or data.resolutions, or shard with FSDP"
+    current = plan.current.settings.set_lines(plan.profile.depth)
+    changes = [line for line in fitting[0].settings.set_lines(plan.profile.depth) if line not in current]
+    return (
+        f"{need}; the fastest setting that fits changes {', '.join(changes)} (`crepa plan` lists the others)"
+    )
+
+
+CARDS_GIB = (24, 48, 80)
+TABLE_SETTINGS = {
+    "every block checkpointed": lambda depth: Settings(depth),
+    "none checkpointed": lambda depth: Settings(0),
+    "checkpointed + fp8": lambda depth: Settings(depth, base_precision="fp8"),
+    "checkpointed + fp8 + offload + 8-bit AdamW": lambda depth: Settings(
+        depth, max(depth - 2, 0), "fp8", "adamw8bit"
+    ),
+    "same + activations offloaded": lambda depth: Settings(
+        depth, max(depth - 2, 0), "fp8", "adamw8bit", True
+    ),
+}
+
+
+def smallest_card(peak: int) -> str:
+    """The smallest of 24 / 48 / 80 GiB cards the peak fits (with the headroom), or "> 80"."""
+    return next((f"{card} GB" for card in CARDS_GIB if peak + HEADROOM_BYTES <= card * GIB), "> 80 GB")
+
+
+def published_table() -> str:
+    """Markdown: each published model crepa trains, at its published shape (LoRA rank 64, batch 1,
+    CREPA at the family's block), peak GiB per GPU and the smallest card for each of
+    :data:`TABLE_SETTINGS`."""
+    trainable = {variant.family for variant in VARIANTS if variant.trainable}
+    header = ["model", "frames x height x width", *TABLE_SETTINGS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in PUBLISHED.values():
+        family = family_of(model.class_name, model.config)
+        if family.name not in trainable:
+            continue
+        workload = published_workload(model, AlignmentSection(block_index=family.default_block_index))
+        profile = profile_model(workload)
+        cells = []
+        for settings_of in TABLE_SETTINGS.values():
+            peak = estimate(profile, settings_of(profile.depth), workload).peak
+            cells.append(f"{peak / GIB:.1f} GiB ({smallest_card(peak)})")
+        frames, height, width = model.shape
+        lines.append("| " + " | ".join([model.name, f"{frames} x {height} x {width}", *cells]) + " |")
+    return "\n".join(lines)

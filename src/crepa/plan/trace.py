@@ -64,8 +64,8 @@ class AllocationCounter(TorchDispatchMode):
         self.peak = 0
 
     def add(self, tensor: Any) -> None:
-        if not isinstance(tensor, torch.Tensor):
-            return
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return  # meta stands for host memory in the traces (offloaded activations)
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._live:
@@ -106,11 +106,13 @@ def fake_transformer(
     crepa: CrepaConfig | None = None,
     teacher_dim: int = 1536,
     gradient_checkpointing: bool | int = False,
+    offload_activations: bool = False,
     dtype: torch.dtype = torch.bfloat16,
 ) -> tuple[nn.Module, ModelFamily, CrepaRegularizer | None]:
     """The diffusers transformer ``class_name(**config)`` with fake CPU weights in ``dtype``; with
     ``lora``, the family's LoRA added (else every weight trains); ``gradient_checkpointing`` as
-    ``model.gradient_checkpointing``; with ``crepa``, the CREPA regularizer installed (after the
+    ``model.gradient_checkpointing`` (``offload_activations``: checkpointed blocks keep their inputs
+    on the meta device, which stands for host memory: the counter skips it); with ``crepa``, the CREPA regularizer installed (after the
     checkpointing, as in training: it recomputes its head when blocks are recomputed). Trainable
     parameters are fp32, as training keeps them."""
     with torch.device("meta"):
@@ -127,7 +129,8 @@ def fake_transformer(
             add_lora(transformer, family, lora)
         else:
             transformer.requires_grad_(True)
-        set_gradient_checkpointing(transformer, family, gradient_checkpointing)
+        inputs_to = torch.device("meta") if offload_activations else None
+        set_gradient_checkpointing(transformer, family, gradient_checkpointing, inputs_to)
         regularizer = None
         if crepa is not None:
             external = crepa.mode != "backbone"
@@ -272,13 +275,14 @@ def measure_step_peak(
     teacher_dim: int = 1536,
     gradient_checkpointing: bool | int = True,
     base_precision: str = "bf16",
+    offload_activations: bool = False,
 ) -> int:
     """Peak bytes of the second of two real training steps (forward, diffusion + CREPA loss, backward,
     AdamW step) on fake tensors, everything counted: weights, trainables, gradients, optimiser state,
     activations. The measurement the memory model is validated against on the CPU."""
     mode = FakeTensorMode()
     transformer, family, regularizer = fake_transformer(
-        class_name, config, mode, lora, crepa, teacher_dim, gradient_checkpointing
+        class_name, config, mode, lora, crepa, teacher_dim, gradient_checkpointing, offload_activations
     )
     inputs = fake_step_inputs(transformer, family, mode, latent_shape, text_length)
     trainables = [p for p in transformer.parameters() if p.requires_grad]

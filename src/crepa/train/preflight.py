@@ -150,7 +150,8 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
 
 def check_memory_options(config: RunConfig, depth: int) -> None:
     """``model.gradient_checkpointing`` / ``model.offload_blocks`` within the model's ``depth`` blocks,
-    offloaded blocks checkpointed, ``optim.name = "adamw8bit"`` where bitsandbytes runs."""
+    offloaded blocks and activations only with checkpointing, ``optim.name = "adamw8bit"`` where
+    bitsandbytes runs."""
     model = config.model
     problems = []
     checkpointing = model.gradient_checkpointing
@@ -167,6 +168,11 @@ def check_memory_options(config: RunConfig, depth: int) -> None:
             f"model.offload_blocks: {model.offload_blocks} blocks offloaded but only {checkpointed} checkpointed; "
             "autograd keeps a non-checkpointed block's weights on the GPU until its backward: set "
             f"model.gradient_checkpointing = true (or >= {model.offload_blocks}), or fewer model.offload_blocks"
+        )
+    if model.offload_activations and checkpointed == 0:
+        problems.append(
+            "model.offload_activations: only checkpointed blocks keep their inputs in CPU memory, and none is "
+            "checkpointed; set model.gradient_checkpointing = true (or N), or model.offload_activations = false"
         )
     if config.optim.name == "adamw8bit" and not (
         torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
