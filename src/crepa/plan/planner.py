@@ -7,12 +7,13 @@ memory options it asks for; :mod:`crepa.plan.memory` predicts each candidate set
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import diffusers
+from huggingface_hub import hf_hub_download
 
 from crepa.config import AlignmentSection, ConfigError, RunConfig
 from crepa.models.hub import HubUnreachableError, hub_access
@@ -79,13 +80,15 @@ def transformer_source(config: RunConfig) -> tuple[str, dict[str, Any]]:
     if published is not None and not local.is_dir():
         return published.class_name, dict(published.config)
     try:
-        with hub_access(model.pretrained, "model.pretrained"):
-            loaded = dict(
-                diffusers.ConfigMixin.load_config(
-                    model.pretrained, subfolder=subfolder, revision=model.revision
+        if local.is_dir():
+            path = local / "config.json"
+        else:
+            with hub_access(model.pretrained, "model.pretrained"):
+                path = hf_hub_download(
+                    model.pretrained, "config.json", subfolder=subfolder, revision=model.revision
                 )
-            )
-    except (OSError, HubUnreachableError):
+        loaded = json.loads(Path(path).read_text())
+    except (OSError, ValueError, HubUnreachableError):
         raise ConfigError(
             f"model.pretrained: {model.pretrained!r} is neither a local pipeline folder nor a checkpoint whose "
             "published config crepa knows (see `crepa families`), and its transformer config.json cannot be "
