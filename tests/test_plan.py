@@ -121,12 +121,12 @@ def test_cogvideox_5b_lora_fits_24_gib_and_the_80_gib_pick_is_20_percent_faster(
     fastest fitting setting is at least 20 % faster than full checkpointing (predicted here)."""
     workload, profile = cogvideox_5b
     full = estimate(profile, Settings(profile.depth), workload)
-    assert full.peak + HEADROOM_BYTES <= 24 * GIB
+    assert full.gpu_peak + HEADROOM_BYTES <= 24 * GIB
     run = load_config(EXAMPLES / "cogvideox_5b.toml")
     plan = plan_run(run, 80 * GIB)
     fastest = plan.fitting()[0]
-    assert fastest.peak + HEADROOM_BYTES <= 80 * GIB
-    assert fastest.seconds <= 0.8 * plan.current.seconds
+    assert fastest.gpu_peak + HEADROOM_BYTES <= 80 * GIB
+    assert 1.2 * fastest.seconds <= plan.current.seconds  # 20 % more steps per second
 
 
 def test_wan_14b_fits_24_gib_and_hunyuanvideo_48_gib():
@@ -136,11 +136,11 @@ def test_wan_14b_fits_24_gib_and_hunyuanvideo_48_gib():
     wan = published_workload(PUBLISHED["Wan2.1-T2V-14B"])
     profile = profile_model(wan)
     settings = Settings(profile.depth, profile.depth - 2, "fp8", "adamw", offload_activations=True)
-    assert estimate(profile, settings, wan).peak + HEADROOM_BYTES <= 24 * GIB
+    assert estimate(profile, settings, wan).gpu_peak + HEADROOM_BYTES <= 24 * GIB
     hunyuan = published_workload(PUBLISHED["HunyuanVideo"])
     profile = profile_model(hunyuan)
     settings = Settings(profile.depth, profile.depth - 2, "bf16", "adamw", offload_activations=True)
-    assert estimate(profile, settings, hunyuan).peak + HEADROOM_BYTES <= 48 * GIB
+    assert estimate(profile, settings, hunyuan).gpu_peak + HEADROOM_BYTES <= 48 * GIB
 
 
 def test_parse_memory():

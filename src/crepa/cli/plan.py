@@ -9,7 +9,7 @@ from rich.table import Table
 from crepa.cli import app
 from crepa.cli._errors import EXIT_FAILURE, command_errors, fail
 from crepa.config import load_config
-from crepa.plan.memory import GIB, Estimate
+from crepa.plan.memory import CUDA_ACTIVATION_FACTOR, GIB, Estimate
 from crepa.plan.planner import HEADROOM_BYTES, parse_memory, plan_run, published_table
 
 SHOWN = 12
@@ -23,6 +23,7 @@ def _row(estimate: Estimate, depth: int) -> list[str]:
         settings.base_precision,
         settings.optimizer,
         "yes" if settings.offload_activations else "no",
+        f"{estimate.gpu_peak / GIB:.1f}",
         f"{estimate.peak / GIB:.1f}",
         f"{estimate.weights / GIB:.1f}",
         f"{estimate.activations / GIB:.1f}",
@@ -71,7 +72,8 @@ def plan(
         "weights",
         "optimizer",
         "act. offload",
-        "peak GiB",
+        "GPU peak GiB",
+        "traced peak GiB",
         "weights GiB",
         "activ. GiB",
         "TFLOP",
@@ -82,11 +84,11 @@ def plan(
     console.print(current)
     fitting = result.fitting()
     if not fitting:
-        smallest = min(result.candidates, key=lambda e: e.peak)
+        smallest = min(result.candidates, key=lambda e: e.gpu_peak)
         fail(
             console,
             "does not fit",
-            f"no setting fits {budget / GIB:.1f} GiB; the smallest needs {smallest.peak / GIB:.1f} GiB "
+            f"no setting fits {budget / GIB:.1f} GiB; the smallest needs {smallest.gpu_peak / GIB:.1f} GiB "
             f"({', '.join(smallest.settings.set_lines(depth))}). Lower train.batch_size, data.num_frames or "
             "data.resolutions, or shard over more GPUs (--gpus)",
             EXIT_FAILURE,
@@ -97,6 +99,10 @@ def plan(
     for estimate in fitting[:SHOWN]:
         table.add_row(*_row(estimate, depth))
     console.print(table)
-    console.print("* step time at the H200 rate of SPEC §7 (341 TFLOP/s); compare settings, not cards.")
+    console.print(
+        "GPU peak: the traced peak (CPU autocast) with activations x "
+        f"{CUDA_ACTIVATION_FACTOR:.2f} for CUDA autocast's fp32 ops (SPEC §7); "
+        "* step time at the H200 rate of SPEC §7 (341 TFLOP/s): compare settings, not cards."
+    )
     fastest = " ".join(f"--set '{line}'" for line in fitting[0].settings.set_lines(depth))
     console.print(f"fastest that fits:\n  crepa train {config} {fastest}", highlight=False, soft_wrap=True)

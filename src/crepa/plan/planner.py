@@ -210,7 +210,7 @@ class Plan:
     candidates: list[Estimate]
 
     def fits(self, estimate: Estimate) -> bool:
-        return estimate.peak + HEADROOM_BYTES <= self.budget
+        return estimate.gpu_peak + HEADROOM_BYTES <= self.budget
 
     def fitting(self) -> list[Estimate]:
         """Settings that fit, fastest first. Each of fp8 weights, 8-bit moments and offload ranks
@@ -237,7 +237,7 @@ def memory_warning(config: RunConfig, free_bytes: int, gpus: int = 1) -> str | N
     plan = plan_run(config, free_bytes, gpus)
     if plan.fits(plan.current):
         return None
-    need = f"this run is predicted to need {plan.current.peak / GIB:.1f} GiB per GPU ({HEADROOM_BYTES / GIB:.1f} GiB headroom on top) and {free_bytes / GIB:.1f} GiB are free"
+    need = f"this run is predicted to need {plan.current.gpu_peak / GIB:.1f} GiB per GPU ({HEADROOM_BYTES / GIB:.1f} GiB headroom on top) and {free_bytes / GIB:.1f} GiB are free"
     fitting = plan.fitting()
     if not fitting:
         return f"{need}; no memory setting fits: lower train.batch_size, data.num_frames or data.resolutions, or shard with FSDP"
@@ -269,8 +269,8 @@ def smallest_card(peak: int) -> str:
 
 def published_table() -> str:
     """Markdown: each published model crepa trains, at its published shape (LoRA rank 64, batch 1,
-    CREPA at the family's block), peak GiB per GPU and the smallest card for each of
-    :data:`TABLE_SETTINGS`."""
+    CREPA at the family's block), the GPU peak (:attr:`Estimate.gpu_peak`) and the smallest card for
+    each of :data:`TABLE_SETTINGS`."""
     trainable = {variant.family for variant in VARIANTS if variant.trainable}
     header = ["model", "frames x height x width", *TABLE_SETTINGS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -282,7 +282,7 @@ def published_table() -> str:
         profile = profile_model(workload)
         cells = []
         for settings_of in TABLE_SETTINGS.values():
-            peak = estimate(profile, settings_of(profile.depth), workload).peak
+            peak = estimate(profile, settings_of(profile.depth), workload).gpu_peak
             cells.append(f"{peak / GIB:.1f} GiB ({smallest_card(peak)})")
         frames, height, width = model.shape
         lines.append("| " + " | ".join([model.name, f"{frames} x {height} x {width}", *cells]) + " |")
