@@ -122,14 +122,19 @@ def apply_memory_options(
     gradient_checkpointing: bool | int = True,
     base_precision: BasePrecision = "bf16",
     offload: int = 0,
+    offload_activations: bool = False,
     device: torch.device | None = None,
     compute_dtype: torch.dtype = torch.bfloat16,
 ) -> None:
-    """Apply ``model.gradient_checkpointing``, ``model.base_precision`` and ``model.offload_blocks`` to a
-    loaded transformer (LoRA already added, trainables already fp32). ``device``: where it trains;
-    ``compute_dtype``: the dtype the frozen weights compute in (the weights' dtype before fp8)."""
-    set_gradient_checkpointing(transformer, family, gradient_checkpointing)
+    """Apply ``model.gradient_checkpointing``, ``model.offload_activations``, ``model.base_precision`` and
+    ``model.offload_blocks`` to a loaded transformer (LoRA already added, trainables already fp32), as
+    ``crepa train`` does. ``device``: where it trains (with ``offload``, this places the model: the
+    offloaded blocks stay on the CPU, the rest moves to ``device``); ``compute_dtype``: the dtype the
+    frozen weights compute in (the weights' dtype before fp8)."""
+    device = device or torch.device("cpu")
+    host = torch.device("cpu") if offload_activations and device.type == "cuda" else None
+    set_gradient_checkpointing(transformer, family, gradient_checkpointing, host)
     if base_precision == "fp8":
         store_in_fp8(transformer, compute_dtype)
     if offload:
-        offload_blocks(transformer, family, offload, device or torch.device("cpu"))
+        offload_blocks(transformer, family, offload, device)
