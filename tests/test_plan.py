@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from crepa.config import AlignmentSection, LoraSection, load_config
 from crepa.models.support import VARIANTS
@@ -192,3 +193,55 @@ def test_crepa_plan_refuses_an_unknown_hub_model(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 2 and "model.pretrained" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["all", "none"])
+def test_gpu_peak_within_15_percent_of_cuda_max_memory_allocated(checkpointing):
+    """CogVideoX-5B cut to 4 blocks, random weights, at 49 x 480 x 720: the second of two LoRA steps
+    under bf16 autocast, against ``torch.cuda.max_memory_allocated``."""
+    import diffusers
+
+    from crepa.models.conditioning import text_width, transformer_inputs
+    from crepa.models.memory import set_gradient_checkpointing
+    from crepa.models.registry import detect_family
+    from crepa.train.lora import add_lora
+
+    workload = published_workload(PUBLISHED["CogVideoX-5B"], None, num_layers=4)
+    profile = profile_model(workload)
+    settings = Settings(profile.depth if checkpointing else 0)
+    predicted = estimate(profile, settings, workload).gpu_peak
+    device = torch.device("cuda")
+    transformer = diffusers.CogVideoXTransformer3DModel.from_config(workload.config).to(
+        device, torch.bfloat16
+    )
+    family = detect_family(transformer)
+    add_lora(transformer, family, LoraSection())
+    for param in transformer.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    set_gradient_checkpointing(transformer, family, checkpointing)
+    transformer.train()
+    batch, _, _, _, _ = workload.latent_shape
+    text = {
+        "prompt_embeds": torch.randn(
+            batch, workload.text_length, text_width(workload.config), device=device, dtype=torch.bfloat16
+        )
+    }
+    latents = torch.randn(workload.latent_shape, device=device, dtype=torch.bfloat16)
+    inputs = transformer_inputs(
+        transformer, family, latents, torch.full((batch,), 500.0, device=device), text
+    )
+    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad])
+    for step in range(2):
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = transformer(**inputs)[0].float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    measured = torch.cuda.max_memory_allocated()
+    assert abs(predicted / measured - 1) < 0.15, (predicted / GIB, measured / GIB)
