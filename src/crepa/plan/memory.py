@@ -70,6 +70,7 @@ class Workload:
     teacher_dim: int = 1536
     teacher_params: int = 0  # an online teacher's parameters (fp16 on the GPU), 0 when grids are cached
     teacher_activation: int = 0  # bytes one chunk of online teacher frames takes
+    repvideo_window: int | None = None  # RepVideo installed with this window (None: off)
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,12 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
         peak_activations = max(peak_activations, held + working)
         held -= (block.output if kept else 0) + (0 if ckpt else block.saved)
     activations = peak_activations + profile.io_bytes
+    if workload.repvideo_window is not None:
+        # RepVideo keeps its window's cache mean and the mixed input for the gates' backward: about two
+        # block outputs when blocks are checkpointed, half an output more per block that is not
+        # (measured with crepa.plan.trace on CogVideoX-5B and Wan 14B, window 3, 6 blocks)
+        output = max(kind.profile.output for kind in profile.blocks)
+        activations += output * 2 + output * checkpointed.count(False) // 2
     teacher = workload.teacher_params * 2 + workload.teacher_activation
 
     # FLOPs and time

@@ -183,6 +183,7 @@ def workload_of(config: RunConfig) -> Workload:
         teacher_params=teacher_params if online else 0,
         # one chunk of frames through the teacher under no_grad: a few (tokens, width) fp16 tensors
         teacher_activation=config.teacher.chunk_size * frames_tokens * teacher_dim * 2 * 6 if online else 0,
+        repvideo_window=config.repvideo.window if config.repvideo.enabled else None,
     )
 
 

@@ -28,6 +28,7 @@ from crepa.models.conditioning import text_width, transformer_inputs
 from crepa.models.memory import set_gradient_checkpointing, store_in_fp8
 from crepa.models.registry import ModelFamily, detect_family
 from crepa.regularizer import CrepaConfig, CrepaRegularizer
+from crepa.repvideo import install_repvideo
 
 
 def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -98,6 +99,22 @@ def _fake_like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tensor.shape, dtype=dtype)
 
 
+def make_fake(modules: list[nn.Module], mode: FakeTensorMode) -> None:
+    """Replace the parameters and buffers of ``modules`` (meta or real) by fake CPU tensors of the same
+    shape; trainable parameters in fp32, as training keeps them."""
+    with mode:
+        for module in (sub for root in modules for sub in root.modules()):
+            for name, param in module._parameters.items():
+                if param is not None:
+                    stored = torch.float32 if param.requires_grad else param.dtype
+                    module._parameters[name] = nn.Parameter(
+                        _fake_like(param, stored), requires_grad=param.requires_grad
+                    )
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = _fake_like(buffer, buffer.dtype)
+
+
 def fake_transformer(
     class_name: str,
     config: Mapping[str, Any],
@@ -135,18 +152,7 @@ def fake_transformer(
         if crepa is not None:
             external = crepa.mode != "backbone"
             regularizer = CrepaRegularizer(transformer, crepa, teacher_dim=teacher_dim if external else None)
-    modules = [*transformer.modules(), *(regularizer.modules() if regularizer is not None else ())]
-    with mode:
-        for module in modules:
-            for name, param in module._parameters.items():
-                if param is not None:
-                    stored = torch.float32 if param.requires_grad else param.dtype
-                    module._parameters[name] = nn.Parameter(
-                        _fake_like(param, stored), requires_grad=param.requires_grad
-                    )
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[name] = _fake_like(buffer, buffer.dtype)
+    make_fake([transformer, *([regularizer] if regularizer is not None else [])], mode)
     transformer.train()
     return transformer, family, regularizer
 
@@ -276,6 +282,7 @@ def measure_step_peak(
     gradient_checkpointing: bool | int = True,
     base_precision: str = "bf16",
     offload_activations: bool = False,
+    repvideo_window: int | None = None,
 ) -> int:
     """Peak bytes of the second of two real training steps (forward, diffusion + CREPA loss, backward,
     AdamW step) on fake tensors, everything counted: weights, trainables, gradients, optimiser state,
@@ -286,6 +293,10 @@ def measure_step_peak(
     )
     inputs = fake_step_inputs(transformer, family, mode, latent_shape, text_length)
     trainables = [p for p in transformer.parameters() if p.requires_grad]
+    if repvideo_window is not None:
+        gates = install_repvideo(transformer, repvideo_window, gate_init=0.5)
+        make_fake([gates], mode)
+        trainables += list(gates.parameters())
     if regularizer is not None:
         trainables += list(regularizer.projector.parameters())
     counter = AllocationCounter()
