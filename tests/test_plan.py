@@ -273,3 +273,17 @@ def test_gpu_peak_within_15_percent_of_cuda_max_memory_allocated(checkpointing):
         optimizer.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated()
     assert abs(predicted / measured - 1) < 0.15, (predicted / GIB, measured / GIB)
+
+
+def test_start_up_warning_names_the_settings_to_change(monkeypatch):
+    """`crepa train`'s start-up check on a (pretended) GPU with 16 GiB free: the example CogVideoX-5B run
+    (20.4 GiB on a GPU) gets a warning naming the keys to change; with 80 GiB free, none."""
+    from crepa.cli.train import predicted_memory_warning
+
+    run = load_config(EXAMPLES / "cogvideox_5b.toml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (16 * GIB, 141 * GIB))
+    warning = predicted_memory_warning(run)
+    assert warning is not None and "16.0 GiB are free" in warning and "model." in warning
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * GIB, 141 * GIB))
+    assert predicted_memory_warning(run) is None

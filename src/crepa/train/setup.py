@@ -33,7 +33,6 @@ from crepa.models.loading import (
 )
 from crepa.models.memory import offload_blocks, store_in_fp8
 from crepa.models.pipelines import expert_noise_range
-from crepa.plan.planner import memory_warning
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
 from crepa.rundir import CHECKPOINTS_DIR, METRICS_FILE, RUN_CONFIG_FILE
@@ -58,7 +57,6 @@ def build_run(config: RunConfig, resume: str | None) -> TrainState:
     sharding = launch_sharding(config)
     dtype, mixed_precision = training_precision(config)
     accelerator = _setup_accelerator(config, mixed_precision)
-    _warn_if_over_memory(config, accelerator, sharding)
     set_seed(config.train.seed)
     transformer = _setup_transformer(config, family, dtype)
     online_teacher, online_vae = None, None
@@ -136,18 +134,6 @@ def _setup_accelerator(config: RunConfig, mixed_precision: str) -> Accelerator:
         log_with=_trackers(config) or None,
         project_dir=str(config.output.dir),
     )
-
-
-def _warn_if_over_memory(config: RunConfig, accelerator: Accelerator, sharding: str) -> None:
-    """On a GPU, warn (naming the settings to change) when the memory model predicts the run will not
-    fit the GPU's free memory (crepa.plan; no weights are read)."""
-    if accelerator.device.type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(accelerator.device)
-    gpus = accelerator.num_processes if sharding == "fsdp" else 1
-    warning = memory_warning(config, free, gpus)
-    if warning is not None:
-        accelerator.print(f"warning: {warning}")
 
 
 def _setup_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype) -> nn.Module:
