@@ -342,19 +342,18 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     return Estimate(settings, weights, trainable_state, activations, teacher, step_flops, seconds)
 
 
-def candidate_settings(depth: int, allow_offload: bool) -> list[Settings]:
+def candidate_settings(depth: int, single_gpu: bool) -> list[Settings]:
     """Every combination the planner weighs: any number of checkpointed blocks, offload of none, a
     quarter, half, three quarters or all but two (checkpointed) blocks, bf16 / fp8 weights, AdamW /
-    8-bit AdamW, checkpointed inputs on the GPU or in host memory."""
-    offloads = (
-        sorted({0, depth // 4, depth // 2, 3 * depth // 4, max(depth - 2, 0)}) if allow_offload else [0]
-    )
+    8-bit AdamW, checkpointed inputs on the GPU or in host memory. Under FSDP (not ``single_gpu``)
+    only checkpointing and the optimiser: crepa refuses offload and fp8 there."""
+    offloads = sorted({0, depth // 4, depth // 2, 3 * depth // 4, max(depth - 2, 0)}) if single_gpu else [0]
     return [
         Settings(checkpointed, offload, precision, optimizer, offload_activations)
         for checkpointed in range(depth + 1)
         for offload in offloads
         if offload <= checkpointed
-        for precision in ("bf16", "fp8")
+        for precision in (("bf16", "fp8") if single_gpu else ("bf16",))
         for optimizer in ("adamw", "adamw8bit")
-        for offload_activations in ((False, True) if checkpointed and allow_offload else (False,))
+        for offload_activations in ((False, True) if checkpointed and single_gpu else (False,))
     ]

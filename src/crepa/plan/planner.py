@@ -223,10 +223,9 @@ def plan_run(config: RunConfig, budget: int, gpus: int = 1) -> Plan:
     """Profile the run's model and estimate its own settings and every candidate."""
     workload = workload_of(config)
     profile = profile_model(workload)
-    allow_offload = gpus == 1
     candidates = [
         estimate(profile, settings, workload, gpus)
-        for settings in candidate_settings(profile.depth, allow_offload)
+        for settings in candidate_settings(profile.depth, single_gpu=gpus == 1)
     ]
     current = estimate(profile, run_settings(config, profile.depth), workload, gpus)
     return Plan(workload, profile, budget, gpus, current, candidates)
