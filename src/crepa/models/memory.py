@@ -72,6 +72,11 @@ def set_gradient_checkpointing(
     transformer.enable_gradient_checkpointing(partial(_checkpoint_chosen, chosen, inputs_to))
 
 
+def fp8_skip_patterns(transformer: nn.Module) -> tuple[str, ...]:
+    """Module-name patterns fp8 storage leaves alone: :data:`FP8_SKIP_PATTERNS` and the model's own."""
+    return FP8_SKIP_PATTERNS + tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ())
+
+
 def store_in_fp8(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> None:
     """Frozen weights stored in fp8 (e4m3), cast to ``compute_dtype`` layer by layer when each layer
     runs; LoRA (fp32) and the layers diffusers keeps precise stay as they are."""
@@ -79,8 +84,7 @@ def store_in_fp8(transformer: nn.Module, compute_dtype: torch.dtype = torch.bflo
         transformer,
         storage_dtype=FP8_STORAGE,
         compute_dtype=compute_dtype,
-        skip_modules_pattern=FP8_SKIP_PATTERNS
-        + tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ()),
+        skip_modules_pattern=fp8_skip_patterns(transformer),
     )
 
 

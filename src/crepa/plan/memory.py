@@ -26,9 +26,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_flatten
 
 from crepa.config import AlignmentSection, LoraSection
-from crepa.models.memory import FP8_SKIP_PATTERNS, store_in_fp8
+from crepa.models.memory import FP8_STORAGE, store_in_fp8
 from crepa.plan.trace import (
     ComponentProfile,
     convertible_fake_modules,
@@ -169,8 +170,6 @@ def _grad_copies(args: tuple, kwargs: dict, output_shapes: set[tuple[int, ...]])
 
 
 def _tensors(*values) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_flatten
-
     return [t for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor)]
 
 
@@ -184,20 +183,6 @@ def _profile_block(block: nn.Module, args: tuple, kwargs: dict) -> ComponentProf
             return block(*args, **kwargs)
 
     return profile_call(call, [*_tensors(args, kwargs), *block.parameters(), *block.buffers()])
-
-
-def _castable(module: nn.Module) -> int:
-    """Frozen parameters of ``module`` that fp8 layerwise casting stores in fp8 (Linear / Conv weights
-    and biases outside the skipped layers)."""
-    import re
-
-    count = 0
-    for name, sub in module.named_modules():
-        if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not any(
-            re.search(pattern, name) for pattern in FP8_SKIP_PATTERNS
-        ):
-            count += sum(p.numel() for p in sub.parameters(recurse=False) if not p.requires_grad)
-    return count
 
 
 def profile_model(workload: Workload) -> ModelProfile:
@@ -222,19 +207,32 @@ def profile_model(workload: Workload) -> ModelProfile:
     if regularizer is not None:
         regularizer.capture.pop()
 
+    # frozen weights' bytes as loaded (bf16, fp32 where diffusers keeps modules in fp32), then which of
+    # them fp8 storage takes (applied to the whole model, as training does: patterns match full names)
+    frozen = {
+        name: param.numel() * param.element_size()
+        for name, param in transformer.named_parameters()
+        if not param.requires_grad
+    }
     kinds = []
     with mode, convertible_fake_modules():
-        for name, block in zip(family.block_lists, first_blocks, strict=True):
-            args, kwargs = calls[id(block)]
-            profile = _profile_block(block, args, kwargs)
-            weight_bytes = sum(
-                p.numel() * p.element_size() for p in block.parameters() if not p.requires_grad
-            )
-            castable = _castable(block)
-            store_in_fp8(block)
-            profile_fp8 = _profile_block(block, args, kwargs)
+        profiles = [_profile_block(block, *calls[id(block)]) for block in first_blocks]
+        store_in_fp8(transformer)
+        in_fp8 = {
+            name: param.numel()
+            for name, param in transformer.named_parameters()
+            if param.dtype == FP8_STORAGE
+        }
+        for name, block, profile in zip(family.block_lists, first_blocks, profiles, strict=True):
+            prefix = f"{name}.0."
             kinds.append(
-                BlockKind(len(getattr(transformer, name)), profile, profile_fp8, weight_bytes, castable)
+                BlockKind(
+                    count=len(getattr(transformer, name)),
+                    profile=profile,
+                    profile_fp8=_profile_block(block, *calls[id(block)]),
+                    weight_bytes=sum(size for child, size in frozen.items() if child.startswith(prefix)),
+                    castable_params=sum(n for child, n in in_fp8.items() if child.startswith(prefix)),
+                )
             )
         head = None
         if regularizer is not None:
@@ -252,10 +250,8 @@ def profile_model(workload: Workload) -> ModelProfile:
     io_bytes = storage_bytes(_tensors(inputs)) + prediction.numel() * 4 * 3
     return ModelProfile(
         blocks=tuple(kinds),
-        frozen_bytes=sum(
-            p.numel() * p.element_size() for p in transformer.parameters() if not p.requires_grad
-        ),
-        castable_params=_castable(transformer),
+        frozen_bytes=sum(frozen.values()),
+        castable_params=sum(in_fp8.values()),
         trainable_params=sum(p.numel() for p in transformer.parameters() if p.requires_grad),
         side_params=0 if regularizer is None else sum(p.numel() for p in regularizer.projector.parameters()),
         head=head,
