@@ -1,10 +1,11 @@
 """The memory options of ``[model]`` applied to a loaded transformer: which blocks recompute their
-activations in backward, which frozen weights are stored in fp8, which blocks live in CPU memory.
+activations in backward and where they keep their inputs, which frozen weights are stored in fp8,
+which blocks live in CPU memory.
 
-All three use diffusers' own machinery: the transformer's gradient-checkpointing hook (with a
-function that checkpoints only the chosen blocks), layerwise casting (``apply_layerwise_casting``:
-storage fp8, compute bf16) and group offloading (``apply_group_offloading``, block level, pinned
-memory, prefetch on a side stream).
+They use diffusers' own machinery: the transformer's gradient-checkpointing hook (with a function
+that checkpoints only the chosen blocks, optionally keeping their inputs on the CPU), layerwise
+casting (``apply_layerwise_casting``: storage fp8, compute bf16) and group offloading
+(``apply_group_offloading``, block level, pinned CPU memory, copies on a side stream on CUDA).
 """
 
 from __future__ import annotations
