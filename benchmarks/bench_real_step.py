@@ -1,7 +1,7 @@
 """One LoRA training step of a published video transformer at its published shape, per alignment mode,
 side by side in one run: step time, peak memory above the weights, tokens/s and model FLOPs utilisation.
 
-The transformer is the family's published config (``crepa.models.published``) with random weights, built
+The transformer is the family's published config (``crepa.plan.published``) with random weights, built
 on the device; the step is the trainer's own: ``add_lora`` + fp32 trainables over bf16 weights,
 ``CrepaRegularizer``, ``install_repvideo``, ``StepParts`` / ``step_loss`` under bf16 autocast, AdamW.
 Rows:
@@ -34,10 +34,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from crepa.config import RunConfig
+from crepa.models.conditioning import text_width
 from crepa.models.loading import load_online_teacher
-from crepa.models.published import PUBLISHED
 from crepa.models.registry import detect_family
-from crepa.models.tiny import TEXT_WIDTH_KEYS
+from crepa.plan.published import PUBLISHED
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
 from crepa.train.lora import add_lora
@@ -83,7 +83,8 @@ def published(name: str, small: bool) -> tuple[str, dict, tuple[int, int, int]]:
     key = next((k for k in PUBLISHED if k.lower() == name.lower()), None)
     if key is None:
         raise SystemExit(f"--family {name}: unknown; choose one of {', '.join(PUBLISHED)}")
-    class_name, config, shape, *_ = PUBLISHED[key]
+    model = PUBLISHED[key]
+    class_name, config, shape = model.class_name, model.config, model.shape
     if not small:
         return class_name, dict(config), shape
     tiny = {**config, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2}
@@ -146,11 +147,10 @@ def make_batch(
     h, w = height // family.spatial_ratio, width // family.spatial_ratio
     _, patch_h, patch_w = family.patch_sizes(model)
     channels = config.get("out_channels") or config["in_channels"]
-    text_width = next(config[key] for key in TEXT_WIDTH_KEYS if key in config)
     text_length = config.get("max_text_seq_length", 226)
     batch = {
         "latents": torch.randn(1, channels, latent_frames, h, w, device=device, dtype=dtype),
-        "prompt_embeds": torch.randn(1, text_length, text_width, device=device, dtype=dtype),
+        "prompt_embeds": torch.randn(1, text_length, text_width(config), device=device, dtype=dtype),
         "prompt_attention_mask": torch.ones(1, text_length, dtype=torch.bool, device=device),
         "teacher": torch.randn(
             1, latent_frames, h // patch_h, w // patch_w, teacher_dim, device=device

@@ -163,6 +163,7 @@ LOWER = {
 BELOW_TRAIN = set(LOWER) | {"crepa"}
 UPPER = {
     "train": BELOW_TRAIN - {"crepa"},
+    "plan": BELOW_TRAIN | {"train"},
     "eval": BELOW_TRAIN | {"train"},
     "sample": BELOW_TRAIN | {"train", "eval"},
     "export": BELOW_TRAIN | {"train", "eval", "sample"},

@@ -12,7 +12,7 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import (
@@ -52,7 +52,20 @@ class ModelSection(_Section):
         description="two-expert pipelines (Wan 2.2 A14B): the expert this run trains, on its own noise range",
     )
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Annotated[int, Field(ge=0)] = Field(
+        default=True,
+        description="recompute block activations in backward: true (every block), false, or N (the first N)",
+    )
+    offload_blocks: int = Field(
+        default=0, ge=0, description="blocks whose weights live in pinned CPU memory, streamed in one ahead"
+    )
+    offload_activations: bool = Field(
+        default=False,
+        description="checkpointed blocks keep their inputs in CPU memory until backward (CUDA only)",
+    )
+    base_precision: Literal["bf16", "fp8"] = Field(
+        default="bf16", description="storage of the frozen weights; fp8 is cast to bf16 layer by layer"
+    )
     compile: bool = Field(
         default=False, description="torch.compile each transformer block (hooks stay eager around it)"
     )
@@ -175,6 +188,9 @@ class LoraSection(_Section):
 
 
 class OptimSection(_Section):
+    name: Literal["adamw", "adamw8bit"] = Field(
+        default="adamw", description="adamw8bit: 8-bit moments (bitsandbytes, CUDA only)"
+    )
     lr: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -340,6 +356,11 @@ class RunConfig(_Section):
         if self.crepa.enabled and self.crepa.mode == "backbone" and self.cache.teacher_source != "cache":
             raise ValueError(
                 "cache.teacher_source: backbone mode needs no external teacher; leave it 'cache'"
+            )
+        if self.model.base_precision == "fp8" and not self.lora.enabled:
+            raise ValueError(
+                "model.base_precision: 'fp8' stores the frozen weights in fp8, and with lora.enabled = false "
+                "every weight trains; set lora.enabled = true or model.base_precision = 'bf16'"
             )
         return self
 

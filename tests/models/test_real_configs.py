@@ -3,7 +3,8 @@ weights), with CREPA and RepVideo installed, run one forward at the shape users 
 CREPA captures must be the one written out here by hand from the pixel size, the VAE's compression and
 the patch size, and the registry must name the right family.
 
-Configs are the ``transformer/config.json`` of the hub checkpoints (values typed in from them).
+Configs are the ``transformer/config.json`` of the hub checkpoints (:mod:`crepa.plan.published`); the
+shapes each was published for are checked against the library's entries.
 """
 
 from __future__ import annotations
@@ -18,11 +19,35 @@ from diffusers.models.transformers import transformer_cosmos
 from torch.fx.experimental import _config as fx_config
 
 from crepa import CrepaConfig, CrepaRegularizer
-from crepa.models.conditioning import transformer_inputs
-from crepa.models.published import PUBLISHED as REAL
+from crepa.models.conditioning import text_width, transformer_inputs
 from crepa.models.registry import detect_family
-from crepa.models.tiny import TEXT_WIDTH_KEYS
+from crepa.plan.published import PUBLISHED
 from crepa.repvideo import install_repvideo
+
+# name -> (pixel frames x height x width, latent frames fed, expected family, token grid), written out
+# by hand from the VAE's compression and the patch size; the configs are crepa.plan.published's.
+EXPECTED = {
+    "CogVideoX-5B": ((49, 480, 720), 13, "cogvideox", (13, 30, 45)),
+    # 81 frames -> 21 latent frames; the pipeline pads one in front (22) for the temporal patch of 2
+    "CogVideoX1.5-5B": ((81, 768, 1360), 22, "cogvideox", (11, 48, 85)),
+    "CogVideoX-5B-I2V": ((49, 480, 720), 13, "cogvideox_i2v", (13, 30, 45)),
+    "HunyuanVideo": ((129, 720, 1280), 33, "hunyuanvideo", (33, 45, 80)),
+    "Wan2.1-T2V-14B": ((81, 480, 832), 21, "wan", (21, 30, 52)),
+    "Wan2.1-T2V-1.3B": ((81, 480, 832), 21, "wan", (21, 30, 52)),
+    "Wan2.1-I2V-14B-480P": ((81, 480, 832), 21, "wan_i2v", (21, 30, 52)),
+    # the 48-channel 4 x 16 VAE: 121 frames -> 31 latent frames, 704 x 1280 -> 44 x 80 latents
+    "Wan2.2-TI2V-5B": ((121, 704, 1280), 31, "wan2_2_ti2v", (31, 22, 40)),
+    "SkyReels-V2-T2V-14B-540P": ((97, 544, 960), 25, "skyreels_v2", (25, 34, 60)),
+    "LTX-Video": ((161, 512, 768), 21, "ltx_video", (21, 16, 24)),
+    "Mochi-1": ((85, 480, 848), 15, "mochi", (15, 30, 53)),
+    "Cosmos-1.0-Diffusion-7B-Text2World": ((121, 704, 1280), 16, "cosmos", (16, 44, 80)),
+    # non-causal VAE: 88 frames -> 22 latent frames
+    "Allegro": ((88, 720, 1280), 22, "allegro", (22, 45, 80)),
+}
+REAL = {
+    name: (PUBLISHED[name].class_name, PUBLISHED[name].config, *expected)
+    for name, expected in EXPECTED.items()
+}
 
 
 class _NearestResize:
@@ -74,7 +99,7 @@ def test_published_config_forward_on_meta_captures_the_registry_grid(
     block = family.default_block_index
     regularizer = CrepaRegularizer(transformer, CrepaConfig(block_index=block), teacher_dim=1536)
     gates = install_repvideo(transformer, window=6, gate_init=0.5)
-    text_width = next(config[key] for key in TEXT_WIDTH_KEYS if key in config)
+    text_dim = text_width(config)
     text_length = config.get("max_text_seq_length", 64)
     with torch.device("meta"):
         channels = transformer.config.out_channels or transformer.config.in_channels
@@ -82,7 +107,7 @@ def test_published_config_forward_on_meta_captures_the_registry_grid(
             1, channels, latent_frames, height // family.spatial_ratio, width // family.spatial_ratio
         )
         text = {
-            "prompt_embeds": torch.empty(1, text_length, text_width),
+            "prompt_embeds": torch.empty(1, text_length, text_dim),
             "prompt_attention_mask": torch.ones(1, text_length, dtype=torch.bool),
         }
         if "pooled_projection_dim" in config:
@@ -106,3 +131,9 @@ def test_published_config_forward_on_meta_captures_the_registry_grid(
     assert captured.shape == (1, *expected_grid, width_c)
     assert gates.depth == len(family.blocks(transformer))
     assert output.shape[0] == 1
+
+
+def test_published_shapes_are_the_ones_written_here() -> None:
+    assert {name: PUBLISHED[name].shape for name in EXPECTED} == {
+        name: expected[0] for name, expected in EXPECTED.items()
+    }

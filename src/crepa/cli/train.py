@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -10,9 +11,25 @@ from rich.console import Console
 
 from crepa.cli import app
 from crepa.cli._errors import EXIT_FAILURE, EXIT_SIGNAL, command_errors, fail
-from crepa.config import RunConfig, load_config
+from crepa.config import ConfigError, RunConfig, load_config
 from crepa.rundir import CHECKPOINTS_DIR, checkpoint_dirs
 from crepa.train.parallel import exit_process
+
+
+def predicted_memory_warning(run: RunConfig) -> str | None:
+    """On a GPU, rank 0: the memory model's warning when the run will not fit the GPU's free memory
+    (crepa.plan; config only, no weights). None on the CPU, on other ranks, or when the model's config
+    cannot be read here (the trainer's own checks report that)."""
+    if not torch.cuda.is_available() or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    from crepa.plan.planner import memory_warning
+
+    free, _ = torch.cuda.mem_get_info()
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    try:
+        return memory_warning(run, free, int(os.environ.get("WORLD_SIZE", "1")) if fsdp else 1)
+    except ConfigError:
+        return None
 
 
 @app.command()
@@ -41,6 +58,9 @@ def train(
 
         with command_errors(console, state):
             run = load_config(config, set_)
+            warning = predicted_memory_warning(run)
+            if warning is not None:
+                console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
             from crepa.train.recipe import train as run_training
             from crepa.train.state import TrainingStopped
 

@@ -35,6 +35,14 @@ class ConditioningContext:
 Builder = Callable[[nn.Module, ModelFamily, Mapping[str, torch.Tensor], ConditioningContext], dict[str, Any]]
 
 
+TEXT_WIDTH_KEYS = ("text_embed_dim", "text_dim", "caption_channels")  # config keys naming the text width
+
+
+def text_width(config: Mapping[str, Any]) -> int:
+    """Width D_text of the text states a transformer config takes."""
+    return int(next(config[key] for key in TEXT_WIDTH_KEYS if config.get(key)))
+
+
 def _mask(text: Mapping[str, torch.Tensor]) -> torch.Tensor:
     embeds = text["prompt_embeds"]
     mask = text.get("prompt_attention_mask")

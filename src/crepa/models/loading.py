@@ -10,6 +10,7 @@ from torch import nn
 
 from crepa.config import ConfigError, RunConfig
 from crepa.models.hub import hub_access
+from crepa.models.memory import set_gradient_checkpointing
 from crepa.models.pipelines import load_components
 from crepa.models.pipelines import resolve_family as resolve_pipeline_family
 from crepa.models.registry import ModelFamily
@@ -36,8 +37,8 @@ def resolve_family(config: RunConfig) -> ModelFamily:
 
 
 def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype) -> nn.Module:
-    """The run's transformer (or its ``model.expert`` subfolder) in ``dtype``, gradient checkpointing on
-    when the run file asks for it."""
+    """The run's transformer (or its ``model.expert`` subfolder) in ``dtype``, its blocks checkpointed
+    as ``model.gradient_checkpointing`` asks (all, none or the first N)."""
     transformer_class = getattr(diffusers, family.class_names[0])
     with hub_access(config.model.pretrained, "model.pretrained"):
         transformer = transformer_class.from_pretrained(
@@ -46,8 +47,9 @@ def load_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtype)
             revision=config.model.revision,
             torch_dtype=dtype,
         )
-    if config.model.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    # model.offload_activations: checkpointed blocks keep their inputs in CPU memory (a GPU run's only)
+    host = torch.device("cpu") if config.model.offload_activations and torch.cuda.is_available() else None
+    set_gradient_checkpointing(transformer, family, config.model.gradient_checkpointing, host)
     return transformer
 
 

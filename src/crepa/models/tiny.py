@@ -14,7 +14,7 @@ import diffusers
 import torch
 from torch import nn
 
-from crepa.models.conditioning import transformer_inputs
+from crepa.models.conditioning import text_width, transformer_inputs
 from crepa.models.registry import detect_family, get_family
 
 
@@ -173,7 +173,6 @@ def tiny_transformer(name: str, seed: int = 0, **overrides: Any) -> nn.Module:
 
 
 TEXT_LENGTH = 8  # CogVideoX needs exactly max_text_seq_length text tokens (8 in its tiny config)
-TEXT_WIDTH_KEYS = ("text_embed_dim", "text_dim", "caption_channels")  # the config key naming the text width
 
 
 def tiny_inputs(
@@ -197,9 +196,8 @@ def tiny_inputs(
     if detected is not family:
         raise ValueError(f"the transformer belongs to family {detected.name!r}, not {family.name!r}")
     config = transformer.config
-    text_width = next(config[key] for key in TEXT_WIDTH_KEYS if key in config)
     text = {
-        "prompt_embeds": torch.randn(batch, TEXT_LENGTH, text_width, generator=generator),
+        "prompt_embeds": torch.randn(batch, TEXT_LENGTH, text_width(config), generator=generator),
         "prompt_attention_mask": torch.ones(batch, TEXT_LENGTH, dtype=torch.bool),
     }
     if "pooled_projection_dim" in config:

@@ -53,6 +53,16 @@ def launch_sharding(config: RunConfig) -> Sharding:
             "lora.enabled = false: full fine-tuning under FSDP is not supported yet (the whole "
             "transformer cannot be saved from shards); train a LoRA or launch with DDP"
         )
+    if config.model.offload_blocks:
+        raise ConfigError(
+            "model.offload_blocks: block offload under FSDP is not supported (FSDP already spreads the "
+            "weights over the GPUs); set model.offload_blocks = 0, or launch on one GPU / with DDP"
+        )
+    if config.model.base_precision == "fp8":
+        raise ConfigError(
+            "model.base_precision: 'fp8' under FSDP is not supported (layerwise casting replaces the sharded "
+            "weights); use model.base_precision = 'bf16', or launch on one GPU / with DDP"
+        )
     if config.train.mixed_precision == "fp16" or config.model.dtype == "fp16":
         raise ConfigError(
             "train.mixed_precision / model.dtype: fp16 with FSDP needs a sharded gradient scaler, which "

@@ -11,6 +11,7 @@ and the output folder can get wrong becomes a :class:`~crepa.config.ConfigError`
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from crepa.generation import VALIDATION_KEYS, GenerationSettings, shape_problems
 from crepa.lock import check_not_written, hold
 from crepa.models import ModelFamily
 from crepa.models.hub import hub_access
+from crepa.models.memory import checkpointed_count
 from crepa.models.pipelines import read_transformer_config
 from crepa.models.support import check_supported
 from crepa.precompute import (
@@ -136,6 +138,44 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
         temporal_patch=patch_t,
     )
     check_skeleton(config, family, skeleton)
+    check_memory_options(config, len(family.blocks(skeleton)))
+
+
+def check_memory_options(config: RunConfig, depth: int) -> None:
+    """``model.gradient_checkpointing`` / ``model.offload_blocks`` within the model's ``depth`` blocks,
+    offloaded blocks and activations only with checkpointing, ``optim.name = "adamw8bit"`` where
+    bitsandbytes runs."""
+    model = config.model
+    problems = []
+    checkpointing = model.gradient_checkpointing
+    if checkpointing is not True and checkpointing is not False and checkpointing > depth:
+        problems.append(
+            f"model.gradient_checkpointing: {checkpointing} blocks, but the model has {depth}; "
+            f"use 0..{depth} or true"
+        )
+    checkpointed = checkpointed_count(checkpointing, depth)
+    if model.offload_blocks > depth:
+        problems.append(f"model.offload_blocks: {model.offload_blocks}, but the model has {depth} blocks")
+    elif model.offload_blocks > checkpointed:
+        problems.append(
+            f"model.offload_blocks: {model.offload_blocks} blocks offloaded but only {checkpointed} checkpointed; "
+            "autograd keeps a non-checkpointed block's weights on the GPU until its backward: set "
+            f"model.gradient_checkpointing = true (or >= {model.offload_blocks}), or fewer model.offload_blocks"
+        )
+    if model.offload_activations and checkpointed == 0:
+        problems.append(
+            "model.offload_activations: only checkpointed blocks keep their inputs in CPU memory, and none is "
+            "checkpointed; set model.gradient_checkpointing = true (or N), or model.offload_activations = false"
+        )
+    if config.optim.name == "adamw8bit" and not (
+        torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+    ):
+        problems.append(
+            "optim.name: 'adamw8bit' runs bitsandbytes' 8-bit AdamW, which needs a CUDA GPU and "
+            "`pip install bitsandbytes`; use optim.name = 'adamw'"
+        )
+    if problems:
+        raise ConfigError("invalid run file\n  " + "\n  ".join(problems))
 
 
 def open_dataset(config: RunConfig, family: ModelFamily, external_teacher: bool) -> CachedDataset:

@@ -32,6 +32,7 @@ from crepa.models.loading import (
     resolve_family,
     scheduler_alphas,
 )
+from crepa.models.memory import offload_blocks, store_in_fp8
 from crepa.models.pipelines import expert_noise_range
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
@@ -76,7 +77,12 @@ def build_run(config: RunConfig, resume: str | None) -> TrainState:
     param_groups = _param_groups(config, transformer, side_modules)
     optimizer, lr_scheduler = _setup_optimizer(config, param_groups)
     if sharding == "none":
-        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+        offload = config.model.offload_blocks
+        if offload:  # places the model itself: the offloaded blocks stay on the CPU
+            offload_blocks(transformer, family, offload, accelerator.device)
+        transformer, optimizer = accelerator.prepare(
+            transformer, optimizer, device_placement=[not offload, True]
+        )
     model = accelerator.unwrap_model(transformer)
     modules = {"transformer": model, **side_modules}
     alphas = scheduler_alphas(config, family)
@@ -140,6 +146,8 @@ def _setup_transformer(config: RunConfig, family: ModelFamily, dtype: torch.dtyp
     # Trainable parameters (and so AdamW's state) in fp32 over half-precision frozen weights: a bf16
     # LoRA loses updates below bf16 resolution and GradScaler refuses fp16 gradients.
     cast_training_params(transformer, dtype=torch.float32)
+    if config.model.base_precision == "fp8":
+        store_in_fp8(transformer, compute_dtype=dtype)
     transformer.train()
     return transformer
 
@@ -185,11 +193,15 @@ def _param_groups(
 
 
 def _setup_optimizer(config: RunConfig, param_groups: list[dict[str, Any]]):
-    """AdamW over ``param_groups`` and the LR schedule of ``optim.lr_scheduler``."""
+    """AdamW (``optim.name``: torch's, or bitsandbytes' 8-bit) over ``param_groups`` and the LR
+    schedule of ``optim.lr_scheduler``."""
     optim = config.optim
-    optimizer = torch.optim.AdamW(
-        param_groups, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
-    )
+    adamw = torch.optim.AdamW
+    if optim.name == "adamw8bit":
+        import bitsandbytes  # checked by preflight: installed, on a CUDA GPU
+
+        adamw = bitsandbytes.optim.AdamW8bit
+    optimizer = adamw(param_groups, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
     lr_scheduler = get_scheduler(
         optim.lr_scheduler,
         optimizer,

@@ -1,0 +1,145 @@
+"""The memory options of ``[model]`` applied to a loaded transformer: which blocks recompute their
+activations in backward and where they keep their inputs, which frozen weights are stored in fp8,
+which blocks live in CPU memory.
+
+They use diffusers' own machinery: the transformer's gradient-checkpointing hook (with a function
+that checkpoints only the chosen blocks, optionally keeping their inputs on the CPU), layerwise
+casting (``apply_layerwise_casting``: storage fp8, compute bf16) and group offloading
+(``apply_group_offloading``, block level, pinned CPU memory, copies on a side stream on CUDA).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from crepa.models.registry import ModelFamily
+
+FP8_STORAGE = torch.float8_e4m3fn
+# Layers layerwise casting leaves in the compute dtype: LoRA adapters (trained in fp32) and the
+# small, precision-sensitive layers diffusers itself skips (embeddings, norms, input/output projections).
+FP8_SKIP_PATTERNS = ("lora_", "pos_embed", "patch_embed", "norm", r"^proj_in$", r"^proj_out$")
+
+
+def checkpointed_count(setting: bool | int, depth: int) -> int:
+    """How many of ``depth`` blocks ``model.gradient_checkpointing`` checkpoints (true: all)."""
+    if setting is True:
+        return depth
+    return min(int(setting), depth)
+
+
+def _checkpoint_chosen(
+    chosen: frozenset[int], inputs_to: torch.device | None, block: nn.Module, *args, **kwargs
+):
+    """diffusers' gradient-checkpointing call: recompute ``block`` in backward only if it is chosen.
+
+    ``inputs_to``: where a checkpointed block keeps its hidden-state inputs (the tensors that require
+    grad) until backward, e.g. the CPU; they are copied back to their device when the block runs."""
+    if id(block) not in chosen:
+        return block(*args, **kwargs)
+    if inputs_to is None:
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+    devices = [arg.device if isinstance(arg, torch.Tensor) else None for arg in args]
+    kept = [arg.to(inputs_to) if isinstance(arg, torch.Tensor) and arg.requires_grad else arg for arg in args]
+
+    def run(*kept_args):
+        moved = [
+            arg.to(device) if isinstance(arg, torch.Tensor) else arg
+            for arg, device in zip(kept_args, devices, strict=True)
+        ]
+        return block(*moved, **kwargs)
+
+    return checkpoint(run, *kept, use_reentrant=False)
+
+
+def set_gradient_checkpointing(
+    transformer: nn.Module, family: ModelFamily, setting: bool | int, inputs_to: torch.device | None = None
+) -> None:
+    """Checkpoint the first N blocks (execution order; true: all, false / 0: none). The block
+    activations of the others stay in memory: faster, as they are not recomputed in backward.
+    ``inputs_to``: a device (the CPU) where checkpointed blocks keep their inputs until backward."""
+    blocks = family.blocks(transformer)
+    count = checkpointed_count(setting, len(blocks))
+    if count == 0:
+        if getattr(transformer, "is_gradient_checkpointing", False):
+            transformer.disable_gradient_checkpointing()
+        return
+    chosen = frozenset(id(block) for block in blocks[:count])
+    transformer.enable_gradient_checkpointing(partial(_checkpoint_chosen, chosen, inputs_to))
+
+
+def fp8_skip_patterns(transformer: nn.Module) -> tuple[str, ...]:
+    """Module-name patterns fp8 storage leaves alone: :data:`FP8_SKIP_PATTERNS` and the model's own."""
+    return FP8_SKIP_PATTERNS + tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ())
+
+
+def store_in_fp8(transformer: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Frozen weights stored in fp8 (e4m3), cast to ``compute_dtype`` layer by layer when each layer
+    runs; LoRA (fp32) and the layers diffusers keeps precise stay as they are."""
+    apply_layerwise_casting(
+        transformer,
+        storage_dtype=FP8_STORAGE,
+        compute_dtype=compute_dtype,
+        skip_modules_pattern=fp8_skip_patterns(transformer),
+    )
+
+
+def offload_blocks(transformer: nn.Module, family: ModelFamily, count: int, device: torch.device) -> None:
+    """Keep the first ``count`` blocks' weights in (pinned) CPU memory; diffusers' block-level group
+    offloading copies each to ``device`` when it runs (on a side stream on CUDA) and drops the copy
+    after. The rest of the model moves to ``device``. Offloaded blocks must be checkpointed: autograd
+    keeps the weights a block used until its backward, and only a recomputed block lets them go."""
+    blocks = family.blocks(transformer)[:count]
+    offloaded = {id(param) for block in blocks for param in block.parameters()}
+    offloaded |= {id(buffer) for block in blocks for buffer in block.buffers()}
+    for module in transformer.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) not in offloaded:
+                param.data = param.data.to(device)
+        for name, buffer in module.named_buffers(recurse=False):
+            if id(buffer) not in offloaded:
+                module._buffers[name] = buffer.to(device)
+    # block-level offloading groups the blocks of a ModuleList: give it the chosen ones as one
+    holder = nn.Module()
+    holder.blocks = nn.ModuleList(blocks)
+    holder.to("cpu")
+    apply_group_offloading(
+        holder,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=device.type == "cuda",
+    )
+
+
+BasePrecision = Literal["bf16", "fp8"]
+
+
+def apply_memory_options(
+    transformer: nn.Module,
+    family: ModelFamily,
+    gradient_checkpointing: bool | int = True,
+    base_precision: BasePrecision = "bf16",
+    offload: int = 0,
+    offload_activations: bool = False,
+    device: torch.device | None = None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """Apply ``model.gradient_checkpointing``, ``model.offload_activations``, ``model.base_precision`` and
+    ``model.offload_blocks`` to a loaded transformer (LoRA already added, trainables already fp32), as
+    ``crepa train`` does. ``device``: where it trains (with ``offload``, this places the model: the
+    offloaded blocks stay on the CPU, the rest moves to ``device``); ``compute_dtype``: the dtype the
+    frozen weights compute in (the weights' dtype before fp8)."""
+    device = device or torch.device("cpu")
+    host = torch.device("cpu") if offload_activations and device.type == "cuda" else None
+    set_gradient_checkpointing(transformer, family, gradient_checkpointing, host)
+    if base_precision == "fp8":
+        store_in_fp8(transformer, compute_dtype)
+    if offload:
+        offload_blocks(transformer, family, offload, device)
