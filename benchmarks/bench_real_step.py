@@ -11,11 +11,16 @@ Rows:
   pixels    CREPA, a DINOv2-g-sized teacher (random weights) encodes every frame inside the step
   vae       CREPA, the family's VAE decodes the clean latents, then the teacher, inside the step
   repvideo  CREPA from the cache with RepVideo's gated cross-layer aggregation
+A row "MODE@N" checkpoints only the first N blocks (``model.gradient_checkpointing = N``); the memory
+options (``--base-precision``, ``--offload-blocks``, ``--offload-activations``) apply to every row.
 
 Model FLOPs (for MFU): a step counted by torch's FlopCounterMode, minus the forward that gradient
 checkpointing recomputes (counted once more in a no-grad forward), against the chip's dense bf16 peak.
 
-    python benchmarks/bench_real_step.py --family CogVideoX-5B [--steps 3] [--warmup 2] [--rows none,cache]
+    python benchmarks/bench_real_step.py --family CogVideoX-5B [--steps 2] [--rounds 2] [--rows none,cache]
+    python benchmarks/bench_real_step.py --rows none,none@13     # every block vs the first 13 checkpointed
+    python benchmarks/bench_real_step.py --family Wan2.1-T2V-14B --base-precision fp8 --offload-blocks 30 \
+        --offload-activations --rows none                          # the memory options of crepa plan
     python benchmarks/bench_real_step.py --small        # the same code on a tiny config, CPU, < 1 min
 """
 
@@ -36,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from crepa.config import RunConfig
 from crepa.models.conditioning import text_width
 from crepa.models.loading import load_online_teacher
+from crepa.models.memory import apply_memory_options, set_gradient_checkpointing
 from crepa.models.registry import detect_family
 from crepa.plan.published import PUBLISHED
 from crepa.regularizer import CrepaRegularizer
@@ -180,6 +186,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps before each row's timed steps")
     parser.add_argument("--rounds", type=int, default=2, help="rows interleaved this many times")
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument(
+        "--base-precision", choices=("bf16", "fp8"), default="bf16", help="model.base_precision"
+    )
+    parser.add_argument("--offload-blocks", type=int, default=0, help="model.offload_blocks")
+    parser.add_argument("--offload-activations", action="store_true", help="model.offload_activations")
     args = parser.parse_args()
     rows = args.rows.split(",")
     device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
@@ -202,6 +213,10 @@ def main() -> None:
     for parameter in model.parameters():  # fp32 trainables over bf16 weights, as the trainer does
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
+    apply_memory_options(
+        model, family, True, args.base_precision, args.offload_blocks, args.offload_activations, device, dtype
+    )  # fmt: skip
+    host = torch.device("cpu") if args.offload_activations and device.type == "cuda" else None
     model.train()
     synchronize(device)
     weights_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else 0
@@ -249,18 +264,21 @@ def main() -> None:
         flop: dict[str, float] = {}
         for round_index in range(args.rounds):  # rows interleaved round by round: drift hits all alike
             for row in rows:
+                mode, _, checkpointing = row.partition("@")  # "none@13": 13 blocks checkpointed
+                set_gradient_checkpointing(model, family, parse_checkpointing(checkpointing), host)
                 row_times, peak, step_flop = measure(
-                    row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas,
-                    count_flops=round_index == 0,
+                    mode, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas,
+                    count_flops=round_index == 0 and mode not in flop,
                 )  # fmt: skip
                 times[row] += row_times
                 if peak is not None:
                     peaks[row] = max(peaks[row] or 0.0, (peak - resident) / 2**30)
-                flop.setdefault(row, step_flop - recompute_flop)
+                flop.setdefault(mode, step_flop - recompute_flop)
         results = []
         for row in rows:
             median = statistics.median(times[row])
-            results.append(Measured(row, median, peaks[row], video_tokens / (median / 1e3), flop[row] / 1e12))
+            model_flop = flop[row.partition("@")[0]] / 1e12
+            results.append(Measured(row, median, peaks[row], video_tokens / (median / 1e3), model_flop))
     peak_tflops = next(
         (
             v
@@ -291,6 +309,13 @@ def main() -> None:
         print(
             f"{r.row:<9} {r.step_ms:>9.1f} {rel_t:>8} {peak:>9} {rel_m:>8} {video_tokens / (r.step_ms / 1e3):>9.0f} {tflop:>7} {mfu:>6}"
         )
+
+
+def parse_checkpointing(text: str) -> bool | int:
+    """The part after "@" of a row: "" / "true" (every block), "false" or a block count."""
+    if text in ("", "true"):
+        return True
+    return False if text == "false" else int(text)
 
 
 def measure(
@@ -337,7 +362,8 @@ def measure(
         times.append(1e3 * (time.perf_counter() - started))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     counted_step = FlopCounterMode(display=False)
-    if count_flops:
+    if count_flops:  # with every block checkpointed: minus one forward, the step's model FLOPs
+        model.enable_gradient_checkpointing()
         with counted_step:
             step(0)
     for module in (regularizer, gates):

@@ -32,7 +32,7 @@ def main() -> int:
     python = sys.executable
     checks = {
         "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--durations=0", "tests"],
-        "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "2", "--warmup", "1", "--rounds", "2"],
+        "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "2", "--warmup", "1", "--rounds", "2", "--rows", "none,cache,repa,pixels,repvideo,none@13"],
         "demo": [python, "-m", "crepa", "demo", "--quick", "--workers", "2", "--no-progress", "--out", str(args.logs / "demo")],
     }  # fmt: skip
     skipped = set(filter(None, args.skip.split(",")))
