@@ -14,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,9 @@ from crepa.plan.memory import GIB, Settings, estimate, profile_model
 from crepa.plan.planner import HEADROOM_BYTES, parse_memory, plan_run, published_workload, run_settings
 from crepa.plan.published import PUBLISHED
 from crepa.plan.trace import measure_step_peak
+from helpers import REPO
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = REPO / "examples"
 TRAINABLE = {variant.family for variant in VARIANTS if variant.trainable}
 
 
