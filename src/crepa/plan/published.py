@@ -2,8 +2,8 @@
 
 Each entry is the ``transformer/config.json`` of a hub checkpoint (values typed in from it) and the
 clip shape the model was published for (pixel frames, height, width). The memory planner builds
-the transformer from it on the meta device; ``tests/models/test_real_configs.py`` runs each one forward; ``benchmarks/bench_real_step.py`` trains a
-LoRA step of one with random weights on a GPU.
+the transformer from it on the meta device; ``tests/models/test_real_configs.py`` runs each one
+forward; ``benchmarks/bench_real_step.py`` trains a LoRA step of one with random weights on a GPU.
 """
 
 from __future__ import annotations
