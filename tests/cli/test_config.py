@@ -102,3 +102,15 @@ def test_overrides_and_relative_paths(tmp_path):
         load_config(path, ["train.max_steps"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_start_up_summary_names_every_trainer_option(tiny_world):
+    """`crepa train` prints it before training: each option of issue 22 with its value."""
+    from crepa.train.setup import startup_summary
+
+    overrides = ["data.caption_dropout=0.1", "ema.enabled=true", 'train.loss_weighting="min_snr"']
+    line = startup_summary(load_config(tiny_world("wan"), overrides))
+    for option in ("data.caption_dropout=0.1", "train.loss_weighting=min_snr", "ema.enabled=True"):
+        assert option in line
+    for key in ("train.timestep_sampling=", "lora.variant=lora", "train.snr_gamma=", "ema.decay="):
+        assert key in line
