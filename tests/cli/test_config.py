@@ -105,7 +105,7 @@ def test_overrides_and_relative_paths(tmp_path):
 
 
 def test_start_up_summary_names_every_trainer_option(tiny_world):
-    """`crepa train` prints it before training: each option of issue 22 with its value."""
+    """Printed when training starts: each option of issue 22 with its value."""
     from crepa.train.setup import startup_summary
 
     overrides = ["data.caption_dropout=0.1", "ema.enabled=true", 'train.loss_weighting="min_snr"']

@@ -59,11 +59,8 @@ def train(
         with command_errors(console, state):
             run = load_config(config, set_)
             from crepa.train.recipe import train as run_training
-            from crepa.train.setup import startup_summary
             from crepa.train.state import TrainingStopped
 
-            if int(os.environ.get("RANK", "0")) == 0:  # one line per launch, not per process
-                console.print(startup_summary(run), highlight=False, soft_wrap=True)
             warning = predicted_memory_warning(run)
             if warning is not None:
                 console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)

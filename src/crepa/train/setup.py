@@ -241,11 +241,12 @@ def _setup_output(state: TrainState) -> None:
         config.output.dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(state.metrics_log, state.progress.step)
         atomic_write_json(config.output.dir / RUN_CONFIG_FILE, json.loads(config.model_dump_json()))
+        accelerator.print(startup_summary(config))
         accelerator.init_trackers("crepa", config=_flat_hparams(config))
 
 
 def startup_summary(config: RunConfig) -> str:
-    """The trainer options of the run, one ``key=value`` each (``crepa train`` prints it at start-up)."""
+    """The trainer options of the run, one ``key=value`` each, printed when training starts."""
     train, ema = config.train, config.ema
     options = {
         "data.caption_dropout": config.data.caption_dropout,
