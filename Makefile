@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/crepa demo
 
+# One pytest worker per core (pytest-xdist): the suite is CPU-bound, many tests start subprocesses.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
