@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -278,3 +280,13 @@ def start_cli(*args: str, cwd: Path | None = None, **popen) -> subprocess.Popen:
     """``python -m crepa ARGS`` started in the background (unbuffered), for tests that signal or kill it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "crepa", *args], cwd=cwd, env=env, **popen)
+
+
+def sigkill_once_written(process: subprocess.Popen, path: Path, timeout: float = 600) -> None:
+    """SIGKILL ``process`` as soon as ``path`` exists (a checkpoint folder, say), or when it ends or
+    ``timeout`` seconds pass first; waits for it to die."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

@@ -4,16 +4,13 @@ the files, EMA and raw, of a run that was never stopped (the style of test_train
 
 from __future__ import annotations
 
-import signal
-import time
-
 import torch
 from safetensors.torch import load_file
 from test_train import losses
 
 from crepa.config import load_config
 from crepa.precompute import precompute
-from helpers import start_cli, two_sources
+from helpers import sigkill_once_written, start_cli, two_sources
 
 FEATURES = [
     "data.caption_dropout=0.5",
@@ -34,11 +31,7 @@ def test_exact_resume_with_ema_caption_dropout_and_sources_after_sigkill(tmp_pat
     assert straight.wait(timeout=600) == 0
     killed = start_cli("train", str(run), *steps, "--set", 'output.dir="killed"', cwd=tmp_path)
     checkpoint = tmp_path / "killed/checkpoints/step-000003"
-    deadline = time.monotonic() + 600
-    while not checkpoint.is_dir() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    sigkill_once_written(killed, checkpoint)
     assert (checkpoint / "ema.safetensors").is_file()
     assert not (tmp_path / "killed/training_summary.json").exists()
     resumed = start_cli(

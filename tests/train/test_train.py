@@ -4,8 +4,6 @@ the LoRA loads into the family's pipeline; exact resume after SIGKILL; two proce
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import diffusers
@@ -17,7 +15,7 @@ from safetensors.torch import load_file
 from crepa.config import load_config
 from crepa.precompute import precompute
 from crepa.train.recipe import train
-from helpers import TRAIN_FAMILIES, launch, set_wan_layers, start_cli, write_world
+from helpers import TRAIN_FAMILIES, launch, set_wan_layers, sigkill_once_written, start_cli, write_world
 
 
 def losses(output: Path) -> list[float]:
@@ -64,11 +62,7 @@ def test_exact_resume_after_sigkill(tmp_path, tiny_world):
     assert straight.wait(timeout=600) == 0
     killed = start_cli("train", str(run), *steps, "--set", 'output.dir="killed"', cwd=tmp_path)
     checkpoint = tmp_path / "killed/checkpoints/step-000003"
-    deadline = time.monotonic() + 600
-    while not checkpoint.is_dir() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    sigkill_once_written(killed, checkpoint)
     assert checkpoint.is_dir() and not (tmp_path / "killed/training_summary.json").exists()
     resumed = start_cli(
         "train", str(run), *steps, "--set", 'output.dir="killed"', "--resume", "latest", cwd=tmp_path
