@@ -248,6 +248,22 @@ def test_clip_grid_keeps_rows_and_columns_apart() -> None:
     torch.testing.assert_close(grid_u8, grid, atol=3e-3, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("reduce", "kept"), [("first", [0, 1, 5]), ("last", [0, 4, 8]), ("center", [0, 3, 7])]
+)
+def test_one_frame_reductions_encode_only_the_frames_they_keep(reduce, kept) -> None:
+    """r = 4, 9 frames (blue = frame index / 10): "first" keeps frames 0, 1, 5, "last" 0, 4, 8,
+    "center" 0, 3, 7 (index r // 2 in each group); only those reach the teacher, one forward of 3."""
+    frames = torch.rand(9, 3, 16, 24)
+    frames[:, 2] = (torch.arange(9) / 10)[:, None, None]
+    teacher = PatchMeans()
+    grid = clip_teacher_grid(teacher, frames, (3, 4, 6), temporal_ratio=4, reduce=reduce)
+    assert teacher.inputs == [(3, 3, 16, 24)]
+    torch.testing.assert_close(grid[:, 0, 0, 2], torch.tensor(kept) / 10, atol=1e-6, rtol=0)
+    every_frame = F.avg_pool2d(frames, 4).permute(0, 2, 3, 1)  # the naive path: encode all 9, then pick
+    torch.testing.assert_close(grid, every_frame[kept], atol=1e-6, rtol=0)
+
+
 def test_clip_grid_with_a_real_teacher_matches_a_hand_computation(tower_dirs: dict[str, Path]) -> None:
     """5 frames of a 3:2 clip, student grid (2, 2, 3), r = 4: DINOv2 sees 28x42 frames; latent frame
     0 is frame 0, latent frame 1 the mean of frames 1-4."""

@@ -59,35 +59,44 @@ def valid_frame_counts_near(
     return sorted(candidates, key=lambda t: (abs(t - num_frames), t))[:count]
 
 
-def latent_frame_features(
-    features: torch.Tensor, temporal_ratio: int, reduce: FrameReduce = "mean"
-) -> torch.Tensor:
-    """Pixel-frame features (B, T, ..., D), T = 1 + r*m -> latent-frame features (B, 1 + m, ..., D).
+def frames_kept_by(num_frames: int, temporal_ratio: int, reduce: FrameReduce) -> list[int] | None:
+    """Indices of the pixel frames that ``reduce`` keeps, one per latent frame; None for "mean" (all).
 
-    Latent frame 0 is pixel frame 0; latent frame f >= 1 reduces pixel frames r(f-1)+1 .. rf
-    ("center" takes the frame at index r // 2 inside that group).
+    Latent frame 0 is pixel frame 0; latent frame f >= 1 stands for pixel frames r(f-1)+1 .. rf, of
+    which "first" keeps r(f-1)+1, "last" rf and "center" r(f-1)+1 + r//2. A caller that encodes
+    frames can encode only these (an r-fold saving) and skip the reduction.
     """
     if temporal_ratio < 1:
         raise ValueError(f"temporal_ratio must be >= 1, got {temporal_ratio}")
-    num_frames = features.shape[1]
     if (num_frames - 1) % temporal_ratio != 0:
         near = " or ".join(str(t) for t in valid_frame_counts_near(num_frames, temporal_ratio))
         raise ValueError(
             f"{num_frames} frames cannot be split into latent frames: with temporal compression "
             f"{temporal_ratio} a clip needs 1 + {temporal_ratio}*m frames (nearest valid: {near})"
         )
+    offsets = {"mean": None, "first": 0, "last": temporal_ratio - 1, "center": temporal_ratio // 2}
+    if reduce not in offsets:
+        raise ValueError(f"reduce must be one of {FRAME_REDUCES}, got {reduce!r}")
+    offset = offsets[reduce]
+    if offset is None:
+        return None
+    return [0, *range(1 + offset, num_frames, temporal_ratio)]
+
+
+def latent_frame_features(
+    features: torch.Tensor, temporal_ratio: int, reduce: FrameReduce = "mean"
+) -> torch.Tensor:
+    """Pixel-frame features (B, T, ..., D), T = 1 + r*m -> latent-frame features (B, 1 + m, ..., D).
+
+    Latent frame 0 is pixel frame 0; latent frame f >= 1 reduces pixel frames r(f-1)+1 .. rf: their
+    mean, or the one frame :func:`frames_kept_by` names ("first", "last", "center" = index r // 2
+    inside the group).
+    """
+    kept = frames_kept_by(features.shape[1], temporal_ratio, reduce)
+    if kept is not None:
+        return features[:, kept]
     first = features[:, :1]
-    if num_frames == 1:
+    if features.shape[1] == 1:
         return first
     groups = features[:, 1:].unflatten(1, (-1, temporal_ratio))  # (B, m, r, ..., D)
-    if reduce == "mean":
-        rest = groups.mean(dim=2)
-    elif reduce == "first":
-        rest = groups[:, :, 0]
-    elif reduce == "last":
-        rest = groups[:, :, -1]
-    elif reduce == "center":
-        rest = groups[:, :, temporal_ratio // 2]
-    else:
-        raise ValueError(f"reduce must be one of {FRAME_REDUCES}, got {reduce!r}")
-    return torch.cat([first, rest], dim=1)
+    return torch.cat([first, groups.mean(dim=2)], dim=1)
