@@ -31,7 +31,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_align.py
 
-# On a GPU machine: pytest -m gpu, the real-shape step benchmark, demo --quick on CUDA (<= 8 min, offline).
+# On a GPU machine: the real-shape step benchmark, then pytest -m gpu beside demo --quick on CUDA (<= 8 min, offline).
 # Uses .venv when it exists, else the machine's python3 with crepa's dependencies already installed.
 GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
 gpu-check:

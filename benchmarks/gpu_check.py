@@ -1,24 +1,85 @@
 """``make gpu-check``: what a developer with a GPU for a few minutes runs, with one summary at the end.
 
-1. ``pytest -m gpu`` (the GPU-only paths);
-2. ``benchmarks/bench_real_step.py`` on CogVideoX-5B at 49 x 480 x 720 (no alignment, CREPA from the
-   cache, REPA*, pixels, vae, RepVideo);
-3. ``crepa demo --quick`` on CUDA (its worker pool included: ``--workers 2``).
-Nothing is downloaded. Logs go to ``--logs`` (default ``runs/gpu-check``); exit 0 when all pass.
+1. ``bench``: ``benchmarks/bench_real_step.py`` on CogVideoX-5B at 49 x 480 x 720 (no alignment, CREPA
+   from the cache, REPA*, pixels, RepVideo, and 13 of 42 blocks checkpointed), alone on the GPU so its
+   timings are clean;
+2. then side by side: ``tests``, ``pytest -m gpu`` (the GPU-only paths; a few pytest-xdist workers when
+   it is installed), and ``demo``, ``crepa demo --quick`` on CUDA (its worker pool included);
+3. ``suite`` (not by default: it needs a second device call within the 10-minute limit): the default
+   test suite with CUDA present.
+Each check has a time limit (its whole process group is killed past it), so the summary always
+comes; the default checks end within 8 minutes. Nothing is downloaded. Logs go to ``--logs``
+(default ``runs/gpu-check``); exit 0 when every check passed.
 
-    python benchmarks/gpu_check.py [--logs DIR] [--skip bench,demo]
+    python benchmarks/gpu_check.py [--logs DIR] [--checks bench,tests,demo] [--workers 4]
+    python benchmarks/gpu_check.py --checks suite          # the default suite with CUDA present
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TIME_LIMITS = {"bench": 210, "tests": 260, "demo": 260, "suite": 540}  # seconds; bench + max(rest) < 8 min
+TAIL_LINES = {"bench": 14, "tests": 25, "demo": 4, "suite": 8}
+
+
+@dataclass
+class Outcome:
+    name: str
+    code: int | None  # None: killed at its time limit
+    seconds: float
+
+
+def commands(python: str, logs: Path, workers: int) -> dict[str, list[str]]:
+    parallel = ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") else []
+    return {
+        "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "2", "--warmup", "1", "--rounds", "2", "--rows", "none,cache,repa,pixels,repvideo,none@13"],
+        "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *parallel, "--durations=15", "tests"],
+        "demo": [python, "-m", "crepa", "demo", "--quick", "--workers", "2", "--no-progress", "--out", str(logs / "demo")],
+        "suite": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(max(2, (os.cpu_count() or 2) - 2)), "tests"],
+    }  # fmt: skip
+
+
+def start(name: str, command: list[str], logs: Path, env: dict[str, str]) -> subprocess.Popen:
+    print(
+        f"== {name}: {' '.join(command[1:])} (limit {TIME_LIMITS[name]} s, log {logs / name}.log)", flush=True
+    )
+    handle = (logs / f"{name}.log").open("w")
+    # a session of its own: a check past its limit is killed with every process it started
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def wait_all(running: dict[str, subprocess.Popen], logs: Path) -> list[Outcome]:
+    """Wait for the checks started together; kill each at its own limit; print each log's tail."""
+    started = time.perf_counter()
+    outcomes: dict[str, Outcome] = {}
+    while len(outcomes) < len(running):
+        elapsed = time.perf_counter() - started
+        for name, process in running.items():
+            if name in outcomes:
+                continue
+            code = process.poll()
+            if code is None and elapsed > TIME_LIMITS[name]:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            if code is not None or elapsed > TIME_LIMITS[name]:
+                outcomes[name] = Outcome(name, code, elapsed)
+                tail = (logs / f"{name}.log").read_text(errors="replace").splitlines()[-TAIL_LINES[name] :]
+                print(f"-- {name} ({'killed at its limit' if code is None else f'exit {code}'}):")
+                print("\n".join(tail), flush=True)
+        time.sleep(1)
+    return [outcomes[name] for name in running]
 
 
 def main() -> int:
@@ -26,36 +87,35 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--logs", type=Path, default=ROOT / "runs/gpu-check")
-    parser.add_argument("--skip", default="", help="comma-separated: tests, bench, demo")
+    parser.add_argument(
+        "--checks", default="bench,tests,demo", help="comma-separated: bench, tests, demo, suite"
+    )
+    parser.add_argument("--workers", type=int, default=4, help="pytest-xdist workers of the GPU tests")
     args = parser.parse_args()
     args.logs.mkdir(parents=True, exist_ok=True)
-    python = sys.executable
-    checks = {
-        "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--durations=0", "tests"],
-        "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "2", "--warmup", "1", "--rounds", "2", "--rows", "none,cache,repa,pixels,repvideo,none@13"],
-        "demo": [python, "-m", "crepa", "demo", "--quick", "--workers", "2", "--no-progress", "--out", str(args.logs / "demo")],
-    }  # fmt: skip
-    skipped = set(filter(None, args.skip.split(",")))
+    chosen = [name for name in args.checks.split(",") if name]
+    known = commands(sys.executable, args.logs, args.workers)
+    if unknown := set(chosen) - set(known):
+        parser.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(known)}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    summary = []
-    for name, command in checks.items():
-        if name in skipped:
-            continue
-        log = args.logs / f"{name}.log"
-        print(f"== {name}: {' '.join(command[1:])} (log: {log})", flush=True)
-        started = time.perf_counter()
-        with log.open("w") as handle:
-            code = subprocess.run(
-                command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT
-            ).returncode
-        seconds = time.perf_counter() - started
-        tail = log.read_text(errors="replace").splitlines()[-12 if name == "bench" else -3 :]
-        print("\n".join(tail), flush=True)
-        summary.append((name, code, seconds))
+    outcomes: list[Outcome] = []
+    # the benchmark alone (timings), then the rest side by side (wall time), the suite last (CPU-bound)
+    for group in (["bench"], ["tests", "demo"], ["suite"]):
+        names = [name for name in group if name in chosen]
+        if names:
+            running = {name: start(name, known[name], args.logs, env) for name in names}
+            outcomes += wait_all(running, args.logs)
     print("\n== gpu-check summary")
-    for name, code, seconds in summary:
-        print(f"{name:<6} {'PASS' if code == 0 else f'FAIL (exit {code})':<16} {seconds:7.1f} s")
-    return 0 if all(code == 0 for _, code, _ in summary) else 1
+    for outcome in outcomes:
+        verdict = (
+            "TIME LIMIT"
+            if outcome.code is None
+            else "PASS"
+            if outcome.code == 0
+            else f"FAIL (exit {outcome.code})"
+        )
+        print(f"{outcome.name:<6} {verdict:<16} {outcome.seconds:7.1f} s")
+    return 0 if all(outcome.code == 0 for outcome in outcomes) else 1
 
 
 if __name__ == "__main__":
