@@ -14,11 +14,15 @@ Rows:
 A row "MODE@N" checkpoints only the first N blocks (``model.gradient_checkpointing = N``); the memory
 options (``--base-precision``, ``--offload-blocks``, ``--offload-activations``) apply to every row.
 
+With an online teacher row it also times the teacher alone (the step's own call: ms, TFLOP, MFU), and
+``--profile ROW`` prints the top operators of one step of that row (torch.profiler).
+
 Model FLOPs (for MFU): a step counted by torch's FlopCounterMode, minus the forward that gradient
 checkpointing recomputes (counted once more in a no-grad forward), against the chip's dense bf16 peak.
 
     python benchmarks/bench_real_step.py --family CogVideoX-5B [--steps 2] [--rounds 2] [--rows none,cache]
     python benchmarks/bench_real_step.py --rows none,none@13     # every block vs the first 13 checkpointed
+    python benchmarks/bench_real_step.py --rows cache,pixels --profile pixels   # where the teacher's time goes
     python benchmarks/bench_real_step.py --family Wan2.1-T2V-14B --base-precision fp8 --offload-blocks 30 \
         --offload-activations --rows none                          # the memory options of crepa plan
     python benchmarks/bench_real_step.py --small        # the same code on a tiny config, CPU, < 1 min
@@ -47,7 +51,7 @@ from crepa.plan.published import PUBLISHED
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
 from crepa.train.lora import add_lora
-from crepa.train.step import StepParts, batch_text, noise_batch, step_loss
+from crepa.train.step import StepParts, batch_teacher_grid, batch_text, noise_batch, step_loss
 
 ROWS = ("none", "cache", "repa", "pixels", "vae", "repvideo")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, vendor datasheets
@@ -170,6 +174,13 @@ def make_batch(
     return batch
 
 
+def peak_tflops_of(device: torch.device) -> float | None:
+    """The chip's dense bf16 peak (TFLOP/s) when it is a GPU this script knows."""
+    if device.type != "cuda":
+        return None
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -191,6 +202,9 @@ def main() -> None:
     )
     parser.add_argument("--offload-blocks", type=int, default=0, help="model.offload_blocks")
     parser.add_argument("--offload-activations", action="store_true", help="model.offload_activations")
+    parser.add_argument(
+        "--profile", default="", help="a row whose step is profiled once: top kernels by time"
+    )
     args = parser.parse_args()
     rows = args.rows.split(",")
     device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
@@ -258,6 +272,8 @@ def main() -> None:
             step_forward_only(parts, batch, torch.Generator(device).manual_seed(0))
         recompute_flop = counted_forward.get_total_flops()  # the forward that checkpointing repeats
         print(f"forward (recomputed in backward): {recompute_flop / 1e12:.4g} TFLOP")
+        if teacher is not None:
+            time_teacher_alone(model, family, shape, args, device, teacher, batch)
         resident = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # weights + batch
         times: dict[str, list[float]] = {row: [] for row in rows}
         peaks: dict[str, float | None] = dict.fromkeys(rows)
@@ -269,6 +285,7 @@ def main() -> None:
                 row_times, peak, step_flop = measure(
                     mode, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas,
                     count_flops=round_index == 0 and mode not in flop,
+                    profile=round_index == 0 and row == args.profile,
                 )  # fmt: skip
                 times[row] += row_times
                 if peak is not None:
@@ -279,14 +296,7 @@ def main() -> None:
             median = statistics.median(times[row])
             model_flop = flop[row.partition("@")[0]] / 1e12
             results.append(Measured(row, median, peaks[row], video_tokens / (median / 1e3), model_flop))
-    peak_tflops = next(
-        (
-            v
-            for k, v in PEAK_BF16_TFLOPS.items()
-            if device.type == "cuda" and k in torch.cuda.get_device_name()
-        ),
-        None,
-    )
+    peak_tflops = peak_tflops_of(device)
     print(
         f"weights resident: {weights_bytes / 2**30:.2f} GiB (peaks below: above weights and batch); {video_tokens} video tokens per clip"
     )
@@ -319,11 +329,24 @@ def parse_checkpointing(text: str) -> bool | int:
 
 
 def measure(
-    row, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas, count_flops: bool
+    row,
+    model,
+    family,
+    shape,
+    args,
+    device,
+    dtype,
+    autocast,
+    teacher,
+    vae,
+    batch,
+    alphas,
+    count_flops: bool,
+    profile: bool = False,
 ) -> tuple[list[float], int | None, float]:
     """ms of ``args.steps`` steps of ``row`` after ``args.warmup``, the peak bytes allocated during them
     (None off CUDA), and one step's FLOPs when ``count_flops`` (recompute included: the caller
-    subtracts it)."""
+    subtracts it); ``profile`` prints the top operators of one more step."""
     config = run_config(family.name, shape, row, args.rank, args.small)
     regularizer, gates = None, None
     if config.crepa.enabled:
@@ -361,6 +384,8 @@ def measure(
         synchronize(device)
         times.append(1e3 * (time.perf_counter() - started))
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    if profile:
+        print_profile(row, lambda: step(0), device)
     counted_step = FlopCounterMode(display=False)
     if count_flops:  # with every block checkpointed: minus one forward, the step's model FLOPs
         model.enable_gradient_checkpointing()
@@ -372,6 +397,44 @@ def measure(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return times, peak, float(counted_step.get_total_flops())
+
+
+def time_teacher_alone(model, family, shape, args, device, teacher, batch) -> None:
+    """The online teacher's share, measured apart: ms, TFLOP and MFU of the "pixels" grids of the batch
+    (:func:`~crepa.train.step.batch_teacher_grid`, the step's own call), median of 3 after a warm-up."""
+    config = run_config(family.name, shape, "pixels", args.rank, args.small)
+
+    def grids() -> torch.Tensor:
+        return batch_teacher_grid(config, family, model, batch, teacher, None)
+
+    grids()
+    with FlopCounterMode(display=False) as counted:
+        grids()
+    times = []
+    for _ in range(3):
+        synchronize(device)
+        started = time.perf_counter()
+        grids()
+        synchronize(device)
+        times.append(1e3 * (time.perf_counter() - started))
+    median, tflop = statistics.median(times), counted.get_total_flops() / 1e12
+    peak = peak_tflops_of(device)
+    mfu = f", MFU {100 * tflop / (median / 1e3) / peak:.1f}%" if peak else ""
+    print(f"teacher alone ({batch['frames'].shape[1]} frames, chunk {config.teacher.chunk_size}): "
+          f"{median:.1f} ms, {tflop:.4g} TFLOP{mfu}")  # fmt: skip
+
+
+def print_profile(row: str, step, device: torch.device) -> None:
+    """One step of ``row`` under torch.profiler: the 20 operators that took the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiled:
+        step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of one {row} step:")
+    print(profiled.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60))
 
 
 def step_forward_only(parts: StepParts, batch, generator) -> None:

@@ -1,8 +1,8 @@
 """``make gpu-check``: what a developer with a GPU for a few minutes runs, with one summary at the end.
 
 1. ``bench``: ``benchmarks/bench_real_step.py`` on CogVideoX-5B at 49 x 480 x 720 (no alignment, CREPA
-   from the cache, REPA*, pixels, RepVideo, and 13 of 42 blocks checkpointed), alone on the GPU so its
-   timings are clean;
+   from the cache, REPA*, pixels, RepVideo, and 13 of 42 blocks checkpointed; the teacher alone and a
+   profile of the pixels step), alone on the GPU so its timings are clean;
 2. then side by side: ``tests``, ``pytest -m gpu`` (the GPU-only paths; a few pytest-xdist workers when
    it is installed), and ``demo``, ``crepa demo --quick`` on CUDA (its worker pool included);
 3. ``suite`` (not by default: it needs a second device call within the 10-minute limit): the default
@@ -42,7 +42,7 @@ class Outcome:
 def commands(python: str, logs: Path, workers: int) -> dict[str, list[str]]:
     parallel = ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") else []
     return {
-        "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "2", "--warmup", "1", "--rounds", "2", "--rows", "none,cache,repa,pixels,repvideo,none@13"],
+        "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "2", "--warmup", "1", "--rounds", "2", "--rows", "none,cache,repa,pixels,repvideo,none@13", "--profile", "pixels"],
         "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *parallel, "--durations=15", "tests"],
         "demo": [python, "-m", "crepa", "demo", "--quick", "--workers", "2", "--no-progress", "--out", str(logs / "demo")],
         "suite": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(max(2, (os.cpu_count() or 2) - 2)), "tests"],
