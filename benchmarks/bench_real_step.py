@@ -51,7 +51,7 @@ from crepa.plan.published import PUBLISHED
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
 from crepa.train.lora import add_lora
-from crepa.train.step import StepParts, batch_teacher_grid, batch_text, noise_batch, step_loss
+from crepa.train.step import StepParts, batch_teacher_grid, step_loss, transformer_prediction
 
 ROWS = ("none", "cache", "repa", "pixels", "vae", "repvideo")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, vendor datasheets
@@ -268,8 +268,8 @@ def main() -> None:
             config=base, family=family, transformer=model, model=model, regularizer=None, teacher=None,
             vae=None, dtype=dtype, alphas_cumprod=alphas, autocast=autocast,
         )  # fmt: skip
-        with torch.no_grad(), FlopCounterMode(display=False) as counted_forward, autocast():
-            step_forward_only(parts, batch, torch.Generator(device).manual_seed(0))
+        with torch.no_grad(), FlopCounterMode(display=False) as counted_forward:
+            transformer_prediction(parts, batch, torch.Generator(device).manual_seed(0))
         recompute_flop = counted_forward.get_total_flops()  # the forward that checkpointing repeats
         print(f"forward (recomputed in backward): {recompute_flop / 1e12:.4g} TFLOP")
         if teacher is not None:
@@ -435,20 +435,6 @@ def print_profile(row: str, step, device: torch.device) -> None:
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"profile of one {row} step:")
     print(profiled.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60))
-
-
-def step_forward_only(parts: StepParts, batch, generator) -> None:
-    """The transformer's forward of one step (what gradient checkpointing recomputes in backward)."""
-    from crepa.models.conditioning import transformer_inputs
-
-    latents = batch["latents"].to(parts.dtype)
-    noised = noise_batch(parts.config, parts.family, latents, generator, parts.alphas_cumprod)
-    inputs = transformer_inputs(
-        parts.model, parts.family, noised.noisy, noised.timesteps, batch_text(batch, parts.dtype)
-    )
-    parts.transformer(**inputs)
-    if parts.regularizer is not None:
-        parts.regularizer.capture.pop()
 
 
 if __name__ == "__main__":

@@ -120,30 +120,41 @@ def batch_teacher_grid(
     )
 
 
-def step_loss(
-    parts: StepParts, batch: dict[str, Any], step: int, generator: torch.Generator
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Diffusion + alignment loss of one batch from the cache, and its detached metrics (no host sync)."""
+def transformer_prediction(
+    parts: StepParts, batch: dict[str, Any], generator: torch.Generator
+) -> tuple[torch.Tensor, NoisedBatch]:
+    """Noise the batch's latents and run the transformer under the step's autocast: the prediction in
+    the latents' layout (B, C, F, h, w) and the noised batch (its target, timesteps, SNR)."""
     config, family = parts.config, parts.family
     latents = batch["latents"].to(parts.dtype)
-    teacher_grid = None
-    if config.crepa.enabled:  # before the forward: no activations wait on the teacher
-        teacher_grid = batch_teacher_grid(config, family, parts.model, batch, parts.teacher, parts.vae)
     noised = noise_batch(config, family, latents, generator, parts.alphas_cumprod, parts.noise_range)
-    text = batch_text(batch, parts.dtype)
     inputs = transformer_inputs(
         parts.model,
         family,
         noised.noisy,
         noised.timesteps,
-        text,
+        batch_text(batch, parts.dtype),
         frame_rate=config.data.fps or 25.0,
         image=image_parts(batch),
     )
-    with parts.autocast():  # the projector runs under the transformer's autocast (fp32 weights)
+    with parts.autocast():
         prediction = parts.transformer(**inputs)[0]
-        alignment = parts.regularizer.loss(teacher_grid, step=step) if parts.regularizer is not None else None
-    prediction = prediction_to_latents(parts.model, family, prediction, noised.target.shape)
+    return prediction_to_latents(parts.model, family, prediction, noised.target.shape), noised
+
+
+def step_loss(
+    parts: StepParts, batch: dict[str, Any], step: int, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Diffusion + alignment loss of one batch from the cache, and its detached metrics (no host sync)."""
+    config, family = parts.config, parts.family
+    teacher_grid = None
+    if config.crepa.enabled:  # before the forward: no activations wait on the teacher
+        teacher_grid = batch_teacher_grid(config, family, parts.model, batch, parts.teacher, parts.vae)
+    prediction, noised = transformer_prediction(parts, batch, generator)
+    alignment = None
+    if parts.regularizer is not None:
+        with parts.autocast():  # the projector runs under the transformer's autocast (fp32 weights)
+            alignment = parts.regularizer.loss(teacher_grid, step=step)
     if config.train.loss_weighting == "none":
         diffusion_loss = F.mse_loss(prediction.float(), noised.target.float())
     else:
