@@ -142,6 +142,8 @@ PUBLISHED: dict[str, PublishedModel] = {
             {**_WAN_14B, "in_channels": 36, "image_dim": 1280, "added_kv_proj_dim": 5120},
             (81, 480, 832),
         ),
+        # Checked against the Wan team's own ti2v_5B config: dim 3072 (24 heads of 128), ffn_dim 14336,
+        # 30 layers, in_dim 48, VAE stride (4, 16, 16); the rest as Wan 2.1.
         PublishedModel(
             "Wan2.2-TI2V-5B",
             "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
