@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint format bench gpu-check clean
+.PHONY: demo test test-all lint format bench gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(STAMP)
 GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
 gpu-check:
 	$(GPU_PY) benchmarks/gpu_check.py
+
+# For a GPU machine without a package index: wheels of what its python lacks (Python 3.12, CUDA 13), into
+# .whl; there, `python3 benchmarks/gpu_check.py --wheels .whl` installs them aside first.
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_wheels.py --out .whl
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -13,6 +13,7 @@ comes; the default checks end within 8 minutes. Nothing is downloaded. Logs go t
 
     python benchmarks/gpu_check.py [--logs DIR] [--checks bench,tests,demo] [--workers 4]
     python benchmarks/gpu_check.py --checks suite          # the default suite with CUDA present
+    python3 benchmarks/gpu_check.py --wheels .whl --logs $OUT   # a machine without the index (gpu_wheels.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,11 @@ def main() -> int:
         "--checks", default="bench,tests,demo", help="comma-separated: bench, tests, demo, suite"
     )
     parser.add_argument("--workers", type=int, default=4, help="pytest-xdist workers of the GPU tests")
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        help="install these wheels (benchmarks/gpu_wheels.py) into a folder of their own first",
+    )
     args = parser.parse_args()
     args.logs.mkdir(parents=True, exist_ok=True)
     chosen = [name for name in args.checks.split(",") if name]
@@ -98,6 +105,16 @@ def main() -> int:
     if unknown := set(chosen) - set(known):
         parser.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(known)}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    paths = [str(ROOT / "src")]  # crepa itself, installed or not
+    if args.wheels is not None:
+        site = Path(tempfile.mkdtemp(prefix="crepa-site-"))  # not under --logs: logs travel back
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+             "--upgrade", "--target", str(site), *map(str, sorted(args.wheels.glob("*.whl")))],
+            check=True,
+        )  # fmt: skip
+        paths.insert(0, str(site))
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
     outcomes: list[Outcome] = []
     # the benchmark alone (timings), then the rest side by side (wall time), the suite last (CPU-bound)
     for group in (["bench"], ["tests", "demo"], ["suite"]):

@@ -1,0 +1,89 @@
+"""Wheels for a GPU machine that cannot reach a package index and lacks some of crepa's dependencies.
+
+Downloads, for the GPU machine's Python and platform, the wheels of the packages named (default: what
+a stock CUDA PyTorch image lacks), at the versions installed here (so the GPU machine runs what the
+CPU suite tested), the newest where one is not installed. bitsandbytes ships one library per CUDA version (43 MB in all); ``--cuda`` keeps
+only that one. ``gpu_check.py --wheels DIR`` installs them on the GPU machine into a folder of its own.
+
+    python benchmarks/gpu_wheels.py [--out .whl] [--python-version 3.12] [--cuda 130] [PACKAGE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import zipfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+DEFAULT_PACKAGES = (
+    "diffusers", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
+    "av", "ftfy", "wcwidth", "importlib-metadata", "zipp", "bitsandbytes",
+)  # fmt: skip
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+)
+
+
+def download(packages: list[str], out: Path, python_version: str) -> list[Path]:
+    """``pip download`` of each package at the version installed here (the newest where it is not, as
+    bitsandbytes on a CPU machine), no dependencies, binary only."""
+    pins = []
+    for name in packages:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    platforms = [flag for platform in PLATFORMS for flag in ("--platform", platform)]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+         "--python-version", python_version, *platforms, "--dest", str(out), *pins],
+        check=True,
+    )  # fmt: skip
+    return sorted(out.glob("*.whl"))
+
+
+def keep_one_cuda_library(wheel: Path, cuda: str) -> None:
+    """Rewrite a bitsandbytes wheel with only ``libbitsandbytes_cuda{cuda}.so`` among its native
+    libraries (pip installs a wheel without checking its RECORD hashes)."""
+    with tempfile.NamedTemporaryFile(dir=wheel.parent, suffix=".tmp", delete=False) as handle:
+        stripped = Path(handle.name)
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(stripped, "w", zipfile.ZIP_DEFLATED) as target:
+        libraries = [n for n in source.namelist() if n.startswith("bitsandbytes/libbitsandbytes_")]
+        wanted = f"bitsandbytes/libbitsandbytes_cuda{cuda}.so"
+        if wanted not in libraries:
+            stripped.unlink()
+            sys.exit(f"{wheel.name} has no {wanted}; it has {', '.join(sorted(libraries))}")
+        for item in source.infolist():
+            if item.filename in libraries and item.filename != wanted:
+                continue
+            target.writestr(item, source.read(item.filename))
+    stripped.replace(wheel)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("packages", nargs="*", default=list(DEFAULT_PACKAGES))
+    parser.add_argument("--out", type=Path, default=Path(".whl"))
+    parser.add_argument("--python-version", default="3.12", help="the GPU machine's Python")
+    parser.add_argument("--cuda", default="130", help="the GPU machine's CUDA (bitsandbytes library)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    wheels = download(args.packages, args.out, args.python_version)
+    for wheel in wheels:
+        if wheel.name.startswith("bitsandbytes-"):
+            keep_one_cuda_library(wheel, args.cuda)
+    total = sum(wheel.stat().st_size for wheel in wheels)
+    print(f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {args.out}:")
+    print("\n".join(f"  {wheel.name}" for wheel in wheels))
+
+
+if __name__ == "__main__":
+    main()
