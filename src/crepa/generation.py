@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -261,7 +262,8 @@ def generate_clips(
                 batch_size //= 2
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                bar.write(f"out of memory: {len(batch)} clips per call is too many, trying {batch_size}")
+                message = f"out of memory: {len(batch)} clips per call is too many, trying {batch_size}"
+                bar.write(message, file=sys.stderr)  # a diagnostic: stdout carries the command's output
                 continue
             for request, frames in zip(batch, output.frames, strict=True):
                 yield GeneratedClip(request, to_uint8(frames))

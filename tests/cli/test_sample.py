@@ -96,7 +96,7 @@ def test_sample_and_export_a_full_fine_tuning_run(tmp_path):
         assert torch.equal(exported[key.removeprefix("transformer.")], tensor), key
 
 
-def test_batched_sampling_matches_one_at_a_time(lora_run, monkeypatch):
+def test_batched_sampling_matches_one_at_a_time(lora_run, monkeypatch, capsys):
     run = load_run_pipeline(lora_run)
     settings = GenerationSettings.from_validation(run.config.validation)
     requests = [ClipRequest(PROMPTS[0], 3), ClipRequest(PROMPTS[1], 4), ClipRequest(PROMPTS[0], 4)]
@@ -120,8 +120,14 @@ def test_batched_sampling_matches_one_at_a_time(lora_run, monkeypatch):
         return pipeline_call(self, *args, **kwargs)
 
     monkeypatch.setattr(type(run.pipeline), "__call__", two_fit)
+    capsys.readouterr()
     fallback = clips(4)
     assert all(np.array_equal(a, b) for a, b in zip(fallback, [*batched[:2], alone[2]], strict=True))
+    said = capsys.readouterr()
+    assert (
+        "out of memory: 3 clips per call is too many, trying 2" in said.err
+        and "out of memory" not in said.out
+    )
 
 
 def test_samples_jsonl_feeds_crepa_eval(lora_run, tmp_path):
