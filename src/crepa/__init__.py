@@ -1,23 +1,20 @@
-"""crepa: Cross-frame Representation Alignment for fine-tuning video diffusion transformers."""
+"""crepa: Cross-frame Representation Alignment for fine-tuning video diffusion transformers.
 
-from crepa.align import AlignmentSchedule, build_projector, cross_frame_alignment
-from crepa.models import FAMILIES, BlockCapture, detect_family
-from crepa.regularizer import CrepaConfig, CrepaOutput, CrepaRegularizer
-from crepa.repvideo import RepVideoGates, install_repvideo
+The names below load on first use (lazy_loader), so ``import crepa`` and the ``crepa`` command's
+``--help`` do not wait for torch and diffusers.
+"""
+
+import lazy_loader
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FAMILIES",
-    "AlignmentSchedule",
-    "BlockCapture",
-    "CrepaConfig",
-    "CrepaOutput",
-    "CrepaRegularizer",
-    "RepVideoGates",
-    "__version__",
-    "build_projector",
-    "cross_frame_alignment",
-    "detect_family",
-    "install_repvideo",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "align": ["AlignmentSchedule", "build_projector", "cross_frame_alignment"],
+        "models": ["FAMILIES", "BlockCapture", "detect_family"],
+        "regularizer": ["CrepaConfig", "CrepaOutput", "CrepaRegularizer"],
+        "repvideo": ["RepVideoGates", "install_repvideo"],
+    },
+)
+__all__ += ["__version__"]

@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from crepa.eval import extractors
 from crepa.eval.evaluate import StageTimer, check_extractors, evaluate_clip
 from crepa.eval.extractors import CallableExtractor, TeacherExtractor, load_extractor
+from crepa.eval.names import EXTRACTOR_KINDS
 from crepa.eval.tiny import save_tiny_extractors
 from crepa.teachers import load_teacher
 from helpers import textured_image, translating_clip
@@ -157,6 +159,11 @@ def test_bad_specs_have_clear_errors(tmp_path):
         load_extractor("py:only_a_module")
     with pytest.raises(ValueError, match="cannot import"):
         load_extractor("py:no_such_module_here:build")
+
+
+def test_the_extractor_kinds_the_cli_lists_are_the_ones_built():
+    """crepa.eval.names lists the kinds without importing torch; each but "py" has a builder."""
+    assert set(extractors._BUILDERS) == set(EXTRACTOR_KINDS) - {"py"}
 
 
 def test_clip_level_extractor_is_refused_for_consistency(tiny):

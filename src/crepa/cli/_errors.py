@@ -17,9 +17,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from crepa.config import ConfigError
-from crepa.models.hub import HubUnreachableError
-
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -89,6 +86,9 @@ def command_errors(console: Console, state: Callable[[], tuple[Path | None, str]
 
     ``state()`` gives (the folder the command writes, what survives): the folder is named when the
     writer did not say which file failed."""
+    from crepa.config import ConfigError
+    from crepa.models.hub import HubUnreachableError
+
     try:
         yield
     except typer.Exit:

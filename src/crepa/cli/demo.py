@@ -10,9 +10,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-# diffusers loads a pipeline component of another library only if its module is imported: this
-# makes the demo's pipelines (their VAE is crepa.demo.latent's) load in every crepa command.
-import crepa.demo.latent  # noqa: F401
 from crepa.cli import app
 
 

@@ -7,27 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from crepa.cli import app
+from crepa.cli._components import import_component_modules
 from crepa.cli._errors import EXIT_CONFIG, command_errors, fail
-from crepa.data.report import DataReport
-from crepa.eval.evaluate import (
-    DEFAULT_EXTRACTORS,
-    METRICS,
-    evaluate_clips,
-    extractor_specs,
-    load_extractors,
-    resolve_metrics,
-)
-from crepa.eval.extractors import EXTRACTOR_KINDS
-from crepa.eval.flow import FLOW_METHODS
-from crepa.eval.report import SKIPPED_FILE, write_comparison, write_eval_report, write_layer_report
-from crepa.eval.videos import find_clips
-from crepa.models.loading import describe_device
+from crepa.eval.names import DEFAULT_EXTRACTORS, EXTRACTOR_KINDS, FLOW_METHODS, METRICS
 
 METRICS_HELP = f"Comma-separated or repeated; default all per-clip metrics. From: {', '.join(METRICS)}."
 EXTRACTOR_HELP = (
@@ -83,6 +70,7 @@ def eval_(
     """Measure generated videos (consistency, motion, distance to real clips), compare runs, or diagnose a model."""
     console, errors = Console(), Console(stderr=True)
     paths = paths or []
+    import_component_modules()
     written = (out, "no partial report was left (each report file is written whole or not at all)")
     with command_errors(errors, lambda: written):
         try:
@@ -114,6 +102,14 @@ def _evaluate(
     batch_size: int,
     progress: bool,
 ) -> None:
+    import torch
+
+    from crepa.data.report import DataReport
+    from crepa.eval.evaluate import evaluate_clips, extractor_specs, load_extractors, resolve_metrics
+    from crepa.eval.report import SKIPPED_FILE, write_eval_report
+    from crepa.eval.videos import find_clips
+    from crepa.models.loading import describe_device
+
     if len(paths) != 1:
         raise ValueError(
             f"give one VIDEOS_DIR (got {len(paths)} paths); to put runs side by side add --compare"
@@ -178,6 +174,8 @@ def _evaluate(
 
 
 def _compare(console: Console, paths: list[Path], out: Path) -> None:
+    from crepa.eval.report import write_comparison
+
     content = write_comparison(out, paths)
     runs = list(content["runs"])
     table = Table("metric", *runs, title="crepa eval --compare")
@@ -207,8 +205,11 @@ def _diagnose(
     seed: int,
     device: str,
 ) -> None:
+    import torch
+
     from crepa.config import load_config
     from crepa.eval.diagnostics import diagnose_run
+    from crepa.eval.report import write_layer_report
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

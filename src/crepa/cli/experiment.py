@@ -9,11 +9,13 @@ import typer
 from rich.console import Console
 
 from crepa.cli import app
-from crepa.config import ConfigError
+from crepa.cli._components import import_component_modules
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
     """``"3"`` -> (0, 1, 2); ``"0,4,7"`` -> (0, 4, 7)."""
+    from crepa.config import ConfigError
+
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -29,6 +31,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def parse_margins(values: list[str]) -> dict[str, float]:
     """``["subject_consistency=0.002", ...]`` -> {metric: margin}."""
+    from crepa.config import ConfigError
+
     margins = {}
     for value in values:
         metric, _, number = value.partition("=")
@@ -107,6 +111,7 @@ def experiment(
 ) -> None:
     """Train variants x seeds from RUN_FILE, sample the same prompts and seeds, evaluate, and report a verdict."""
     from crepa.cli.eval import split_values
+    from crepa.config import ConfigError
     from crepa.experiment.lifecycle import ExperimentStopped
     from crepa.experiment.report import terminal_table, write_report
     from crepa.experiment.runfiles import parse_variants
@@ -118,6 +123,7 @@ def experiment(
     )
     from crepa.train.state import TrainingStopped
 
+    import_component_modules()
     console = Console(stderr=True)
     try:
         chosen, shared = parse_variants(variants, set_)

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from crepa.cli import app
+from crepa.cli._components import import_component_modules
 
 
 @app.command()
@@ -36,6 +37,7 @@ def export(
     from crepa.models.hub import HubUnreachableError
     from crepa.runs import RunDirectoryError
 
+    import_component_modules()
     console = Console(stderr=True)
     if keys not in ("peft", "kohya"):
         console.print(f"[red]error:[/red] --keys {keys!r}: choose peft or kohya", highlight=False)

@@ -7,7 +7,6 @@ from rich.console import Console
 from rich.table import Table
 
 from crepa.cli import app
-from crepa.models.support import SUPPORT_COLUMNS, support_markdown, support_rows
 
 
 @app.command()
@@ -15,6 +14,8 @@ def families(
     markdown: bool = typer.Option(False, "--markdown", help="Print the markdown table the README shows."),
 ) -> None:
     """Which model families and checkpoints crepa trains (text- and image-to-video), and why not where it does not."""
+    from crepa.models.support import SUPPORT_COLUMNS, support_markdown, support_rows
+
     if markdown:
         typer.echo(support_markdown())
         return

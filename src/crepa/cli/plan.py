@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from crepa.cli import app
+from crepa.cli._components import import_component_modules
 from crepa.cli._errors import EXIT_FAILURE, command_errors, fail
-from crepa.config import load_config
-from crepa.plan.memory import CUDA_ACTIVATION_FACTOR, GIB, Estimate
-from crepa.plan.planner import HEADROOM_BYTES, parse_memory, plan_run, published_table
+
+if TYPE_CHECKING:
+    from crepa.plan.memory import Estimate
 
 SHOWN = 12
 
 
 def _row(estimate: Estimate, depth: int) -> list[str]:
+    from crepa.plan.memory import GIB
+
     settings = estimate.settings
     return [
         f"{settings.checkpointed_blocks}/{depth}",
@@ -46,6 +51,11 @@ def plan(
 ) -> None:
     """Predict the peak GPU memory and step time of CONFIG's training step (offline: config only, no
     weights) and print the fastest memory settings that fit, as --set lines for `crepa train`."""
+    from crepa.config import load_config
+    from crepa.plan.memory import CUDA_ACTIVATION_FACTOR, GIB
+    from crepa.plan.planner import HEADROOM_BYTES, parse_memory, plan_run, published_table
+
+    import_component_modules()
     if markdown:
         typer.echo(published_table())
         return

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from crepa.cli import app
+from crepa.cli._components import import_component_modules
 from crepa.cli._errors import EXIT_CONFIG, command_errors, fail, terminate_like_interrupt
-from crepa.config import load_config
 
 
 @app.command()
@@ -27,8 +27,10 @@ def precompute(
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from crepa.config import load_config
     from crepa.precompute import precompute as run_precompute
 
+    import_component_modules()
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[RichHandler(console=console)])
     logging.getLogger("crepa").setLevel(logging.INFO)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 from rich.console import Console
 
 from crepa.cli import app
-from crepa.models.hub import HubUnreachableError
+from crepa.cli._components import import_component_modules
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -74,10 +73,14 @@ def sample(
 ) -> None:
     """Generate one clip per (prompt, seed) with the run's LoRA and RepVideo gates; mp4 + GIF + contact
     sheet + samples.jsonl (which `crepa eval` reads). Settings default to the run's validation settings."""
+    import torch
+
+    from crepa.models.hub import HubUnreachableError
     from crepa.models.loading import describe_device
     from crepa.runs import RunDirectoryError
     from crepa.sample import first_frames, read_prompts, resolve_device, sample_run
 
+    import_component_modules()
     console = Console(stderr=True)
     try:
         prompt_list = read_prompts(prompts)

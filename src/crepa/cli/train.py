@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from rich.console import Console
 
 from crepa.cli import app
+from crepa.cli._components import import_component_modules
 from crepa.cli._errors import EXIT_FAILURE, EXIT_SIGNAL, command_errors, fail
-from crepa.config import ConfigError, RunConfig, load_config
 from crepa.rundir import CHECKPOINTS_DIR, checkpoint_dirs
-from crepa.train.parallel import exit_process
+
+if TYPE_CHECKING:
+    from crepa.config import RunConfig
 
 
 def predicted_memory_warning(run: RunConfig) -> str | None:
     """On a GPU, rank 0: the memory model's warning when the run will not fit the GPU's free memory
     (crepa.plan; config only, no weights). None on the CPU, on other ranks, or when the model's config
     cannot be read here (the trainer's own checks report that)."""
+    import torch
+
+    from crepa.config import ConfigError
+
     if not torch.cuda.is_available() or int(os.environ.get("RANK", "0")) != 0:
         return None
     from crepa.plan.planner import memory_warning
@@ -44,6 +50,12 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ) -> None:
     """Fine-tune the model of CONFIG (LoRA or full) with the alignment loss; resumable, multi-GPU via accelerate."""
+    import torch
+
+    from crepa.config import load_config
+    from crepa.train.parallel import exit_process
+
+    import_component_modules()
     try:
         console = Console(stderr=True)
         run: RunConfig | None = None

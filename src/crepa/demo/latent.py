@@ -15,7 +15,7 @@ It is a diffusers model (``ModelMixin`` + ``ConfigMixin``), saved in the pipelin
 pipeline reads ``block_out_channels`` (spatial factor 2^(len - 1)), ``temporal_compression_ratio``
 and ``scaling_factor`` from its config and calls ``encode(...).latent_dist`` / ``decode(...).sample``.
 diffusers loads a component of another library only when its module is imported, so this module
-is imported by the ``crepa`` command (``crepa.cli.demo``).
+is imported by the ``crepa`` commands that load a pipeline (``crepa.cli._components``).
 """
 
 from __future__ import annotations

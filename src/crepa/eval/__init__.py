@@ -3,42 +3,24 @@
 Pure metrics take arrays / tensors: :mod:`consistency`, :mod:`flicker`, :mod:`flow`,
 :mod:`frechet`, :mod:`cknna`. Models and files live at the edges: :mod:`extractors`,
 :mod:`layers`, :mod:`videos`, :mod:`report`.
+
+The names below load on first use (lazy_loader): :mod:`crepa.eval.names` is read without torch.
 """
 
-from crepa.eval.cknna import cknna, unbiased_hsic
-from crepa.eval.consistency import consistency_pair_scores, consistency_score
-from crepa.eval.evaluate import EvalResult, evaluate_clips, resolve_metrics
-from crepa.eval.extractors import CallableExtractor, FeatureExtractor, TeacherExtractor, load_extractor
-from crepa.eval.flicker import temporal_flickering
-from crepa.eval.flow import ClipMotion, clip_motion, optical_flow, warping_errors
-from crepa.eval.frechet import frechet_distance
-from crepa.eval.layers import adjacent_frame_similarity, block_cknna, layer_similarity_profile
-from crepa.eval.report import write_comparison, write_eval_report, write_layer_report
-from crepa.eval.videos import find_clips
+import lazy_loader
 
-__all__ = [
-    "CallableExtractor",
-    "ClipMotion",
-    "EvalResult",
-    "FeatureExtractor",
-    "TeacherExtractor",
-    "adjacent_frame_similarity",
-    "block_cknna",
-    "cknna",
-    "clip_motion",
-    "consistency_pair_scores",
-    "consistency_score",
-    "evaluate_clips",
-    "find_clips",
-    "frechet_distance",
-    "layer_similarity_profile",
-    "load_extractor",
-    "optical_flow",
-    "resolve_metrics",
-    "temporal_flickering",
-    "unbiased_hsic",
-    "warping_errors",
-    "write_comparison",
-    "write_eval_report",
-    "write_layer_report",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "cknna": ["cknna", "unbiased_hsic"],
+        "consistency": ["consistency_pair_scores", "consistency_score"],
+        "evaluate": ["EvalResult", "evaluate_clips", "resolve_metrics"],
+        "extractors": ["CallableExtractor", "FeatureExtractor", "TeacherExtractor", "load_extractor"],
+        "flicker": ["temporal_flickering"],
+        "flow": ["ClipMotion", "clip_motion", "optical_flow", "warping_errors"],
+        "frechet": ["frechet_distance"],
+        "layers": ["adjacent_frame_similarity", "block_cknna", "layer_similarity_profile"],
+        "report": ["write_comparison", "write_eval_report", "write_layer_report"],
+        "videos": ["find_clips"],
+    },
+)

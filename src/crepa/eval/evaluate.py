@@ -18,27 +18,20 @@ from crepa.data.report import DataReport, SkippedFile
 from crepa.eval.consistency import consistency_score
 from crepa.eval.extractors import FeatureExtractor, load_extractor
 from crepa.eval.flicker import temporal_flickering
-from crepa.eval.flow import FlowMethod, clip_motion
+from crepa.eval.flow import clip_motion
 from crepa.eval.frechet import MIN_STABLE_CLIPS, frechet_distance
+from crepa.eval.names import (
+    CONSISTENCY_METRICS,
+    DEFAULT_EXTRACTORS,
+    METRICS,
+    MOTION_METRICS,
+    PER_CLIP_METRICS,
+    FlowMethod,
+)
 from crepa.eval.videos import Clip
 from crepa.io.video import VideoDecodeError
 
-CONSISTENCY_METRICS: tuple[str, ...] = (
-    "subject_consistency",
-    "background_consistency",
-    "temporal_flickering",
-    "warping_error",
-)
-MOTION_METRICS: tuple[str, ...] = ("dynamic_degree", "flow_magnitude")
-PER_CLIP_METRICS: tuple[str, ...] = CONSISTENCY_METRICS + MOTION_METRICS
-METRICS: tuple[str, ...] = (*PER_CLIP_METRICS, "frechet_distance")
 UNREADABLE = "unreadable clip"  # the problem recorded for a video or frame folder that cannot be decoded
-# The metrics that need a feature extractor, and the one each uses unless told otherwise.
-DEFAULT_EXTRACTORS: dict[str, str] = {
-    "subject_consistency": "dino",
-    "background_consistency": "clip",
-    "frechet_distance": "dinov2",
-}
 # Which direction is better; None for the motion measures, which give context, not quality.
 BETTER: dict[str, str | None] = {
     "subject_consistency": "higher",

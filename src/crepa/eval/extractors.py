@@ -279,7 +279,6 @@ _BUILDERS: dict[str, Callable[[str, str, int], FeatureExtractor]] = {
     "videomae": _videomae,
     "teacher": _teacher,
 }
-EXTRACTOR_KINDS: tuple[str, ...] = (*_BUILDERS, "py")
 
 
 def load_extractor(spec: str, device: str = "cpu", batch_size: int = 32) -> FeatureExtractor:

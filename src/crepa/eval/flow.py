@@ -9,15 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-FlowMethod = Literal["dis", "farneback"]
-FLOW_METHODS: tuple[str, ...] = ("dis", "farneback")
+from crepa.eval.names import FLOW_METHODS, FlowMethod
 
 # Forward-backward consistency (Sundaram et al. 2010, as used for video style transfer by Ruder et
 # al. 2016): a pixel is occluded when |w_f + w_b|^2 > alpha (|w_f|^2 + |w_b|^2) + beta.

@@ -1,0 +1,77 @@
+"""`crepa --help` answers at once: neither the CLI nor a command's --help imports torch, diffusers,
+transformers, peft or accelerate (each command imports what it needs when it runs), and what the
+CLI used to import up front for every command (the demo's VAE module) is still there when one runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from crepa.cli import app
+
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
+# Runs `python -m crepa ARGS` in this process (runpy), then writes the exit code and the heavy
+# libraries it imported to the file named by argv[2].
+PROBE = f"""
+import json, runpy, sys
+args, report = json.loads(sys.argv[1]), sys.argv[2]
+sys.argv = ["crepa", *args]
+try:
+    runpy.run_module("crepa", run_name="__main__", alter_sys=True)
+    code = 0
+except SystemExit as end:
+    code = end.code
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+with open(report, "w") as file:
+    json.dump({{"code": code, "heavy": heavy}}, file)
+"""
+COMMANDS = sorted(command.name or command.callback.__name__ for command in app.registered_commands)
+
+
+def probe(args: list[str], tmp_path) -> tuple[dict, str]:
+    """(exit code and heavy libraries imported, stdout) of ``python -m crepa ARGS`` in a real process."""
+    report = tmp_path / "probe.json"
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args), str(report)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.exists(), done.stderr
+    return json.loads(report.read_text()), done.stdout
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS], ids=lambda c: c or "crepa")
+def test_help_imports_no_heavy_library(command, tmp_path):
+    result, out = probe([command, "--help"] if command else ["--help"], tmp_path)
+    assert result == {"code": 0, "heavy": []}
+    assert "Usage:" in out and (command or "Commands") in out
+
+
+def test_probe_sees_a_command_that_imports_torch(tmp_path):
+    """The check above can fail: `crepa families` (the support table) does import torch and diffusers."""
+    result, out = probe(["families", "--markdown"], tmp_path)
+    assert result["code"] == 0 and {"torch", "diffusers"} <= set(result["heavy"])
+    assert out.startswith("| family | variant |")
+
+
+def test_a_pipeline_with_the_demo_vae_loads_in_a_command(tiny_world, run_cli):
+    """diffusers finds a component of another library in sys.modules only: `crepa precompute` on a
+    pipeline whose VAE is the demo's (crepa.demo.latent) imports that module before loading."""
+    from crepa.demo.latent import PCAVideoAutoencoder
+
+    run = tiny_world("cogvideox")
+    pipe = run.parent / "pipe"
+    channels = json.loads((pipe / "vae" / "config.json").read_text())["latent_channels"]
+    shutil.rmtree(pipe / "vae")
+    PCAVideoAutoencoder(latent_channels=channels).save_pretrained(pipe / "vae")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index["vae"] = ["crepa.demo.latent", "PCAVideoAutoencoder"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    done = run_cli("precompute", str(run), "--no-progress", cwd=run.parent)
+    assert done.returncode == 0, done.stderr
+    assert "4 used, 0 skipped" in done.stderr
