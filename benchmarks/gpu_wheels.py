@@ -20,7 +20,7 @@ from pathlib import Path
 
 DEFAULT_PACKAGES = (
     "diffusers", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
-    "av", "ftfy", "wcwidth", "importlib-metadata", "zipp", "bitsandbytes",
+    "av", "ftfy", "wcwidth", "importlib-metadata", "zipp", "lazy-loader", "bitsandbytes",
 )  # fmt: skip
 PLATFORMS = (
     "manylinux_2_28_x86_64",
