@@ -93,7 +93,13 @@ def offload_blocks(transformer: nn.Module, family: ModelFamily, count: int, devi
     """Keep the first ``count`` blocks' weights in (pinned) CPU memory; diffusers' block-level group
     offloading copies each to ``device`` when it runs (on a side stream on CUDA) and drops the copy
     after. The rest of the model moves to ``device``. Offloaded blocks must be checkpointed: autograd
-    keeps the weights a block used until its backward, and only a recomputed block lets them go."""
+    keeps the weights a block used until its backward, and only a recomputed block lets them go.
+
+    The copies are not overlapped with compute: diffusers prefetches the next block only along an
+    order it records from calls of the module offloading was applied to (here a holder of the blocks
+    that the transformer never calls), and it synchronises the GPU before dropping a copy; the plan's
+    step time counts every copy (:func:`crepa.plan.memory.estimate`). A prefetch that follows the
+    backward's reverse order is left to do."""
     blocks = family.blocks(transformer)[:count]
     offloaded = {id(param) for block in blocks for param in block.parameters()}
     offloaded |= {id(buffer) for block in blocks for buffer in block.buffers()}

@@ -331,10 +331,13 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
             block_profile(kind).output for kind, kept in zip(sequence, on_gpu, strict=True) if not kept
         )
         seconds += 2 * moved / PAGEABLE_BYTES_PER_S
-    if settings.offload_blocks:  # copies not hidden behind the previous block's compute
-        per_block_seconds = seconds / len(sequence)
-        copy = max(stored) / PCIE_BYTES_PER_S
-        seconds += 2 * settings.offload_blocks * max(0.0, copy - per_block_seconds)
+    if settings.offload_blocks:
+        # Each offloaded block is copied in for its forward and again for its recompute, and nothing
+        # hides the copy: diffusers' group offloading prefetches only along a chain it records from
+        # calls of the module it was applied to, which training never calls (the transformer calls
+        # its blocks), so every block copies itself when it runs and the GPU is synchronised before
+        # its copy is dropped (crepa.models.memory.offload_blocks).
+        seconds += 2 * settings.offload_blocks * max(stored) / PCIE_BYTES_PER_S
     return Estimate(settings, weights, trainable_state, activations, teacher, step_flops, seconds)
 
 
