@@ -66,6 +66,22 @@ def test_half_precision_weights_train_fp32_trainables_on_cuda(wan_run, dtype):
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+def test_fp16_loss_scale_search_is_not_a_divergence(wan_run, monkeypatch):
+    """GradScaler started at 2**60 overflows on each of 12 steps: that is its search for a scale (halved
+    every time, the update skipped), not 12 non-finite steps; the run ends normally, nothing counted
+    against train.max_nonfinite_steps (10)."""
+    original = torch.amp.GradScaler.__init__
+
+    def huge_start(self, *args, **kwargs):
+        kwargs["init_scale"] = 2.0**60
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", huge_start)
+    config = load_config(wan_run, ['model.dtype="fp16"', "train.max_steps=12", 'output.dir="fp16-search"'])
+    summary = train(config, progress=False)
+    assert summary.steps == 12 and summary.skipped_nonfinite == 0
+
+
 def test_pinned_loader_and_non_blocking_copies_give_the_cached_batches(wan_run):
     dataset = CachedDataset(load_config(wan_run).cache.dir)
     order = BucketedBatchOrder(dataset.buckets, 2, seed=3)

@@ -49,3 +49,26 @@ def test_nonfinite_gradient_after_good_steps_restores_state_exactly():
     optimizer.zero_grad()
     assert guard.step(_backward(model)) == (True, True)
     assert not torch.equal(model.weight, params[0])
+
+
+def test_loss_scale_search_is_told_apart_from_a_divergence():
+    """A real GradScaler (CPU) meets an inf gradient: it skips the update and halves its scale (4 -> 2,
+    still a search: the new scale is returned); from a scale of 1 the halving goes below 1, where an
+    overflow is real (None). No scaler, or a step that was not skipped, is never a search."""
+    from crepa.train.guard import loss_scale_search
+
+    def overflow(init_scale: float) -> tuple[torch.amp.GradScaler, torch.Tensor]:
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        weight = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        scaler.scale((weight * torch.tensor([1.0, float("inf"), 1.0])).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return scaler, weight
+
+    scaler, weight = overflow(4.0)
+    assert torch.equal(weight.detach(), torch.ones(3))  # the scaler skipped the update
+    assert loss_scale_search(scaler, step_was_skipped=True) == 2.0
+    assert loss_scale_search(overflow(1.0)[0], step_was_skipped=True) is None  # 0.5: a real overflow
+    assert loss_scale_search(scaler, step_was_skipped=False) is None
+    assert loss_scale_search(None, step_was_skipped=True) is None

@@ -62,3 +62,18 @@ class UpdateGuard:
                 if not had:
                     self.optimizer.state.pop(p, None)
         return grad_ok, params_ok
+
+
+def loss_scale_search(scaler: torch.amp.GradScaler | None, step_was_skipped: bool) -> float | None:
+    """The new loss scale when fp16's GradScaler has just skipped an update for an overflowing gradient
+    and lowered its scale, which is still >= 1; None otherwise.
+
+    Such a skip is the scaler searching for a scale that fits fp16 (it starts at 2**16 and halves on
+    every overflow), not a divergence: the trainer neither counts it against
+    ``train.max_nonfinite_steps`` nor calls it non-finite. Below a scale of 1 an overflow is real.
+    ``scaler.get_scale()`` syncs with the host, in fp16 runs only, where the scaler already did.
+    """
+    if scaler is None or not step_was_skipped:
+        return None
+    scale = scaler.get_scale()
+    return scale if scale >= 1.0 else None

@@ -40,6 +40,7 @@ from crepa.rundir import (
     side_module_file,
 )
 from crepa.train import checkpoint as ckpt
+from crepa.train.guard import loss_scale_search
 from crepa.train.lora import save_lora
 from crepa.train.parallel import average_gradients, clip_grad_norm, exchange_objects
 from crepa.train.preflight import hold_output
@@ -105,7 +106,8 @@ def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSum
 def optimizer_step(state: TrainState) -> dict[str, torch.Tensor]:
     """One optimiser step: accumulate ``train.gradient_accumulation`` micro-batches, average the side
     modules' gradients, unscale, clip, then the guarded update (undone when the gradient or the new
-    weights are not finite) and the LR schedule. Returns the step's detached metrics (no host sync
+    weights are not finite; an fp16 loss-scale search step is skipped by the scaler, not counted as a
+    failure: :func:`~crepa.train.guard.loss_scale_search`) and the LR schedule. Returns the step's detached metrics (no host sync
     but the guard's one)."""
     config, accelerator, run = state.config, state.accelerator, state.progress
     step_metrics: dict[str, torch.Tensor] = {}
@@ -127,8 +129,16 @@ def optimizer_step(state: TrainState) -> dict[str, torch.Tensor]:
     # The one host sync per optimiser step: an update with a non-finite gradient or leaving
     # non-finite weights is undone (never trained on, never saved). The norm is global.
     grad_ok, weights_ok = state.guard.step(grad_norm)
+    searching = (
+        None if grad_ok else loss_scale_search(accelerator.scaler, accelerator.optimizer_step_was_skipped)
+    )
     if grad_ok and weights_ok:
         run.nonfinite_streak = 0
+    elif searching is not None:
+        if accelerator.is_main_process:
+            tqdm.write(
+                f"step {run.step + 1}: fp16 gradient overflow, update skipped, loss scale now {searching:g}"
+            )
     else:
         run.skipped_nonfinite += 1
         run.nonfinite_streak += 1
