@@ -150,13 +150,18 @@ def test_impossible_combinations_exit_2_before_loading(world, overrides, message
     assert not (world.parent / "refused" / "checkpoints").exists()
 
 
-def test_offload_and_fp8_under_fsdp_are_refused(world, monkeypatch):
+def test_offload_under_fsdp_or_ddp_and_fp8_under_fsdp_are_refused(world, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     with pytest.raises(ConfigError, match=r"model\.offload_blocks: .*model\.offload_blocks = 0"):
         launch_sharding(load_config(world, ["model.offload_blocks=1"]))
     with pytest.raises(ConfigError, match=r"model\.base_precision: 'fp8' under FSDP .*'bf16'"):
         launch_sharding(load_config(world, ['model.base_precision="fp8"']))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # DDP wraps a model whose weights are all on its GPU
+    with pytest.raises(ConfigError, match=r"model\.offload_blocks: block offload under DDP .*= 0"):
+        launch_sharding(load_config(world, ["model.offload_blocks=1"]))
+    assert launch_sharding(load_config(world, ['model.base_precision="fp8"'])) == "none"  # fp8 + DDP is fine
 
 
 @pytest.mark.gpu
@@ -175,7 +180,7 @@ def test_adamw8bit_trains_close_to_adamw(world):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_memory_options_train_on_cuda(world):
-    """On CUDA (bf16 weights, the real offload copies and side stream): lossless options give the
+    """On CUDA (bf16 weights, the real pinned-memory offload copies): lossless options give the
     baseline's LoRA up to CUDA's non-deterministic reductions (relative L2 below 1e-2), fp8 a first
     loss within 5 %."""
     reference = trained_lora(world, "cuda-reference")
@@ -192,3 +197,35 @@ def test_memory_options_train_on_cuda(world):
     trained_lora(world, "cuda-fp8", 'model.base_precision="fp8"')
     first = {name: losses(world.parent / name)[0] for name in ("cuda-fp8", "cuda-reference")}
     assert abs(first["cuda-fp8"] / first["cuda-reference"] - 1) < 0.05, first
+
+
+def test_offload_hosts_only_the_frozen_weights_of_the_offloaded_blocks():
+    """model.offload_blocks = 2 on a LoRA model: the copy-in hooks of blocks 0 and 1 move exactly their
+    frozen weights (never LoRA, whose gradients and updates must stay where it trains), block 2 has no
+    hook; the LoRA of the offloaded blocks still gets its gradients through the copies."""
+    from functools import partial
+
+    from crepa.config import LoraSection
+    from crepa.models.memory import offload_blocks
+    from crepa.train.lora import add_lora
+
+    transformer = tiny_transformer("wan")
+    family = detect_family(transformer)
+    add_lora(transformer, family, LoraSection(rank=4))
+    set_gradient_checkpointing(transformer, family, True)
+    blocks = family.blocks(transformer)
+    offload_blocks(transformer, family, 2, torch.device("cpu"))
+
+    def hosted(block: torch.nn.Module) -> list[torch.nn.Parameter]:
+        hooks = [h for h in block._forward_pre_hooks.values() if isinstance(h, partial)]
+        return [p for hook in hooks for p in hook.args[0]]
+
+    for index, block in enumerate(blocks):
+        expected = [p for p in block.parameters() if not p.requires_grad] if index < 2 else []
+        assert [id(p) for p in hosted(block)] == [id(p) for p in expected], index
+    assert not any(p.requires_grad for block in blocks for p in hosted(block))
+    inputs = tiny_inputs("wan", transformer)
+    transformer(**inputs)[0].square().mean().backward()
+    trainables = [p for block in blocks[:2] for p in block.parameters() if p.requires_grad]
+    assert trainables and all(p.grad is not None for p in trainables)
+    assert any(p.grad.abs().sum() > 0 for p in trainables)  # lora_B (lora_A's are 0: B starts at 0)

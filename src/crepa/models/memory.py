@@ -2,10 +2,10 @@
 activations in backward and where they keep their inputs, which frozen weights are stored in fp8,
 which blocks live in CPU memory.
 
-They use diffusers' own machinery: the transformer's gradient-checkpointing hook (with a function
-that checkpoints only the chosen blocks, optionally keeping their inputs on the CPU), layerwise
-casting (``apply_layerwise_casting``: storage fp8, compute bf16) and group offloading
-(``apply_group_offloading``, block level, pinned CPU memory, copies on a side stream on CUDA).
+They use diffusers' own machinery where it fits training: the transformer's gradient-checkpointing
+hook (with a function that checkpoints only the chosen blocks, optionally keeping their inputs on the
+CPU) and layerwise casting (``apply_layerwise_casting``: storage fp8, compute bf16). Block offloading
+is crepa's own (:func:`offload_blocks` says why).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from functools import partial
 from typing import Literal
 
 import torch
-from diffusers.hooks import apply_group_offloading, apply_layerwise_casting
+from diffusers.hooks import apply_layerwise_casting
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -90,38 +90,43 @@ def store_in_fp8(transformer: nn.Module, compute_dtype: torch.dtype = torch.bflo
 
 
 def offload_blocks(transformer: nn.Module, family: ModelFamily, count: int, device: torch.device) -> None:
-    """Keep the first ``count`` blocks' weights in (pinned) CPU memory; diffusers' block-level group
-    offloading copies each to ``device`` when it runs (on a side stream on CUDA) and drops the copy
-    after. The rest of the model moves to ``device``. Offloaded blocks must be checkpointed: autograd
-    keeps the weights a block used until its backward, and only a recomputed block lets them go.
+    """Keep the frozen weights of the first ``count`` blocks in (pinned) CPU memory and copy each block's
+    in when it runs, dropping the copy after; everything else (trainables such as LoRA included) moves
+    to ``device``. Offloaded blocks must be checkpointed: autograd keeps the weights a block used until
+    its backward, and only a recomputed block lets them go.
 
-    The copies are not overlapped with compute: diffusers prefetches the next block only along an
-    order it records from calls of the module offloading was applied to (here a holder of the blocks
-    that the transformer never calls), and it synchronises the GPU before dropping a copy; the plan's
-    step time counts every copy (:func:`crepa.plan.memory.estimate`). A prefetch that follows the
-    backward's reverse order is left to do."""
+    Written here rather than with diffusers' group offloading, which is built for inference: it moves
+    every parameter of a block, LoRA too (whose gradients then arrive on the GPU for a parameter on the
+    CPU, and whose updates a later copy from its pinned snapshot would discard), and it synchronises the
+    host after each block. Here the copies are non-blocking on the compute stream, so the host never
+    waits; they are not yet overlapped with compute (the plan counts them in full,
+    :func:`crepa.plan.memory.estimate`)."""
     blocks = family.blocks(transformer)[:count]
-    offloaded = {id(param) for block in blocks for param in block.parameters()}
-    offloaded |= {id(buffer) for block in blocks for buffer in block.buffers()}
+    frozen = [[p for p in block.parameters() if not p.requires_grad] for block in blocks]
+    hosted = {id(p) for params in frozen for p in params}
+    for param in transformer.parameters():
+        if id(param) not in hosted:
+            param.data = param.data.to(device)
     for module in transformer.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) not in offloaded:
-                param.data = param.data.to(device)
         for name, buffer in module.named_buffers(recurse=False):
-            if id(buffer) not in offloaded:
-                module._buffers[name] = buffer.to(device)
-    # block-level offloading groups the blocks of a ModuleList: give it the chosen ones as one
-    holder = nn.Module()
-    holder.blocks = nn.ModuleList(blocks)
-    holder.to("cpu")
-    apply_group_offloading(
-        holder,
-        onload_device=device,
-        offload_device=torch.device("cpu"),
-        offload_type="block_level",
-        num_blocks_per_group=1,
-        use_stream=device.type == "cuda",
-    )
+            module._buffers[name] = buffer.to(device)
+    pin = device.type == "cuda"
+    for block, params in zip(blocks, frozen, strict=True):
+        host = [p.data.to("cpu").pin_memory() if pin else p.data.to("cpu") for p in params]
+        for param, stored in zip(params, host, strict=True):
+            param.data = stored
+        block.register_forward_pre_hook(partial(_copy_in, params, host, device))
+        block.register_forward_hook(partial(_drop_copies, params, host))
+
+
+def _copy_in(params: list[nn.Parameter], host: list[torch.Tensor], device: torch.device, *_: object) -> None:
+    for param, stored in zip(params, host, strict=True):
+        param.data = stored.to(device, non_blocking=True)
+
+
+def _drop_copies(params: list[nn.Parameter], host: list[torch.Tensor], *_: object) -> None:
+    for param, stored in zip(params, host, strict=True):
+        param.data = stored
 
 
 BasePrecision = Literal["bf16", "fp8"]

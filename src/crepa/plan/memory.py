@@ -332,11 +332,8 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
         )
         seconds += 2 * moved / PAGEABLE_BYTES_PER_S
     if settings.offload_blocks:
-        # Each offloaded block is copied in for its forward and again for its recompute, and nothing
-        # hides the copy: diffusers' group offloading prefetches only along a chain it records from
-        # calls of the module it was applied to, which training never calls (the transformer calls
-        # its blocks), so every block copies itself when it runs and the GPU is synchronised before
-        # its copy is dropped (crepa.models.memory.offload_blocks).
+        # Each offloaded block's frozen weights are copied in for its forward and again for its
+        # recompute, on the compute stream: nothing hides the copies (crepa.models.memory.offload_blocks).
         seconds += 2 * settings.offload_blocks * max(stored) / PCIE_BYTES_PER_S
     return Estimate(settings, weights, trainable_state, activations, teacher, step_flops, seconds)
 

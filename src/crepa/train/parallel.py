@@ -40,7 +40,14 @@ def launch_sharding(config: RunConfig) -> Sharding:
             "(accelerate launch --config_file examples/accelerate/fsdp.yaml -m crepa train RUN.toml), "
             "which shards the transformer blocks like ZeRO-3"
         )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if config.model.offload_blocks and not fsdp and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "model.offload_blocks: block offload under DDP is not supported (DDP wraps a model whose "
+            "weights all live on its GPU); set model.offload_blocks = 0, launch one process, or launch "
+            "with FSDP2, which spreads the weights over the GPUs"
+        )
+    if not fsdp:
         return "none"
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
@@ -56,7 +63,7 @@ def launch_sharding(config: RunConfig) -> Sharding:
     if config.model.offload_blocks:
         raise ConfigError(
             "model.offload_blocks: block offload under FSDP is not supported (FSDP already spreads the "
-            "weights over the GPUs); set model.offload_blocks = 0, or launch on one GPU / with DDP"
+            "weights over the GPUs); set model.offload_blocks = 0, or launch one process"
         )
     if config.model.base_precision == "fp8":
         raise ConfigError(
