@@ -12,7 +12,14 @@ Rows:
   vae       CREPA, the family's VAE decodes the clean latents, then the teacher, inside the step
   repvideo  CREPA from the cache with RepVideo's gated cross-layer aggregation
 A row "MODE@N" checkpoints only the first N blocks (``model.gradient_checkpointing = N``); the memory
-options (``--base-precision``, ``--offload-blocks``, ``--offload-activations``) apply to every row.
+options (``--base-precision``, ``--offload-blocks``, ``--offload-activations``, ``--optimizer``) apply to
+every row.
+
+``--plan`` adds crepa plan's predicted peak per process beside the measured one
+(``torch.cuda.max_memory_allocated``, weights and optimiser state included) for the rows it models
+(none, cache, repa, repvideo). ``--fit 24GiB`` trains with the setting ``crepa plan`` picks for that
+budget (the fastest that fits, among those that keep any memory option given explicitly) and exits 1
+when a measured peak exceeds the budget or misses the prediction by more than 15 %.
 
 With an online teacher row it also times the teacher alone (the step's own call: ms, TFLOP, MFU), and
 ``--profile ROW`` prints the top operators of one step of that row (torch.profiler).
@@ -25,6 +32,7 @@ checkpointing recomputes (counted once more in a no-grad forward), against the c
     python benchmarks/bench_real_step.py --rows cache,pixels --profile pixels   # where the teacher's time goes
     python benchmarks/bench_real_step.py --family Wan2.1-T2V-14B --base-precision fp8 --offload-blocks 30 \
         --offload-activations --rows none                          # the memory options of crepa plan
+    python benchmarks/bench_real_step.py --family Wan2.1-T2V-14B --fit 24GiB --base-precision fp8 --rows cache
     python benchmarks/bench_real_step.py --small        # the same code on a tiny config, CPU, < 1 min
 """
 
@@ -45,15 +53,29 @@ from torch.utils.flop_counter import FlopCounterMode
 from crepa.config import RunConfig
 from crepa.models.conditioning import text_width
 from crepa.models.loading import load_online_teacher
-from crepa.models.memory import apply_memory_options, set_gradient_checkpointing
+from crepa.models.memory import apply_memory_options, checkpointed_count, set_gradient_checkpointing
+from crepa.models.pipelines import text_length
 from crepa.models.registry import detect_family
+from crepa.plan.memory import (
+    GIB,
+    ModelProfile,
+    Settings,
+    Workload,
+    candidate_settings,
+    estimate,
+    profile_model,
+)
+from crepa.plan.planner import Plan, latent_shape, parse_memory
 from crepa.plan.published import PUBLISHED
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
 from crepa.train.lora import add_lora
+from crepa.train.setup import build_optimizer
 from crepa.train.step import StepParts, batch_teacher_grid, step_loss, transformer_prediction
 
 ROWS = ("none", "cache", "repa", "pixels", "vae", "repvideo")
+PLAN_TOLERANCE = 0.15  # issue 21: a predicted peak within 15 % of the measured one
+PLANNED_MODES = ("none", "cache", "repa", "repvideo")  # rows whose memory crepa plan models here
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense, vendor datasheets
 # DINOv2-g/14 (1.1 B): the paper's teacher
 GIANT = dict(
@@ -85,6 +107,7 @@ class Measured:
     row: str
     step_ms: float
     peak_gib: float | None
+    total_gib: float | None  # the whole peak: weights, batch and optimiser state included
     tokens_per_s: float
     model_tflop: float
 
@@ -120,7 +143,9 @@ def small_shape(family) -> tuple[int, int, int]:
     return 1 + 2 * family.temporal_ratio, 64, 96
 
 
-def run_config(family: str, shape: tuple[int, int, int], row: str, rank: int, small: bool) -> RunConfig:
+def run_config(
+    family: str, shape: tuple[int, int, int], row: str, rank: int, small: bool, optimizer: str = "adamw"
+) -> RunConfig:
     frames, height, width = shape
     source = {"pixels": "pixels", "vae": "vae"}.get(row, "cache")
     return RunConfig.model_validate(
@@ -136,6 +161,7 @@ def run_config(family: str, shape: tuple[int, int, int], row: str, rank: int, sm
             },
             "lora": {"rank": rank, "alpha": rank},
             "repvideo": {"enabled": row == "repvideo"},
+            "optim": {"name": optimizer, "lr": 1e-5},
         }
     )
 
@@ -156,17 +182,16 @@ def ddpm_alphas(device: torch.device) -> torch.Tensor:
 def make_batch(
     model, family, config: dict, shape, teacher_dim: int, device, dtype
 ) -> dict[str, torch.Tensor]:
-    """A batch of one clip as the cache loader gives it (latents, text states, teacher grid, frames)."""
+    """A batch of one clip as the cache loader gives it (latents, text states, teacher grid, frames), of
+    crepa plan's latent shape and text length."""
     frames, height, width = shape
-    latent_frames = (frames - 1) // family.temporal_ratio + 1
-    h, w = height // family.spatial_ratio, width // family.spatial_ratio
+    _, _, latent_frames, h, w = latents = latent_shape(family, config, frames, height, width)
     _, patch_h, patch_w = family.patch_sizes(model)
-    channels = config.get("out_channels") or config["in_channels"]
-    text_length = config.get("max_text_seq_length", 226)
+    tokens = text_length(family, config)
     batch = {
-        "latents": torch.randn(1, channels, latent_frames, h, w, device=device, dtype=dtype),
-        "prompt_embeds": torch.randn(1, text_length, text_width(config), device=device, dtype=dtype),
-        "prompt_attention_mask": torch.ones(1, text_length, dtype=torch.bool, device=device),
+        "latents": torch.randn(*latents, device=device, dtype=dtype),
+        "prompt_embeds": torch.randn(1, tokens, text_width(config), device=device, dtype=dtype),
+        "prompt_attention_mask": torch.ones(1, tokens, dtype=torch.bool, device=device),
         "teacher": torch.randn(
             1, latent_frames, h // patch_h, w // patch_w, teacher_dim, device=device
         ).half(),
@@ -202,11 +227,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps before each row's timed steps")
     parser.add_argument("--rounds", type=int, default=2, help="rows interleaved this many times")
     parser.add_argument("--rank", type=int, default=64)
+    # memory options: None = not given (bf16, 0, adamw, off; or crepa plan's choice with --fit)
+    parser.add_argument("--base-precision", choices=("bf16", "fp8"), help="model.base_precision")
+    parser.add_argument("--offload-blocks", type=int, help="model.offload_blocks")
     parser.add_argument(
-        "--base-precision", choices=("bf16", "fp8"), default="bf16", help="model.base_precision"
+        "--offload-activations", action="store_true", default=None, help="model.offload_activations"
     )
-    parser.add_argument("--offload-blocks", type=int, default=0, help="model.offload_blocks")
-    parser.add_argument("--offload-activations", action="store_true", help="model.offload_activations")
+    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit"), help="optim.name")
+    parser.add_argument("--plan", action="store_true", help="crepa plan's predicted peak per row")
+    parser.add_argument(
+        "--fit", metavar="BUDGET", help="train with crepa plan's pick for this budget (e.g. 24GiB)"
+    )
     parser.add_argument(
         "--profile", default="", help="a row whose step is profiled once: top kernels by time"
     )
@@ -233,16 +264,22 @@ def main() -> None:
         )
     if args.small:
         shape = small_shape(family)
+    depth = len(family.blocks(model))
+    workload = plan_workload(class_name, model_config, family, shape, rows[0], args)
+    profiles: dict[str, ModelProfile] = {}  # crepa plan's trace of each row's workload
+    settings = chosen_settings(args, depth, workload, profiles)
+    args.optimizer = settings.optimizer
     model.enable_gradient_checkpointing()
-    base = run_config(family.name, shape, "none", args.rank, args.small)
+    base = run_config(family.name, shape, "none", args.rank, args.small, args.optimizer)
     add_lora(model, family, base.lora)
     for parameter in model.parameters():  # fp32 trainables over bf16 weights, as the trainer does
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     apply_memory_options(
-        model, family, True, args.base_precision, args.offload_blocks, args.offload_activations, device, dtype
+        model, family, settings.checkpointed_blocks, settings.base_precision, settings.offload_blocks,
+        settings.offload_activations, device, dtype,
     )  # fmt: skip
-    host = torch.device("cpu") if args.offload_activations and device.type == "cuda" else None
+    host = torch.device("cpu") if settings.offload_activations and device.type == "cuda" else None
     model.train()
     synchronize(device)
     weights_bytes = torch.cuda.memory_allocated() if device.type == "cuda" else 0
@@ -266,7 +303,7 @@ def main() -> None:
             vae_class = getattr(diffusers, VAE_CLASS.get(family.name, "AutoencoderKLCogVideoX"))
             vae = vae_class(**(SMALL_VAE.get(family.name, {}) if args.small else {}))  # default: published
             vae = vae.to(device, dtype).eval().requires_grad_(False)
-        teacher_dim = teacher.dim if teacher is not None else (32 if args.small else 1536)
+        teacher_dim = teacher.dim if teacher is not None else teacher_width(args.small)
         batch = make_batch(model, family, model_config, shape, teacher_dim, device, dtype)
         vae_channels = (
             vae.config.get("latent_channels") or vae.config.get("z_dim") if vae is not None else None
@@ -292,11 +329,13 @@ def main() -> None:
         resident = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # weights + batch
         times: dict[str, list[float]] = {row: [] for row in rows}
         peaks: dict[str, float | None] = dict.fromkeys(rows)
+        totals: dict[str, float | None] = dict.fromkeys(rows)
         flop: dict[str, float] = {}
         for round_index in range(args.rounds):  # rows interleaved round by round: drift hits all alike
             for row in rows:
                 mode, _, checkpointing = row.partition("@")  # "none@13": 13 blocks checkpointed
-                set_gradient_checkpointing(model, family, parse_checkpointing(checkpointing), host)
+                blocks = parse_checkpointing(checkpointing, settings.checkpointed_blocks)
+                set_gradient_checkpointing(model, family, blocks, host)
                 row_times, peak, step_flop = measure(
                     mode, model, family, shape, args, device, dtype, autocast, teacher, vae, batch, alphas,
                     count_flops=round_index == 0 and mode not in flop,
@@ -305,18 +344,33 @@ def main() -> None:
                 times[row] += row_times
                 if peak is not None:
                     peaks[row] = max(peaks[row] or 0.0, (peak - resident) / 2**30)
+                    totals[row] = max(totals[row] or 0.0, peak / 2**30)
                 flop.setdefault(mode, step_flop - recompute_flop)
         results = []
         for row in rows:
             median = statistics.median(times[row])
             model_flop = flop[row.partition("@")[0]] / 1e12
-            results.append(Measured(row, median, peaks[row], video_tokens / (median / 1e3), model_flop))
+            results.append(
+                Measured(row, median, peaks[row], totals[row], video_tokens / (median / 1e3), model_flop)
+            )
     peak_tflops = peak_tflops_of(device)
     print(
         f"weights resident: {weights_bytes / 2**30:.2f} GiB (peaks below: above weights and batch); {video_tokens} video tokens per clip"
     )
+    predicted = {}
+    if args.plan or args.fit:
+        for row in rows:
+            mode, _, checkpointing = row.partition("@")
+            if mode in PLANNED_MODES:
+                blocks = checkpointed_count(
+                    parse_checkpointing(checkpointing, settings.checkpointed_blocks), depth
+                )
+                row_settings = Settings(blocks, *astuple_tail(settings))
+                row_workload = plan_workload(class_name, model_config, family, shape, mode, args)
+                predicted[row] = predicted_peak(row_workload, row_settings, profiles) / GIB
     print(
         f"{'row':<9} {'ms/step':>9} {'vs none':>8} {'peak GiB':>9} {'vs none':>8} {'tokens/s':>9} {'TFLOP':>7} {'MFU':>6}"
+        + (f" {'total GiB':>9} {'plan GiB':>9} {'vs total':>8}" if predicted else "")
     )
     none = next((r for r in results if r.row == "none"), None)
     for r in results:
@@ -331,16 +385,118 @@ def main() -> None:
             if peak_tflops and r.model_tflop
             else "-"
         )
+        plan_columns = ""
+        if predicted:
+            total = f"{r.total_gib:.2f}" if r.total_gib is not None else "-"
+            plan = f"{predicted[r.row]:.2f}" if r.row in predicted else "-"
+            error = (
+                f"{100 * (predicted[r.row] / r.total_gib - 1):+.1f}%"
+                if r.row in predicted and r.total_gib
+                else ""
+            )
+            plan_columns = f" {total:>9} {plan:>9} {error:>8}"
         print(
             f"{r.row:<9} {r.step_ms:>9.1f} {rel_t:>8} {peak:>9} {rel_m:>8} {video_tokens / (r.step_ms / 1e3):>9.0f} {tflop:>7} {mfu:>6}"
+            + plan_columns
         )
+    if args.fit and not fit_holds(args.fit, results, predicted):
+        raise SystemExit(1)
 
 
-def parse_checkpointing(text: str) -> bool | int:
-    """The part after "@" of a row: "" / "true" (every block), "false" or a block count."""
-    if text in ("", "true"):
+def parse_checkpointing(text: str, default: int) -> bool | int:
+    """The part after "@" of a row: "" (``default`` blocks), "true" (every block), "false" or a count."""
+    if text == "":
+        return default
+    if text == "true":
         return True
     return False if text == "false" else int(text)
+
+
+def teacher_width(small: bool) -> int:
+    """The cached teacher grids' width: DINOv2-g's 1536 (the bench's tiny teacher's 32 with --small)."""
+    return SMALL_TEACHER["hidden_size"] if small else GIANT["hidden_size"]
+
+
+def plan_workload(class_name: str, model_config: dict, family, shape, mode: str, args) -> Workload:
+    """What crepa plan models for a row of ``mode`` (cached grids; no online teacher)."""
+    config = run_config(family.name, shape, mode, args.rank, args.small)
+    return Workload(
+        class_name=class_name,
+        config=model_config,
+        latent_shape=latent_shape(family, model_config, *shape),
+        text_length=text_length(family, model_config),
+        lora=config.lora,
+        crepa=config.crepa if config.crepa.enabled else None,
+        teacher_dim=teacher_width(args.small),
+        repvideo_window=config.repvideo.window if config.repvideo.enabled else None,
+    )
+
+
+def profile_of(workload: Workload, profiles: dict[str, ModelProfile]) -> ModelProfile:
+    """crepa plan's trace of ``workload``, once per workload (keyed by its repr: configs are dicts)."""
+    key = repr(workload)
+    if key not in profiles:
+        profiles[key] = profile_model(workload)
+    return profiles[key]
+
+
+def predicted_peak(workload: Workload, settings: Settings, profiles: dict[str, ModelProfile]) -> int:
+    """crepa plan's peak bytes per process on a GPU for ``workload`` under ``settings``."""
+    return estimate(profile_of(workload, profiles), settings, workload).gpu_peak
+
+
+def astuple_tail(settings: Settings) -> tuple:
+    """Every memory option of ``settings`` but the checkpointed block count."""
+    return (
+        settings.offload_blocks,
+        settings.base_precision,
+        settings.optimizer,
+        settings.offload_activations,
+    )
+
+
+def chosen_settings(args, depth: int, workload: Workload, profiles: dict[str, ModelProfile]) -> Settings:
+    """The memory options of the run: those given, the rest at their defaults or, with ``--fit``, crepa
+    plan's fastest setting for the budget among those that keep the options given."""
+    given = {
+        "offload_blocks": args.offload_blocks,
+        "base_precision": args.base_precision,
+        "optimizer": args.optimizer,
+        "offload_activations": args.offload_activations,
+    }
+    given = {key: value for key, value in given.items() if value is not None}
+    if not args.fit:
+        return Settings(depth, **given)
+    budget = parse_memory(args.fit)
+    profile = profile_of(workload, profiles)
+    candidates = [estimate(profile, s, workload) for s in candidate_settings(depth, single_gpu=True)]
+    plan = Plan(workload, profile, budget, 1, candidates[0], candidates)
+    keeping = [e for e in plan.fitting() if all(getattr(e.settings, k) == v for k, v in given.items())]
+    if not keeping:
+        raise SystemExit(
+            f"--fit {args.fit}: crepa plan finds no setting that fits (with {given or 'nothing'} fixed)"
+        )
+    pick = keeping[0]
+    print(f"crepa plan's pick for {args.fit}: {' '.join(pick.settings.set_lines(depth))} "
+          f"(predicted {pick.gpu_peak / GIB:.2f} GiB)")  # fmt: skip
+    return pick.settings
+
+
+def fit_holds(budget_text: str, results: list[Measured], predicted: dict[str, float]) -> bool:
+    """--fit's verdict: every measured peak within the budget and within PLAN_TOLERANCE of the prediction
+    (rows measured on a GPU only)."""
+    budget, holds = parse_memory(budget_text) / GIB, True
+    for r in results:
+        if r.total_gib is None or r.row not in predicted:
+            continue
+        error = predicted[r.row] / r.total_gib - 1
+        fits = r.total_gib <= budget
+        close = abs(error) <= PLAN_TOLERANCE
+        print(f"{r.row}: measured {r.total_gib:.2f} GiB {'<=' if fits else '>'} {budget:.1f} GiB; "
+              f"plan {predicted[r.row]:.2f} GiB ({100 * error:+.1f}%, {'within' if close else 'beyond'} "
+              f"{100 * PLAN_TOLERANCE:.0f}%)")  # fmt: skip
+        holds = holds and fits and close
+    return holds
 
 
 def measure(
@@ -362,7 +518,7 @@ def measure(
     """ms of ``args.steps`` steps of ``row`` after ``args.warmup``, the peak bytes allocated during them
     (None off CUDA), and one step's FLOPs when ``count_flops`` (recompute included: the caller
     subtracts it); ``profile`` prints the top operators of one more step."""
-    config = run_config(family.name, shape, row, args.rank, args.small)
+    config = run_config(family.name, shape, row, args.rank, args.small, args.optimizer)
     regularizer, gates = None, None
     if config.crepa.enabled:
         regularizer = CrepaRegularizer(model, config.crepa, teacher_dim=batch["teacher"].shape[-1]).to(device)
@@ -377,7 +533,7 @@ def measure(
     for module in (regularizer, gates):
         if module is not None:
             trainables += [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainables, lr=1e-5)
+    optimizer, _ = build_optimizer(config, [{"params": trainables}])
     generator = torch.Generator(device).manual_seed(0)
 
     def step(index: int) -> None:

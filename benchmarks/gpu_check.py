@@ -6,13 +6,18 @@
 2. then side by side: ``tests``, ``pytest -m gpu`` (the GPU-only paths; a few pytest-xdist workers when
    it is installed), and ``demo``, ``crepa demo --quick`` on CUDA (its worker pool included);
 3. ``suite`` (not by default: it needs a second device call within the 10-minute limit): the default
-   test suite with CUDA present.
+   test suite with CUDA present;
+4. ``fit`` (not by default; a device call of about 4 minutes): issue 21's three fits, side by side,
+   each ``bench_real_step.py --fit``: CogVideoX-5B in 24 GiB, Wan 2.1 14B in 24 GiB with fp8 weights
+   (and the offload crepa plan adds), HunyuanVideo in 48 GiB; each trains crepa plan's pick and fails
+   when its measured peak exceeds the budget or misses the prediction by more than 15 %.
 Each check has a time limit (its whole process group is killed past it), so the summary always
 comes; the default checks end within 8 minutes. Nothing is downloaded. Logs go to ``--logs``
 (default ``runs/gpu-check``); exit 0 when every check passed.
 
     python benchmarks/gpu_check.py [--logs DIR] [--checks bench,tests,demo] [--workers 4]
     python benchmarks/gpu_check.py --checks suite          # the default suite with CUDA present
+    python benchmarks/gpu_check.py --checks fit            # crepa plan's picks, measured
     python3 benchmarks/gpu_check.py --wheels .whl --logs $OUT   # a machine without the index (gpu_wheels.py)
 """
 
@@ -30,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIME_LIMITS = {"bench": 210, "tests": 260, "demo": 260, "suite": 540}  # seconds; bench + max(rest) < 8 min
-TAIL_LINES = {"bench": 14, "tests": 25, "demo": 4, "suite": 8}
+# seconds; bench + max(tests, demo) < 8 min
+TIME_LIMITS = {"bench": 210, "tests": 260, "demo": 260, "suite": 540, "fit": 270}
+TAIL_LINES = {"bench": 14, "tests": 25, "demo": 4, "suite": 8, "fit": 6}
+FITS = {"fit-cogvideox": ("CogVideoX-5B", "24GiB"), "fit-wan": ("Wan2.1-T2V-14B", "24GiB", "--base-precision", "fp8"), "fit-hunyuan": ("HunyuanVideo", "48GiB")}  # fmt: skip
 
 
 @dataclass
@@ -48,13 +55,16 @@ def commands(python: str, logs: Path, workers: int) -> dict[str, list[str]]:
         "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *parallel, "--durations=15", "tests"],
         "demo": [python, "-m", "crepa", "demo", "--quick", "--workers", "2", "--no-progress", "--out", str(logs / "demo")],
         "suite": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(max(2, (os.cpu_count() or 2) - 2)), "tests"],
+        **{name: [python, "benchmarks/bench_real_step.py", "--family", family, "--fit", budget, *fixed, "--rows", "cache", "--steps", "1", "--warmup", "1", "--rounds", "1"] for name, (family, budget, *fixed) in FITS.items()},
     }  # fmt: skip
 
 
+def limit(name: str) -> int:
+    return TIME_LIMITS[name.partition("-")[0]]
+
+
 def start(name: str, command: list[str], logs: Path, env: dict[str, str]) -> subprocess.Popen:
-    print(
-        f"== {name}: {' '.join(command[1:])} (limit {TIME_LIMITS[name]} s, log {logs / name}.log)", flush=True
-    )
+    print(f"== {name}: {' '.join(command[1:])} (limit {limit(name)} s, log {logs / name}.log)", flush=True)
     handle = (logs / f"{name}.log").open("w")
     # a session of its own: a check past its limit is killed with every process it started
     return subprocess.Popen(
@@ -72,12 +82,16 @@ def wait_all(running: dict[str, subprocess.Popen], logs: Path) -> list[Outcome]:
             if name in outcomes:
                 continue
             code = process.poll()
-            if code is None and elapsed > TIME_LIMITS[name]:
+            if code is None and elapsed > limit(name):
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-            if code is not None or elapsed > TIME_LIMITS[name]:
+            if code is not None or elapsed > limit(name):
                 outcomes[name] = Outcome(name, code, elapsed)
-                tail = (logs / f"{name}.log").read_text(errors="replace").splitlines()[-TAIL_LINES[name] :]
+                tail = (
+                    (logs / f"{name}.log")
+                    .read_text(errors="replace")
+                    .splitlines()[-TAIL_LINES[name.partition("-")[0]] :]
+                )
                 print(f"-- {name} ({'killed at its limit' if code is None else f'exit {code}'}):")
                 print("\n".join(tail), flush=True)
         time.sleep(1)
@@ -90,7 +104,7 @@ def main() -> int:
     )
     parser.add_argument("--logs", type=Path, default=ROOT / "runs/gpu-check")
     parser.add_argument(
-        "--checks", default="bench,tests,demo", help="comma-separated: bench, tests, demo, suite"
+        "--checks", default="bench,tests,demo", help="comma-separated: bench, tests, demo, suite, fit"
     )
     parser.add_argument("--workers", type=int, default=4, help="pytest-xdist workers of the GPU tests")
     parser.add_argument(
@@ -101,6 +115,8 @@ def main() -> int:
     args = parser.parse_args()
     args.logs.mkdir(parents=True, exist_ok=True)
     chosen = [name for name in args.checks.split(",") if name]
+    if "fit" in chosen:
+        chosen = [name for name in chosen if name != "fit"] + list(FITS)
     known = commands(sys.executable, args.logs, args.workers)
     if unknown := set(chosen) - set(known):
         parser.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(known)}")
@@ -117,7 +133,7 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
     outcomes: list[Outcome] = []
     # the benchmark alone (timings), then the rest side by side (wall time), the suite last (CPU-bound)
-    for group in (["bench"], ["tests", "demo"], ["suite"]):
+    for group in (["bench"], ["tests", "demo"], ["suite"], list(FITS)):
         names = [name for name in group if name in chosen]
         if names:
             running = {name: start(name, known[name], args.logs, env) for name in names}
@@ -131,7 +147,7 @@ def main() -> int:
             if outcome.code == 0
             else f"FAIL (exit {outcome.code})"
         )
-        print(f"{outcome.name:<6} {verdict:<16} {outcome.seconds:7.1f} s")
+        print(f"{outcome.name:<13} {verdict:<16} {outcome.seconds:7.1f} s")
     return 0 if all(outcome.code == 0 for outcome in outcomes) else 1
 
 

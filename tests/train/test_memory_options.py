@@ -200,32 +200,62 @@ def test_memory_options_train_on_cuda(world):
 
 
 def test_offload_hosts_only_the_frozen_weights_of_the_offloaded_blocks():
-    """model.offload_blocks = 2 on a LoRA model: the copy-in hooks of blocks 0 and 1 move exactly their
-    frozen weights (never LoRA, whose gradients and updates must stay where it trains), block 2 has no
-    hook; the LoRA of the offloaded blocks still gets its gradients through the copies."""
-    from functools import partial
-
+    """model.offload_blocks = 2 on a LoRA model: the streamer hosts exactly the frozen weights of blocks 0
+    and 1 of 3 (never LoRA, whose gradients and updates must stay where it trains), block 2 has no hook;
+    the LoRA of the offloaded blocks still gets its gradients through the copies."""
     from crepa.config import LoraSection
     from crepa.models.memory import offload_blocks
     from crepa.train.lora import add_lora
 
-    transformer = tiny_transformer("wan")
+    transformer = tiny_transformer("wan", num_layers=3)
     family = detect_family(transformer)
     add_lora(transformer, family, LoraSection(rank=4))
     set_gradient_checkpointing(transformer, family, True)
     blocks = family.blocks(transformer)
-    offload_blocks(transformer, family, 2, torch.device("cpu"))
+    streamer = offload_blocks(transformer, family, 2, torch.device("cpu"))
 
-    def hosted(block: torch.nn.Module) -> list[torch.nn.Parameter]:
-        hooks = [h for h in block._forward_pre_hooks.values() if isinstance(h, partial)]
-        return [p for hook in hooks for p in hook.args[0]]
-
-    for index, block in enumerate(blocks):
-        expected = [p for p in block.parameters() if not p.requires_grad] if index < 2 else []
-        assert [id(p) for p in hosted(block)] == [id(p) for p in expected], index
-    assert not any(p.requires_grad for block in blocks for p in hosted(block))
+    for index, block in enumerate(blocks[:2]):
+        expected = [p for p in block.parameters() if not p.requires_grad]
+        assert [id(p) for p in streamer.params[index]] == [id(p) for p in expected], index
+    assert len(streamer.params) == 2 and not blocks[2]._forward_pre_hooks
+    assert not any(p.requires_grad for params in streamer.params for p in params)
     inputs = tiny_inputs("wan", transformer)
     transformer(**inputs)[0].square().mean().backward()
     trainables = [p for block in blocks[:2] for p in block.parameters() if p.requires_grad]
     assert trainables and all(p.grad is not None for p in trainables)
     assert any(p.grad.abs().sum() > 0 for p in trainables)  # lora_B (lora_A's are 0: B starts at 0)
+
+
+def test_offload_prefetches_the_block_that_runs_next_forward_and_in_the_recompute():
+    """Offloading 3 of 4 checkpointed blocks: when block i starts, the copy of the block that runs next
+    is already under way: i + 1 in the forward, i - 1 in the backward's recompute (reverse order); each
+    block is copied once per pass, never ahead of use past the offloaded ones, and nothing stays on the
+    device after the step."""
+    from crepa.models.memory import offload_blocks
+
+    transformer = tiny_transformer("wan", num_layers=4)
+    family = detect_family(transformer)
+    transformer.requires_grad_(False)
+    family.blocks(transformer)[0].ffn.net[2].requires_grad_(True)  # something to backpropagate to
+    set_gradient_checkpointing(transformer, family, True)
+    blocks = family.blocks(transformer)
+    streamer = offload_blocks(transformer, family, 3, torch.device("cpu"))
+    copies: list[int] = []
+    prefetch = streamer.prefetch
+
+    def counted(index: int) -> None:
+        if 0 <= index < 3 and index not in streamer.in_flight:
+            copies.append(index)
+        prefetch(index)
+
+    streamer.prefetch = counted
+    seen: list[tuple[int, list[int]]] = []  # (block, copies under way once its own are in place)
+    for index, block in enumerate(blocks[:3]):
+        block.register_forward_pre_hook(
+            lambda *_, index=index: seen.append((index, sorted(streamer.in_flight)))
+        )
+    inputs = tiny_inputs("wan", transformer)
+    transformer(**inputs)[0].square().mean().backward()
+    assert seen == [(0, [1]), (1, [2]), (2, []), (2, [1]), (1, [0]), (0, [])]
+    assert copies == [0, 1, 2, 2, 1, 0]
+    assert not streamer.in_flight

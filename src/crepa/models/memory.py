@@ -89,18 +89,19 @@ def store_in_fp8(transformer: nn.Module, compute_dtype: torch.dtype = torch.bflo
     )
 
 
-def offload_blocks(transformer: nn.Module, family: ModelFamily, count: int, device: torch.device) -> None:
-    """Keep the frozen weights of the first ``count`` blocks in (pinned) CPU memory and copy each block's
-    in when it runs, dropping the copy after; everything else (trainables such as LoRA included) moves
-    to ``device``. Offloaded blocks must be checkpointed: autograd keeps the weights a block used until
-    its backward, and only a recomputed block lets them go.
+def offload_blocks(
+    transformer: nn.Module, family: ModelFamily, count: int, device: torch.device
+) -> BlockStreamer:
+    """Keep the frozen weights of the first ``count`` blocks in (pinned) CPU memory and stream each
+    block's in when it runs (:class:`BlockStreamer`); everything else (trainables such as LoRA
+    included) moves to ``device``. Offloaded blocks must be checkpointed: autograd keeps the weights a
+    block used until its backward, and only a recomputed block lets them go.
 
     Written here rather than with diffusers' group offloading, which is built for inference: it moves
     every parameter of a block, LoRA too (whose gradients then arrive on the GPU for a parameter on the
-    CPU, and whose updates a later copy from its pinned snapshot would discard), and it synchronises the
-    host after each block. Here the copies are non-blocking on the compute stream, so the host never
-    waits; they are not yet overlapped with compute (the plan counts them in full,
-    :func:`crepa.plan.memory.estimate`)."""
+    CPU, and whose updates a later copy from its pinned snapshot would discard), it synchronises the
+    host after each block, and its prefetch follows the forward order only, while a training step
+    also recomputes the blocks in reverse."""
     blocks = family.blocks(transformer)[:count]
     frozen = [[p for p in block.parameters() if not p.requires_grad] for block in blocks]
     hosted = {id(p) for params in frozen for p in params}
@@ -110,23 +111,71 @@ def offload_blocks(transformer: nn.Module, family: ModelFamily, count: int, devi
     for module in transformer.modules():
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)
-    pin = device.type == "cuda"
-    for block, params in zip(blocks, frozen, strict=True):
-        host = [p.data.to("cpu").pin_memory() if pin else p.data.to("cpu") for p in params]
-        for param, stored in zip(params, host, strict=True):
-            param.data = stored
-        block.register_forward_pre_hook(partial(_copy_in, params, host, device))
-        block.register_forward_hook(partial(_drop_copies, params, host))
+    streamer = BlockStreamer(frozen, device)
+    for index, block in enumerate(blocks):
+        block.register_forward_pre_hook(partial(streamer.enter, index))
+        block.register_forward_hook(partial(streamer.leave, index))
+    return streamer
 
 
-def _copy_in(params: list[nn.Parameter], host: list[torch.Tensor], device: torch.device, *_: object) -> None:
-    for param, stored in zip(params, host, strict=True):
-        param.data = stored.to(device, non_blocking=True)
+class BlockStreamer:
+    """The frozen weights of the offloaded blocks: host copies (pinned when ``device`` is a GPU) that
+    stream to ``device`` one block ahead of the block that runs.
 
+    While block i runs, the copy of the block that runs next goes on a side stream: i + 1 in a forward
+    pass, i - 1 in the backward's recompute (which visits the checkpointed blocks in reverse). The
+    compute stream waits for a block's copy only when the block starts, so a copy hides behind the
+    previous block's compute; at most two blocks' weights are on the device at once (the plan counts
+    two, :func:`crepa.plan.memory.estimate`). On the CPU there is no stream: copies are made when
+    needed."""
 
-def _drop_copies(params: list[nn.Parameter], host: list[torch.Tensor], *_: object) -> None:
-    for param, stored in zip(params, host, strict=True):
-        param.data = stored
+    def __init__(self, params: list[list[nn.Parameter]], device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.params = params
+        self.host = [
+            [p.data.to("cpu").pin_memory() if pin else p.data.to("cpu") for p in ps] for ps in params
+        ]
+        for block_params, stored in zip(params, self.host, strict=True):
+            for param, host in zip(block_params, stored, strict=True):
+                param.data = host
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device) if pin else None
+        # block index -> its weights on the device and the event their copy records
+        self.in_flight: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+
+    def prefetch(self, index: int) -> None:
+        """Start copying block ``index``'s weights to the device (on the side stream), unless under way."""
+        if index in self.in_flight or not 0 <= index < len(self.host):
+            return
+        if self.copy_stream is None:
+            self.in_flight[index] = ([h.to(self.device) for h in self.host[index]], None)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            copies = [h.to(self.device, non_blocking=True) for h in self.host[index]]
+            self.in_flight[index] = (copies, self.copy_stream.record_event())
+
+    def enter(self, index: int, *_: object) -> None:
+        """Block pre-hook: its weights onto the device (waited for on the compute stream); next block's
+        copy started."""
+        self.prefetch(index)
+        copies, copied = self.in_flight.pop(index)
+        if copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(copied)
+            for copy in copies:  # made on the side stream, used and freed on this one
+                copy.record_stream(compute)
+        for param, copy in zip(self.params[index], copies, strict=True):
+            param.data = copy
+        # The autograd engine runs a graph task only during backward: there, the checkpointed blocks
+        # recompute from the last one down. (torch.utils.checkpoint asks the same private function.)
+        in_backward = torch._C._current_graph_task_id() != -1
+        self.prefetch(index - 1 if in_backward else index + 1)
+
+    def leave(self, index: int, *_: object) -> None:
+        """Block post-hook: the parameters point at the host copies again; the device copies live on
+        only while autograd keeps them for the block's backward."""
+        for param, host in zip(self.params[index], self.host[index], strict=True):
+            param.data = host
 
 
 BasePrecision = Literal["bf16", "fp8"]

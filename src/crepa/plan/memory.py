@@ -333,8 +333,16 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
         seconds += 2 * moved / PAGEABLE_BYTES_PER_S
     if settings.offload_blocks:
         # Each offloaded block's frozen weights are copied in for its forward and again for its
-        # recompute, on the compute stream: nothing hides the copies (crepa.models.memory.offload_blocks).
-        seconds += 2 * settings.offload_blocks * max(stored) / PCIE_BYTES_PER_S
+        # recompute, one block ahead on a side stream (crepa.models.memory.BlockStreamer): a copy hides
+        # behind the previous block's forward (or recompute and backward); the first of each pass waits.
+        copies = [stored_bytes / PCIE_BYTES_PER_S for stored_bytes in stored]
+        forward = [kind.profile.forward_flops / ACHIEVED_FLOPS for kind in offloaded]
+        backward = [kind.profile.backward_flops / ACHIEVED_FLOPS for kind in offloaded]
+        seconds += copies[0] + copies[-1]
+        seconds += sum(max(0.0, copy - hide) for copy, hide in zip(copies[1:], forward, strict=False))
+        seconds += sum(
+            max(0.0, copy - f - b) for copy, f, b in zip(copies[:-1], forward[1:], backward[1:], strict=False)
+        )
     return Estimate(settings, weights, trainable_state, activations, teacher, step_flops, seconds)
 
 

@@ -75,7 +75,7 @@ def build_run(config: RunConfig, resume: str | None) -> TrainState:
     if config.model.compile:
         compile_blocks(transformer, family)
     param_groups = _param_groups(config, transformer, side_modules)
-    optimizer, lr_scheduler = _setup_optimizer(config, param_groups)
+    optimizer, lr_scheduler = build_optimizer(config, param_groups)
     if sharding == "none":
         offload = config.model.offload_blocks
         if offload:  # places the model itself: the offloaded blocks stay on the CPU
@@ -192,7 +192,7 @@ def _param_groups(
     return groups
 
 
-def _setup_optimizer(config: RunConfig, param_groups: list[dict[str, Any]]):
+def build_optimizer(config: RunConfig, param_groups: list[dict[str, Any]]):
     """AdamW (``optim.name``: torch's, or bitsandbytes' 8-bit) over ``param_groups`` and the LR
     schedule of ``optim.lr_scheduler``."""
     optim = config.optim
