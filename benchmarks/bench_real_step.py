@@ -43,7 +43,7 @@ import statistics
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import diffusers
@@ -365,7 +365,7 @@ def main() -> None:
                 blocks = checkpointed_count(
                     parse_checkpointing(checkpointing, settings.checkpointed_blocks), depth
                 )
-                row_settings = Settings(blocks, *astuple_tail(settings))
+                row_settings = replace(settings, checkpointed_blocks=blocks)
                 row_workload = plan_workload(class_name, model_config, family, shape, mode, args)
                 predicted[row] = predicted_peak(row_workload, row_settings, profiles) / GIB
     print(
@@ -443,16 +443,6 @@ def profile_of(workload: Workload, profiles: dict[str, ModelProfile]) -> ModelPr
 def predicted_peak(workload: Workload, settings: Settings, profiles: dict[str, ModelProfile]) -> int:
     """crepa plan's peak bytes per process on a GPU for ``workload`` under ``settings``."""
     return estimate(profile_of(workload, profiles), settings, workload).gpu_peak
-
-
-def astuple_tail(settings: Settings) -> tuple:
-    """Every memory option of ``settings`` but the checkpointed block count."""
-    return (
-        settings.offload_blocks,
-        settings.base_precision,
-        settings.optimizer,
-        settings.offload_activations,
-    )
 
 
 def chosen_settings(args, depth: int, workload: Workload, profiles: dict[str, ModelProfile]) -> Settings:
