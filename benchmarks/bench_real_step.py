@@ -61,11 +61,10 @@ from crepa.plan.memory import (
     ModelProfile,
     Settings,
     Workload,
-    candidate_settings,
     estimate,
     profile_model,
 )
-from crepa.plan.planner import Plan, latent_shape, parse_memory
+from crepa.plan.planner import latent_shape, parse_memory, plan_workload
 from crepa.plan.published import PUBLISHED
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
@@ -265,7 +264,7 @@ def main() -> None:
     if args.small:
         shape = small_shape(family)
     depth = len(family.blocks(model))
-    workload = plan_workload(class_name, model_config, family, shape, rows[0], args)
+    workload = bench_workload(class_name, model_config, family, shape, rows[0], args)
     profiles: dict[str, ModelProfile] = {}  # crepa plan's trace of each row's workload
     settings = chosen_settings(args, depth, workload, profiles)
     args.optimizer = settings.optimizer
@@ -366,7 +365,7 @@ def main() -> None:
                     parse_checkpointing(checkpointing, settings.checkpointed_blocks), depth
                 )
                 row_settings = replace(settings, checkpointed_blocks=blocks)
-                row_workload = plan_workload(class_name, model_config, family, shape, mode, args)
+                row_workload = bench_workload(class_name, model_config, family, shape, mode, args)
                 predicted[row] = predicted_peak(row_workload, row_settings, profiles) / GIB
     print(
         f"{'row':<9} {'ms/step':>9} {'vs none':>8} {'peak GiB':>9} {'vs none':>8} {'tokens/s':>9} {'TFLOP':>7} {'MFU':>6}"
@@ -417,7 +416,7 @@ def teacher_width(small: bool) -> int:
     return SMALL_TEACHER["hidden_size"] if small else GIANT["hidden_size"]
 
 
-def plan_workload(class_name: str, model_config: dict, family, shape, mode: str, args) -> Workload:
+def bench_workload(class_name: str, model_config: dict, family, shape, mode: str, args) -> Workload:
     """What crepa plan models for a row of ``mode`` (cached grids; no online teacher)."""
     config = run_config(family.name, shape, mode, args.rank, args.small)
     return Workload(
@@ -459,8 +458,7 @@ def chosen_settings(args, depth: int, workload: Workload, profiles: dict[str, Mo
         return Settings(depth, **given)
     budget = parse_memory(args.fit)
     profile = profile_of(workload, profiles)
-    candidates = [estimate(profile, s, workload) for s in candidate_settings(depth, single_gpu=True)]
-    plan = Plan(workload, profile, budget, 1, candidates[0], candidates)
+    plan = plan_workload(workload, profile, Settings(depth, **given), budget)
     keeping = [e for e in plan.fitting() if all(getattr(e.settings, k) == v for k, v in given.items())]
     if not keeping:
         raise SystemExit(

@@ -219,16 +219,22 @@ class Plan:
         return sorted(filter(self.fits, self.candidates), key=ranking_seconds)
 
 
-def plan_run(config: RunConfig, budget: int, gpus: int = 1) -> Plan:
-    """Profile the run's model and estimate its own settings and every candidate."""
-    workload = workload_of(config)
-    profile = profile_model(workload)
+def plan_workload(
+    workload: Workload, profile: ModelProfile, current: Settings, budget: int, gpus: int = 1
+) -> Plan:
+    """Estimate ``current`` and every candidate setting for a profiled workload."""
     candidates = [
         estimate(profile, settings, workload, gpus)
         for settings in candidate_settings(profile.depth, single_gpu=gpus == 1)
     ]
-    current = estimate(profile, run_settings(config, profile.depth), workload, gpus)
-    return Plan(workload, profile, budget, gpus, current, candidates)
+    return Plan(workload, profile, budget, gpus, estimate(profile, current, workload, gpus), candidates)
+
+
+def plan_run(config: RunConfig, budget: int, gpus: int = 1) -> Plan:
+    """Profile the run's model and estimate its own settings and every candidate."""
+    workload = workload_of(config)
+    profile = profile_model(workload)
+    return plan_workload(workload, profile, run_settings(config, profile.depth), budget, gpus)
 
 
 def memory_warning(config: RunConfig, free_bytes: int, gpus: int = 1) -> str | None:
