@@ -64,7 +64,7 @@ from crepa.plan.memory import (
     estimate,
     profile_model,
 )
-from crepa.plan.planner import latent_shape, parse_memory, plan_workload
+from crepa.plan.planner import latent_shape, parse_memory, plan_workload, workload_of
 from crepa.plan.published import PUBLISHED
 from crepa.regularizer import CrepaRegularizer
 from crepa.repvideo import install_repvideo
@@ -417,18 +417,11 @@ def teacher_width(small: bool) -> int:
 
 
 def bench_workload(class_name: str, model_config: dict, family, shape, mode: str, args) -> Workload:
-    """What crepa plan models for a row of ``mode`` (cached grids; no online teacher)."""
+    """What crepa plan models for a row of ``mode`` (cached grids; no online teacher) on the bench's
+    transformer config, with the bench teacher's width."""
     config = run_config(family.name, shape, mode, args.rank, args.small)
-    return Workload(
-        class_name=class_name,
-        config=model_config,
-        latent_shape=latent_shape(family, model_config, *shape),
-        text_length=text_length(family, model_config),
-        lora=config.lora,
-        crepa=config.crepa if config.crepa.enabled else None,
-        teacher_dim=teacher_width(args.small),
-        repvideo_window=config.repvideo.window if config.repvideo.enabled else None,
-    )
+    workload = workload_of(config, source=(class_name, model_config))
+    return replace(workload, teacher_dim=teacher_width(args.small))
 
 
 def profile_of(workload: Workload, profiles: dict[str, ModelProfile]) -> ModelProfile:

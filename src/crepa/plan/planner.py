@@ -161,9 +161,11 @@ def teacher_size(name: str) -> tuple[int, int]:
     return next((size for word, size in TEACHER_SIZES.items() if word in lowered), TEACHER_SIZES["giant"])
 
 
-def workload_of(config: RunConfig) -> Workload:
-    """What ``config`` trains, for the memory model (no weights, no network)."""
-    class_name, transformer_config = transformer_source(config)
+def workload_of(config: RunConfig, source: tuple[str, dict[str, Any]] | None = None) -> Workload:
+    """What ``config`` trains, for the memory model (no weights, no network); ``source`` is the
+    transformer's (class name, config) when the caller holds it already (else
+    :func:`transformer_source` reads it)."""
+    class_name, transformer_config = source or transformer_source(config)
     family = family_of(class_name, transformer_config, config.model.family)
     latent_shape = largest_latent_shape(config, family, transformer_config)
     teacher_params, teacher_dim = teacher_size(config.teacher.name)
