@@ -53,7 +53,7 @@ def plan(
     weights) and print the fastest memory settings that fit, as --set lines for `crepa train`."""
     from crepa.config import load_config
     from crepa.plan.memory import CUDA_ACTIVATION_FACTOR, GIB
-    from crepa.plan.planner import HEADROOM_BYTES, parse_memory, plan_run, published_table
+    from crepa.plan.planner import HEADROOM_BYTES, OPTION_PENALTY, parse_memory, plan_run, published_table
 
     import_component_modules()
     if markdown:
@@ -104,7 +104,9 @@ def plan(
             EXIT_FAILURE,
         )
     table = Table(
-        *columns, title=f"fitting settings, fastest first ({len(fitting)}, {min(SHOWN, len(fitting))} shown)"
+        *columns,
+        title=f"fitting settings, fastest first, each memory option in use (fp8, 8-bit moments, offload) "
+        f"counted {OPTION_PENALTY:.0%} slower ({len(fitting)}, {min(SHOWN, len(fitting))} shown)",
     )
     for estimate in fitting[:SHOWN]:
         table.add_row(*_row(estimate, depth))
