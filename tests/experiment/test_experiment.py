@@ -159,6 +159,7 @@ def test_a_rebuilt_base_model_is_never_paired_with_old_runs_or_samples(world, tm
     runner = CliRunner()
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "trainer options" not in result.output  # not once per run: the runs' files hold them
     result = runner.invoke(app, args)  # unchanged: nothing is redone
     work = json.loads((tmp_path / "out" / "report.json").read_text())["work"]
     assert not any(done for entry in work.values() for done in entry.values()), work

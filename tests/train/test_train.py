@@ -77,7 +77,8 @@ def test_exact_resume_after_sigkill(tmp_path, tiny_world):
 def test_two_processes_stay_in_sync(tmp_path, tiny_world):
     run = tiny_world("wan")
     precompute(load_config(run), progress=False)
-    launch(run, "train.max_steps=2", "train.batch_size=1")
+    result = launch(run, "train.max_steps=2", "train.batch_size=1")
+    assert result.stdout.count("trainer options: ") == 1  # announced once, by the main process
     summary = json.loads((tmp_path / "out/training_summary.json").read_text())
     checksums = summary["rank_weight_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]

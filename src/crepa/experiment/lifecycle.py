@@ -82,7 +82,7 @@ def train_run(run_file: Path) -> bool:
     if training_finished(config):
         return False
     resume = start_run(config, run_file)
-    if train(config, resume=resume, progress=False).interrupted:
+    if train(config, resume=resume, progress=False, announce=False).interrupted:
         raise ExperimentStopped(
             f"{config.output.dir.name}: training was interrupted (checkpoint saved); rerun the same command to "
             "resume the experiment"

@@ -44,23 +44,28 @@ from crepa.train.guard import loss_scale_search
 from crepa.train.lora import save_lora
 from crepa.train.parallel import average_gradients, clip_grad_norm, exchange_objects
 from crepa.train.preflight import hold_output
-from crepa.train.setup import build_run
+from crepa.train.setup import build_run, startup_summary
 from crepa.train.state import TrainingStopped, TrainingSummary, TrainState
 from crepa.train.step import step_loss, to_device
 from crepa.train.validation import run_validation
 
 
-def train(config: RunConfig, resume: str | None = None, progress: bool = True) -> TrainingSummary:
+def train(
+    config: RunConfig, resume: str | None = None, progress: bool = True, announce: bool = True
+) -> TrainingSummary:
     """Fine-tune ``config.model`` on the precomputed cache; returns (and writes) the summary.
-    The output folder is locked for the run (a second run into it is refused)."""
+    The output folder is locked for the run (a second run into it is refused). ``announce`` prints the
+    trainer options at the start (an experiment's runs, many side by side, keep them in their run file)."""
     with hold_output(config):
-        return _train(config, resume, progress)
+        return _train(config, resume, progress, announce)
 
 
-def _train(config: RunConfig, resume: str | None, progress: bool) -> TrainingSummary:
+def _train(config: RunConfig, resume: str | None, progress: bool, announce: bool) -> TrainingSummary:
     """The loop: one optimiser step at a time, then logs, checkpoints and validation when due."""
     state = build_run(config, resume)
     accelerator, run, max_steps = state.accelerator, state.progress, config.train.max_steps
+    if announce:
+        accelerator.print(startup_summary(config))
     stop = _StopFlag()
     bar = tqdm(
         total=max_steps,

@@ -241,7 +241,6 @@ def _setup_output(state: TrainState) -> None:
         config.output.dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(state.metrics_log, state.progress.step)
         atomic_write_json(config.output.dir / RUN_CONFIG_FILE, json.loads(config.model_dump_json()))
-        accelerator.print(startup_summary(config))
         accelerator.init_trackers("crepa", config=_flat_hparams(config))
 
 
