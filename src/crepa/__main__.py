@@ -1,3 +1,4 @@
 from crepa.cli import app
 
-app()
+if __name__ == "__main__":  # not when a spawned worker imports the main module
+    app()

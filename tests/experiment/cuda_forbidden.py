@@ -1,21 +1,30 @@
 """Imported first (by a fork server's preload, or a fresh interpreter): torch's CUDA queries answer as
 on a machine with one GPU, except that every call which initialises CUDA, or runs ``cuInit`` and so
-poisons later forks (``cudaGetDeviceCount``), raises. NVML still answers, as it does on a GPU machine.
-Used to show that crepa's imports and its worker pool never initialise CUDA in a process that forks
-workers (on a GPU machine that made every worker fail with "Cannot re-initialize CUDA in forked
-subprocess")."""
+poisons later forks (``cudaGetDeviceCount``), raises in a process that may fork workers (a main
+process or a fork server). In a worker it is allowed and only recorded (``INITIALISED``), as a
+worker may use its GPU. NVML still answers, as it does on a GPU machine. Used to show that crepa's
+imports and its worker pool never initialise CUDA in a process that forks workers (on a GPU machine
+that made every worker fail with "Cannot re-initialize CUDA in forked subprocess")."""
 
 import functools
+import multiprocessing
 
 import torch
+
+INITIALISED = False  # whether this worker process initialised CUDA
 
 
 class CudaInitialised(RuntimeError):
     pass
 
 
-def _forbidden(*args, **kwargs):
-    raise CudaInitialised("CUDA initialised (or cuInit run) in a process that forks workers")
+def _forbidden(*args, **kwargs) -> int:
+    """Refused in a main process or fork server; in a worker, recorded (and one device counted)."""
+    if multiprocessing.current_process().name == "MainProcess":
+        raise CudaInitialised("CUDA initialised (or cuInit run) in a process that forks workers")
+    global INITIALISED
+    INITIALISED = True
+    return 1
 
 
 def _as_cuda_build(query):

@@ -56,25 +56,27 @@ import torch
 from crepa.experiment import workers
 
 def probe(job):
-    # a library that checks for a GPU while the fork server preloads it, then the job itself
-    return job, torch.cuda.is_available()
+    import probing_library  # what a job imports initialises CUDA, as it may in a worker
+    return job, torch.cuda.is_available(), cuda_forbidden.INITIALISED
 
 if __name__ == "__main__":
     workers.WORKER_MODULES = ("cuda_forbidden", "probing_library", *workers.WORKER_MODULES)
+    print(workers.worker_context().get_start_method())
     with workers.worker_pool(2, threads=1) as pool:
         print(workers.run_jobs(pool, probe, [0, 1, 2], "test", progress=False))
 """
 
+# As bitsandbytes does when imported on a GPU machine (it reads each device's compute capability), and
+# diffusers and peft import it when it is installed.
+PROBING_LIBRARY = "import torch\nif torch.cuda.is_available():\n    torch.cuda.init()\n"
 
-@pytest.mark.skipif(
-    "forkserver" not in multiprocessing.get_all_start_methods(),
-    reason="no fork server here (spawned workers)",
-)
-def test_worker_pool_never_initialises_cuda_before_forking(tmp_path) -> None:
-    """The fork server preloads the heavy modules and a library that probes ``torch.cuda.is_available()``
-    at import (as some do on a CUDA build) with CUDA initialisation forbidden; the pool must still run
-    its jobs. Without the NVML-based check, the probe runs cuInit in the fork server and raises here."""
-    (tmp_path / "probing_library.py").write_text("import torch\nAVAILABLE = torch.cuda.is_available()\n")
+
+def test_worker_pool_on_a_gpu_machine_never_initialises_cuda_before_forking(tmp_path) -> None:
+    """With a GPU visible, a library that initialises CUDA when imported (as bitsandbytes does) and
+    every heavy module are imported with CUDA initialisation forbidden in this process and in any fork
+    server; the pool must still run its jobs, and each worker may initialise CUDA itself. A fork server
+    that preloads them initialises CUDA and fails here."""
+    (tmp_path / "probing_library.py").write_text(PROBING_LIBRARY)
     script = tmp_path / "pool.py"
     script.write_text(POOL_WITH_CUDA_FORBIDDEN)
     tests_dir = os.path.dirname(__file__)
@@ -84,7 +86,9 @@ def test_worker_pool_never_initialises_cuda_before_forking(tmp_path) -> None:
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "[(0, True), (1, True), (2, True)]"
+    method, jobs = result.stdout.strip().splitlines()[-2:]
+    assert method == "spawn"
+    assert jobs == "[(0, True, True), (1, True, True), (2, True, True)]"
 
 
 def test_importing_crepa_never_initialises_cuda() -> None:

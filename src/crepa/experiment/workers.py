@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -52,24 +51,23 @@ def init_worker(threads: int) -> None:
 
 
 # What every job imports (torch, diffusers, transformers, peft through these): 6-9 s of CPU per process.
-NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch reads it in is_available()
-
 WORKER_MODULES = ("crepa.experiment.runner", "crepa.train.recipe", "crepa.generation", "crepa.eval.evaluate")
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
-    """How workers start: from a fork server that imported :data:`WORKER_MODULES` once, so each worker
-    starts with them loaded (spawn where there is no fork server, e.g. Windows). Not a plain fork of
-    this process: forking after OpenMP / torch threads have started can hang.
+    """How workers start. Without a GPU: from a fork server that imported :data:`WORKER_MODULES` once,
+    so each worker starts with them loaded. With one (or where there is no fork server, e.g. Windows):
+    spawned, each worker importing what its jobs need. Never a plain fork of this process: forking
+    after OpenMP / torch threads have started can hang.
 
-    CUDA-safe: a process that has touched CUDA (even ``torch.cuda.is_available()``, which runs
-    ``cuInit``) marks its forks as unable to use CUDA. The fork server therefore asks NVML, not the
-    CUDA runtime, whether a GPU exists (``PYTORCH_NVML_BASED_CUDA_CHECK``, set before it starts and
-    inherited by it), so a library that checks for CUDA while the server preloads it leaves the
-    workers free to initialise CUDA themselves."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    Why not the fork server with a GPU: a process that has initialised CUDA marks its forks as unable
+    to use it ("Cannot re-initialize CUDA in forked subprocess"), and some libraries initialise CUDA
+    when they are imported on a GPU machine: bitsandbytes (which diffusers and peft import when it is
+    installed) reads every device's compute capability. Preloaded into the fork server, such an
+    import would poison every worker. ``torch.cuda.device_count()`` asks NVML first, so choosing
+    initialises nothing here either."""
+    if torch.cuda.device_count() > 0 or "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
-    os.environ.setdefault(NVML_CHECK, "1")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(WORKER_MODULES))
     return context
