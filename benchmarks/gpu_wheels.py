@@ -3,7 +3,8 @@
 Downloads, for the GPU machine's Python and platform, the wheels of the packages named (default: what
 a stock CUDA PyTorch image lacks), at the versions installed here (so the GPU machine runs what the
 CPU suite tested), the newest where one is not installed. bitsandbytes ships one library per CUDA version (43 MB in all); ``--cuda`` keeps
-only that one. ``gpu_check.py --wheels DIR`` installs them on the GPU machine into a folder of its own.
+only that one. It ends with the requirements the wheels leave to the GPU machine's python (check that
+it has them). ``gpu_check.py --wheels DIR`` installs them on the GPU machine into a folder of its own.
 
     python benchmarks/gpu_wheels.py [--out .whl] [--python-version 3.12] [--cuda 130] [PACKAGE ...]
 """
@@ -15,12 +16,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from email.parser import HeaderParser
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+# lazy-importer: importlib-metadata >= 10 imports it on Python < 3.15
 DEFAULT_PACKAGES = (
     "diffusers", "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
-    "av", "ftfy", "wcwidth", "importlib-metadata", "zipp", "lazy-loader", "bitsandbytes",
+    "av", "ftfy", "wcwidth", "importlib-metadata", "zipp", "lazy-importer", "lazy-loader", "bitsandbytes",
 )  # fmt: skip
 PLATFORMS = (
     "manylinux_2_28_x86_64",
@@ -66,6 +72,25 @@ def keep_one_cuda_library(wheel: Path, cuda: str) -> None:
     stripped.replace(wheel)
 
 
+def left_to_target(wheels: list[Path], python_version: str) -> list[str]:
+    """The requirements of ``wheels`` (markers read for Linux and ``python_version``, no extras) that
+    no wheel among them provides: the GPU machine's python must already hold these."""
+    environment = {"python_version": python_version, "python_full_version": f"{python_version}.0",
+                   "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix", "extra": ""}  # fmt: skip
+    provided = {parse_wheel_filename(wheel.name)[0] for wheel in wheels}
+    needed: set[str] = set()
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            headers = HeaderParser().parsestr(archive.read(metadata).decode())
+        for line in headers.get_all("Requires-Dist") or []:
+            requirement = Requirement(line)
+            applies = requirement.marker is None or requirement.marker.evaluate(environment)
+            if applies and canonicalize_name(requirement.name) not in provided:
+                needed.add(str(requirement).partition(";")[0].strip())
+    return sorted(needed, key=str.lower)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,6 +108,7 @@ def main() -> None:
     total = sum(wheel.stat().st_size for wheel in wheels)
     print(f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {args.out}:")
     print("\n".join(f"  {wheel.name}" for wheel in wheels))
+    print("left to the GPU machine's python:", ", ".join(left_to_target(wheels, args.python_version)))
 
 
 if __name__ == "__main__":
