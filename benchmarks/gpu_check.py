@@ -127,10 +127,14 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     paths = [str(ROOT / "src")]  # crepa itself, installed or not
     if args.wheels is not None:
+        if not (wheels := sorted(args.wheels.glob("*.whl"))):
+            parser.error(
+                f"--wheels {args.wheels}: no wheels there: `make gpu-wheels` fills it, and the copy of the repo must bring it along"
+            )
         site = Path(tempfile.mkdtemp(prefix="crepa-site-"))  # not under --logs: logs travel back
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
-             "--upgrade", "--target", str(site), *map(str, sorted(args.wheels.glob("*.whl")))],
+             "--upgrade", "--target", str(site), *map(str, wheels)],
             check=True,
         )  # fmt: skip
         paths.insert(0, str(site))
