@@ -38,7 +38,8 @@ PLATFORMS = (
 
 def download(packages: list[str], out: Path, python_version: str) -> list[Path]:
     """``pip download`` of each package at the version installed here (the newest where it is not, as
-    bitsandbytes on a CPU machine), no dependencies, binary only."""
+    bitsandbytes on a CPU machine), no dependencies, binary only, into ``out``, where each replaces
+    any other version of its project (two versions of one project stop the whole install there)."""
     pins = []
     for name in packages:
         try:
@@ -46,12 +47,23 @@ def download(packages: list[str], out: Path, python_version: str) -> list[Path]:
         except PackageNotFoundError:
             pins.append(name)
     platforms = [flag for platform in PLATFORMS for flag in ("--platform", platform)]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-         "--python-version", python_version, *platforms, "--dest", str(out), *pins],
-        check=True,
-    )  # fmt: skip
-    return sorted(out.glob("*.whl"))
+    with tempfile.TemporaryDirectory(dir=out) as staging:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+             "--python-version", python_version, *platforms, "--dest", staging, *pins],
+            check=True,
+        )  # fmt: skip
+        fresh = sorted(Path(staging).glob("*.whl"))
+        projects = {project(wheel) for wheel in fresh}
+        for old in out.glob("*.whl"):
+            if project(old) in projects:
+                old.unlink()
+        return [wheel.replace(out / wheel.name) for wheel in fresh]
+
+
+def project(wheel: Path) -> str:
+    """The canonical project name of a wheel file."""
+    return parse_wheel_filename(wheel.name)[0]
 
 
 def keep_one_cuda_library(wheel: Path, cuda: str) -> None:
@@ -77,7 +89,7 @@ def left_to_target(wheels: list[Path], python_version: str) -> list[str]:
     no wheel among them provides: the GPU machine's python must already hold these."""
     environment = {"python_version": python_version, "python_full_version": f"{python_version}.0",
                    "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix", "extra": ""}  # fmt: skip
-    provided = {parse_wheel_filename(wheel.name)[0] for wheel in wheels}
+    provided = {project(wheel) for wheel in wheels}
     needed: set[str] = set()
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as archive:
@@ -101,10 +113,10 @@ def main() -> None:
     parser.add_argument("--cuda", default="130", help="the GPU machine's CUDA (bitsandbytes library)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    wheels = download(args.packages, args.out, args.python_version)
-    for wheel in wheels:
-        if wheel.name.startswith("bitsandbytes-"):
+    for wheel in download(args.packages, args.out, args.python_version):
+        if project(wheel) == "bitsandbytes":
             keep_one_cuda_library(wheel, args.cuda)
+    wheels = sorted(args.out.glob("*.whl"))
     total = sum(wheel.stat().st_size for wheel in wheels)
     print(f"{len(wheels)} wheels, {total / 2**20:.1f} MiB in {args.out}:")
     print("\n".join(f"  {wheel.name}" for wheel in wheels))
