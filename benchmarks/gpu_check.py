@@ -13,7 +13,9 @@
    when its measured peak exceeds the budget or misses the prediction by more than 15 %.
 Each check has a time limit (its whole process group is killed past it), so the summary always
 comes; the default checks end within 8 minutes. Nothing is downloaded. Logs go to ``--logs``
-(default ``runs/gpu-check``); exit 0 when every check passed.
+(default ``runs/gpu-check``): one file per check and the demo's ``report.md`` as ``demo-report.md``,
+the demo's own folder (hundreds of files) in a temporary one, so that ``--logs $OUT`` stays within what
+a device call brings back (8 files); exit 0 when every check passed.
 
     python benchmarks/gpu_check.py [--logs DIR] [--checks bench,tests,demo] [--workers 4]
     python benchmarks/gpu_check.py --checks suite          # the default suite with CUDA present
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,12 +51,12 @@ class Outcome:
     seconds: float
 
 
-def commands(python: str, logs: Path, workers: int) -> dict[str, list[str]]:
+def commands(python: str, demo_out: Path, workers: int) -> dict[str, list[str]]:
     parallel = ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") else []
     return {
         "bench": [python, "benchmarks/bench_real_step.py", "--family", "CogVideoX-5B", "--steps", "2", "--warmup", "1", "--rounds", "2", "--rows", "none,cache,repa,pixels,repvideo,none@13", "--profile", "pixels"],
         "tests": [python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *parallel, "--durations=15", "tests"],
-        "demo": [python, "-m", "crepa", "demo", "--quick", "--workers", "2", "--no-progress", "--out", str(logs / "demo")],
+        "demo": [python, "-m", "crepa", "demo", "--quick", "--workers", "2", "--no-progress", "--out", str(demo_out)],
         "suite": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(max(2, (os.cpu_count() or 2) - 2)), "tests"],
         **{name: [python, "benchmarks/bench_real_step.py", "--family", family, "--fit", budget, *fixed, "--rows", "cache", "--steps", "1", "--warmup", "1", "--rounds", "1"] for name, (family, budget, *fixed) in FITS.items()},
     }  # fmt: skip
@@ -117,16 +120,21 @@ def main() -> int:
     chosen = [name for name in args.checks.split(",") if name]
     if "fit" in chosen:
         chosen = [name for name in chosen if name != "fit"] + list(FITS)
-    known = commands(sys.executable, args.logs, args.workers)
+    demo_out = Path(tempfile.mkdtemp(prefix="crepa-gpu-demo-")) / "demo"  # not under --logs either
+    known = commands(sys.executable, demo_out, args.workers)
     if unknown := set(chosen) - set(known):
         parser.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(known)}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     paths = [str(ROOT / "src")]  # crepa itself, installed or not
     if args.wheels is not None:
+        if not (wheels := sorted(args.wheels.glob("*.whl"))):
+            parser.error(
+                f"--wheels {args.wheels}: no wheels there: `make gpu-wheels` fills it, and the copy of the repo must bring it along"
+            )
         site = Path(tempfile.mkdtemp(prefix="crepa-site-"))  # not under --logs: logs travel back
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
-             "--upgrade", "--target", str(site), *map(str, sorted(args.wheels.glob("*.whl")))],
+             "--upgrade", "--target", str(site), *map(str, wheels)],
             check=True,
         )  # fmt: skip
         paths.insert(0, str(site))
@@ -138,6 +146,9 @@ def main() -> int:
         if names:
             running = {name: start(name, known[name], args.logs, env) for name in names}
             outcomes += wait_all(running, args.logs)
+    if (demo_out / "report.md").exists():
+        shutil.copyfile(demo_out / "report.md", args.logs / "demo-report.md")
+        print(f"demo: {demo_out} (report.md copied to {args.logs / 'demo-report.md'})")
     print("\n== gpu-check summary")
     for outcome in outcomes:
         verdict = (
