@@ -66,9 +66,13 @@ def project(wheel: Path) -> str:
     return parse_wheel_filename(wheel.name)[0]
 
 
+CPU_LIBRARY = "bitsandbytes/libbitsandbytes_cpu.so"
+
+
 def keep_one_cuda_library(wheel: Path, cuda: str) -> None:
-    """Rewrite a bitsandbytes wheel with only ``libbitsandbytes_cuda{cuda}.so`` among its native
-    libraries (pip installs a wheel without checking its RECORD hashes)."""
+    """Rewrite a bitsandbytes wheel with only ``libbitsandbytes_cuda{cuda}.so`` and the CPU library
+    among its native libraries (the CPU one serves processes with CUDA hidden, as the default suite's;
+    pip installs a wheel without checking its RECORD hashes)."""
     with tempfile.NamedTemporaryFile(dir=wheel.parent, suffix=".tmp", delete=False) as handle:
         stripped = Path(handle.name)
     with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(stripped, "w", zipfile.ZIP_DEFLATED) as target:
@@ -78,7 +82,7 @@ def keep_one_cuda_library(wheel: Path, cuda: str) -> None:
             stripped.unlink()
             sys.exit(f"{wheel.name} has no {wanted}; it has {', '.join(sorted(libraries))}")
         for item in source.infolist():
-            if item.filename in libraries and item.filename != wanted:
+            if item.filename in libraries and item.filename not in (wanted, CPU_LIBRARY):
                 continue
             target.writestr(item, source.read(item.filename))
     stripped.replace(wheel)
