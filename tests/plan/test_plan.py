@@ -287,3 +287,14 @@ def test_start_up_warning_names_the_settings_to_change(monkeypatch):
     assert warning is not None and "16.0 GiB are free" in warning and "model." in warning
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * GIB, 141 * GIB))
     assert predicted_memory_warning(run) is None
+
+
+def test_the_planner_never_offers_activation_offload_with_repvideo():
+    """crepa train refuses model.offload_activations with RepVideo (tests/train/test_memory_options.py),
+    so the planner does not weigh it; every other option stays."""
+    from crepa.plan.memory import candidate_settings
+
+    plain, with_repvideo = candidate_settings(8, single_gpu=True), candidate_settings(8, True, repvideo=True)
+    assert any(settings.offload_activations for settings in plain)
+    assert not any(settings.offload_activations for settings in with_repvideo)
+    assert set(with_repvideo) == {settings for settings in plain if not settings.offload_activations}

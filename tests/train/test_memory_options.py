@@ -127,6 +127,10 @@ def test_fp8_weights_train_as_bf16_path_over_fp8_rounded_weights(world):
             ["model.offload_activations=true", "model.gradient_checkpointing=false"],
             r"model\.offload_activations: .*model\.gradient_checkpointing = true",
         ),
+        (
+            ["model.offload_activations=true", "repvideo.enabled=true"],
+            r"model\.offload_activations: RepVideo .*model\.offload_activations = false",
+        ),
         (["model.gradient_checkpointing=5"], r"model\.gradient_checkpointing: 5 blocks, but the model has 2"),
         (
             ['model.base_precision="fp8"', "lora.enabled=false"],

@@ -346,11 +346,12 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     return Estimate(settings, weights, trainable_state, activations, teacher, step_flops, seconds)
 
 
-def candidate_settings(depth: int, single_gpu: bool) -> list[Settings]:
+def candidate_settings(depth: int, single_gpu: bool, repvideo: bool = False) -> list[Settings]:
     """Every combination the planner weighs: any number of checkpointed blocks, offload of none, a
     quarter, half, three quarters or all but two (checkpointed) blocks, bf16 / fp8 weights, AdamW /
     8-bit AdamW, checkpointed inputs on the GPU or in host memory. Under FSDP (not ``single_gpu``)
-    only checkpointing and the optimiser: crepa refuses offload and fp8 there."""
+    only checkpointing and the optimiser: crepa refuses offload and fp8 there; with ``repvideo``,
+    inputs on the GPU only (crepa refuses activation offload with RepVideo)."""
     offloads = sorted({0, depth // 4, depth // 2, 3 * depth // 4, max(depth - 2, 0)}) if single_gpu else [0]
     return [
         Settings(checkpointed, offload, precision, optimizer, offload_activations)
@@ -359,5 +360,7 @@ def candidate_settings(depth: int, single_gpu: bool) -> list[Settings]:
         if offload <= checkpointed
         for precision in (("bf16", "fp8") if single_gpu else ("bf16",))
         for optimizer in ("adamw", "adamw8bit")
-        for offload_activations in ((False, True) if checkpointed and single_gpu else (False,))
+        for offload_activations in (
+            (False, True) if checkpointed and single_gpu and not repvideo else (False,)
+        )
     ]

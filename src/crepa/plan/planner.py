@@ -227,7 +227,9 @@ def plan_workload(
     """Estimate ``current`` and every candidate setting for a profiled workload."""
     candidates = [
         estimate(profile, settings, workload, gpus)
-        for settings in candidate_settings(profile.depth, single_gpu=gpus == 1)
+        for settings in candidate_settings(
+            profile.depth, single_gpu=gpus == 1, repvideo=workload.repvideo_window is not None
+        )
     ]
     return Plan(workload, profile, budget, gpus, estimate(profile, current, workload, gpus), candidates)
 

@@ -226,9 +226,11 @@ def load_trainable_state(modules: dict[str, nn.Module], tensors: dict[str, torch
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's random states; on a GPU only its own device's (each rank has its checkpoint
+    file), so a run resumes on a machine or slot with another number of visible GPUs."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -237,7 +239,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def staging_dir(root: Path, step: int) -> Path:

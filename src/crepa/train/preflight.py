@@ -143,8 +143,8 @@ def check_model(config: RunConfig, family: ModelFamily) -> None:
 
 def check_memory_options(config: RunConfig, depth: int) -> None:
     """``model.gradient_checkpointing`` / ``model.offload_blocks`` within the model's ``depth`` blocks,
-    offloaded blocks and activations only with checkpointing, ``optim.name = "adamw8bit"`` where
-    bitsandbytes runs."""
+    offloaded blocks and activations only with checkpointing, offloaded activations not with RepVideo,
+    ``optim.name = "adamw8bit"`` where bitsandbytes runs."""
     model = config.model
     problems = []
     checkpointing = model.gradient_checkpointing
@@ -166,6 +166,13 @@ def check_memory_options(config: RunConfig, depth: int) -> None:
         problems.append(
             "model.offload_activations: only checkpointed blocks keep their inputs in CPU memory, and none is "
             "checkpointed; set model.gradient_checkpointing = true (or N), or model.offload_activations = false"
+        )
+    if model.offload_activations and config.repvideo.enabled:
+        problems.append(
+            "model.offload_activations: RepVideo recomputes each gated block from the very inputs the forward "
+            "gave it, which activation offload replaces by copies back from CPU memory; set "
+            "model.offload_activations = false (block offload and fp8 weights work with RepVideo), or "
+            "repvideo.enabled = false"
         )
     if config.optim.name == "adamw8bit" and not (
         torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
