@@ -51,6 +51,30 @@ def test_nonfinite_gradient_after_good_steps_restores_state_exactly():
     assert not torch.equal(model.weight, params[0])
 
 
+class CountingAdamW(torch.optim.AdamW):
+    """AdamW that also counts its steps in a plain int per parameter, as bitsandbytes' 8-bit AdamW does."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["count"] = self.state[p].get("count", 0) + 1
+        return loss
+
+
+def test_an_undone_update_also_restores_plain_number_state():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = CountingAdamW(model.parameters(), lr=1e-2)
+    guard = UpdateGuard(optimizer, list(model.parameters()))
+    for _ in range(2):
+        assert guard.step(_backward(model)) == (True, True)
+        optimizer.zero_grad()
+    _backward(model)
+    assert guard.step(torch.tensor(float("inf"))) == (False, True)
+    assert [optimizer.state[p]["count"] for p in model.parameters()] == [2, 2]
+
+
 def test_loss_scale_search_is_told_apart_from_a_divergence():
     """A real GradScaler (CPU) meets an inf gradient: it skips the update and halves its scale (4 -> 2,
     still a search: the new scale is returned); from a scale of 1 the halving goes below 1, where an

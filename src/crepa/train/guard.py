@@ -45,6 +45,14 @@ class UpdateGuard:
         elif state:
             torch._foreach_copy_(self._state_copies, state)
         had_state = [bool(self.optimizer.state.get(p)) for p in self.params]
+        # plain numbers in the state (bitsandbytes counts its steps in a Python int), restored with the rest
+        numbers = [
+            (entry, key, value)
+            for p in self.params
+            for entry in [self.optimizer.state.get(p, {})]
+            for key, value in entry.items()
+            if not isinstance(value, torch.Tensor)
+        ]
         self.optimizer.step()
         # the largest |value| of each parameter (no overflow for large finite weights, unlike the 2-norm)
         # is non-finite exactly when the parameter holds a NaN or inf; so is their max (NaN propagates)
@@ -58,6 +66,8 @@ class UpdateGuard:
             torch._foreach_copy_(params, self._param_copies)
             if state:
                 torch._foreach_copy_(state, self._state_copies)
+            for entry, key, value in numbers:
+                entry[key] = value
             for p, had in zip(self.params, had_state, strict=True):
                 if not had:
                     self.optimizer.state.pop(p, None)

@@ -66,6 +66,8 @@ def _train(config: RunConfig, resume: str | None, progress: bool, announce: bool
     accelerator, run, max_steps = state.accelerator, state.progress, config.train.max_steps
     if announce:
         accelerator.print(startup_summary(config))
+    if torch.cuda.is_available():  # this run's peak (a worker's earlier jobs, or loading, not counted)
+        torch.cuda.reset_peak_memory_stats()
     stop = _StopFlag()
     bar = tqdm(
         total=max_steps,
