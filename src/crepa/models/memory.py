@@ -39,17 +39,23 @@ def _checkpoint_chosen(
     """diffusers' gradient-checkpointing call: recompute ``block`` in backward only if it is chosen.
 
     ``inputs_to``: where a checkpointed block keeps its hidden-state inputs (the tensors that require
-    grad) until backward, e.g. the CPU; they are copied back to their device when the block runs."""
+    grad) until backward, e.g. the CPU; they are copied back to their device when the block runs.
+    Both copies are non-blocking (a GPU tensor copied to the CPU that way lands in pinned memory):
+    they queue on the compute stream, in order with the kernels that make and use the inputs, and the
+    host never waits for them (nothing on the host reads the copies)."""
     if id(block) not in chosen:
         return block(*args, **kwargs)
     if inputs_to is None:
         return checkpoint(block, *args, use_reentrant=False, **kwargs)
     devices = [arg.device if isinstance(arg, torch.Tensor) else None for arg in args]
-    kept = [arg.to(inputs_to) if isinstance(arg, torch.Tensor) and arg.requires_grad else arg for arg in args]
+    kept = [
+        arg.to(inputs_to, non_blocking=True) if isinstance(arg, torch.Tensor) and arg.requires_grad else arg
+        for arg in args
+    ]
 
     def run(*kept_args):
         moved = [
-            arg.to(device) if isinstance(arg, torch.Tensor) else arg
+            arg.to(device, non_blocking=True) if isinstance(arg, torch.Tensor) else arg
             for arg, device in zip(kept_args, devices, strict=True)
         ]
         return block(*moved, **kwargs)

@@ -48,7 +48,6 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # state bytes per trainable para
 # host-to-device copies from pinned memory, and HBM bandwidth for fp8 -> bf16 casts.
 ACHIEVED_FLOPS = 341e12
 PCIE_BYTES_PER_S = 25e9
-PAGEABLE_BYTES_PER_S = 10e9  # synchronous copies to and from pageable host memory
 HBM_BYTES_PER_S = 4.0e12
 # CUDA autocast runs layer norms (and a few other ops) in fp32, which CPU autocast, and so the fake-tensor
 # trace, does not: the one GPU measurement (SPEC §7, CogVideoX-5B LoRA, every block checkpointed)
@@ -326,11 +325,11 @@ def estimate(profile: ModelProfile, settings: Settings, workload: Workload, gpus
     if fp8:  # every weight use casts fp8 -> bf16 (read 1 byte, write 2): forward, recompute, backward
         uses = 2 + sum(checkpointed) / max(len(sequence), 1)
         seconds += profile.castable_params * 3 * uses / HBM_BYTES_PER_S
-    if settings.offload_activations:  # synchronous copies of the checkpointed inputs, out and back
+    if settings.offload_activations:  # the checkpointed inputs out and back, in line on the compute stream
         moved = sum(
             block_profile(kind).output for kind, kept in zip(sequence, on_gpu, strict=True) if not kept
         )
-        seconds += 2 * moved / PAGEABLE_BYTES_PER_S
+        seconds += 2 * moved / PCIE_BYTES_PER_S
     if settings.offload_blocks:
         # Each offloaded block's frozen weights are copied in for its forward and again for its
         # recompute, one block ahead on a side stream (crepa.models.memory.BlockStreamer): a copy hides
