@@ -134,7 +134,9 @@ def test_without_network_every_command_answers_at_once_with_exit_2(world, comman
     assert lines[0].startswith("error: cannot reach the model hub"), output[-3000:]  # nothing before it
     assert "Retry" not in output and "Warning" not in output, output[-3000:]
     seconds = float(re.search(r"command seconds: ([\d.]+)", result.stderr).group(1))
-    assert seconds < 10.0, output[-3000:]
+    # a few seconds alone; hub retries with backoff would take tens of seconds (and print "Retry", refused
+    # above); 20 s leaves room for a machine shared with other jobs
+    assert seconds < 20.0, output[-3000:]
 
 
 @pytest.mark.parametrize("export_format", ["comfyui", "merged"])
