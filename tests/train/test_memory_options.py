@@ -6,6 +6,7 @@ Impossible combinations fail before any weight loads (exit 2), naming the key an
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crepa.config import ConfigError, LoraSection, load_config
+from crepa.generation import SAMPLES_FILE
 from crepa.models.memory import offload_blocks, set_gradient_checkpointing
 from crepa.models.registry import ModelFamily, detect_family
 from crepa.models.tiny import tiny_inputs, tiny_transformer
@@ -29,6 +31,7 @@ from crepa.precompute import precompute
 from crepa.train.lora import add_lora
 from crepa.train.parallel import launch_sharding
 from crepa.train.recipe import train
+from crepa.train.validation import run_validation
 
 CUDA = pytest.param(
     "cuda",
@@ -334,3 +337,42 @@ def test_offload_backward_uses_the_streamed_copies_and_every_block_ends_on_its_h
         torch.testing.assert_close(
             got[name], expected[name], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-7, msg=name
         )
+
+
+def test_validation_leaves_an_offloaded_transformer_in_place_and_writes_the_same_clip(
+    world, tmp_path, monkeypatch
+):
+    """Validation during a run with model.offload_blocks (both blocks of the tiny Wan offloaded): the
+    pipeline moves its other components but never the transformer (a pipeline's ``.to`` would move
+    every hosted block to the GPU at once; on the CPU such a move changes no storage, so a spy on the
+    transformer's ``_apply``, which every ``.to`` goes through, sees it); the blocks stream in as they
+    run, end on their host copies, and the clip is bitwise the one of the same weights not offloaded."""
+    config = load_config(world)
+    transformer_dir = world.parent / "pipe" / "transformer"
+    plain = diffusers.WanTransformer3DModel.from_pretrained(transformer_dir).requires_grad_(False)
+    family = detect_family(plain)
+    expected = run_validation(config, family, plain, tmp_path / "plain", step=1)
+
+    offloaded = diffusers.WanTransformer3DModel.from_pretrained(transformer_dir).requires_grad_(False)
+    streamer = offload_blocks(offloaded, family, 2, torch.device("cpu"))
+    hosted = [[param.data_ptr() for param in params] for params in streamer.params]
+    assert all(hosted)
+    moves, streamed = [], []
+    apply, prefetch = offloaded._apply, streamer.prefetch
+    monkeypatch.setattr(
+        offloaded, "_apply", lambda *args, **kwargs: moves.append(args) or apply(*args, **kwargs)
+    )
+    monkeypatch.setattr(streamer, "prefetch", lambda index: streamed.append(index) or prefetch(index))
+    got = run_validation(config, family, offloaded, tmp_path / "offloaded", step=1)
+
+    assert not moves
+    assert {0, 1} <= set(streamed)
+    for index, block in enumerate(family.blocks(offloaded)):
+        assert [p.data_ptr() for p in block.parameters()] == hosted[index], index
+    assert not streamer.in_flight
+    digests = [
+        [json.loads(line)["frames_sha256"] for line in (path / SAMPLES_FILE).read_text().splitlines()]
+        for path in (expected, got)
+    ]
+    assert digests[0] == digests[1] and len(digests[0]) == 1
+    assert (got / "prompt-0.mp4").stat().st_size > 0
