@@ -30,6 +30,7 @@ from crepa.config import ModelSection, ValidationSection
 from crepa.io.video import write_video
 from crepa.models import ModelFamily
 from crepa.models.hub import hub_access
+from crepa.models.memory import block_streamer
 from crepa.models.pipelines import _DTYPE_KWARG, text_length
 
 SAMPLES_FILE = "samples.jsonl"
@@ -159,6 +160,8 @@ def load_pipeline(
 ):
     """The family's diffusers pipeline from ``model.pretrained`` around ``transformer`` (as it is:
     LoRA, RepVideo hooks and all), in the transformer's dtype, on ``device`` (the transformer's).
+    A transformer placed by ``model.offload_blocks`` (:func:`crepa.models.memory.offload_blocks`)
+    stays as it is: its offloaded blocks stream to the device as they run; the other components move.
 
     offload: diffusers' model CPU offload: text encoder, transformer and VAE wait on the CPU and move
     to the GPU only while they run (needs an accelerator device). vae_tiling: decode in tiles.
@@ -174,7 +177,10 @@ def load_pipeline(
             **{_DTYPE_KWARG: parameter.dtype},
             **components,
         )
-    device = torch.device(device) if device is not None else parameter.device
+    streamer = block_streamer(transformer)
+    if device is None:
+        device = streamer.device if streamer is not None else parameter.device
+    device = torch.device(device)
     if offload:
         if device.type == "cpu":
             raise ValueError(
@@ -182,6 +188,12 @@ def load_pipeline(
                 "already (drop --offload, or pass --device cuda)"
             )
         pipeline.enable_model_cpu_offload(device=device)
+    elif streamer is not None:
+        # not pipeline.to: it would move the hosted weights of every offloaded block to the device,
+        # all at once and for good (out of memory on exactly the runs that need offload)
+        for component in pipeline.components.values():
+            if isinstance(component, nn.Module) and block_streamer(component) is None:
+                component.to(device)
     else:
         pipeline.to(device)
     if vae_tiling:

@@ -6,6 +6,7 @@ Impossible combinations fail before any weight loads (exit 2), naming the key an
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -17,14 +18,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import losses, write_world
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from crepa.config import ConfigError, load_config
-from crepa.models.memory import set_gradient_checkpointing
-from crepa.models.registry import detect_family
+from crepa.config import ConfigError, LoraSection, load_config
+from crepa.generation import SAMPLES_FILE
+from crepa.models.memory import offload_blocks, set_gradient_checkpointing
+from crepa.models.registry import ModelFamily, detect_family
 from crepa.models.tiny import tiny_inputs, tiny_transformer
 from crepa.precompute import precompute
+from crepa.train.lora import add_lora
 from crepa.train.parallel import launch_sharding
 from crepa.train.recipe import train
+from crepa.train.validation import run_validation
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+)
 
 
 @pytest.fixture(scope="module")
@@ -203,18 +215,20 @@ def test_memory_options_train_on_cuda(world):
     assert abs(first["cuda-fp8"] / first["cuda-reference"] - 1) < 0.05, first
 
 
+def checkpointed_lora_wan(num_layers: int) -> tuple[nn.Module, ModelFamily]:
+    """The tiny Wan transformer (seed 0) with LoRA (rank 4), every block checkpointed."""
+    transformer = tiny_transformer("wan", num_layers=num_layers)
+    family = detect_family(transformer)
+    add_lora(transformer, family, LoraSection(rank=4))
+    set_gradient_checkpointing(transformer, family, True)
+    return transformer, family
+
+
 def test_offload_hosts_only_the_frozen_weights_of_the_offloaded_blocks():
     """model.offload_blocks = 2 on a LoRA model: the streamer hosts exactly the frozen weights of blocks 0
     and 1 of 3 (never LoRA, whose gradients and updates must stay where it trains), block 2 has no hook;
     the LoRA of the offloaded blocks still gets its gradients through the copies."""
-    from crepa.config import LoraSection
-    from crepa.models.memory import offload_blocks
-    from crepa.train.lora import add_lora
-
-    transformer = tiny_transformer("wan", num_layers=3)
-    family = detect_family(transformer)
-    add_lora(transformer, family, LoraSection(rank=4))
-    set_gradient_checkpointing(transformer, family, True)
+    transformer, family = checkpointed_lora_wan(num_layers=3)
     blocks = family.blocks(transformer)
     streamer = offload_blocks(transformer, family, 2, torch.device("cpu"))
 
@@ -235,8 +249,6 @@ def test_offload_prefetches_the_block_that_runs_next_forward_and_in_the_recomput
     is already under way: i + 1 in the forward, i - 1 in the backward's recompute (reverse order); each
     block is copied once per pass, never ahead of use past the offloaded ones, and nothing stays on the
     device after the step."""
-    from crepa.models.memory import offload_blocks
-
     transformer = tiny_transformer("wan", num_layers=4)
     family = detect_family(transformer)
     transformer.requires_grad_(False)
@@ -263,3 +275,104 @@ def test_offload_prefetches_the_block_that_runs_next_forward_and_in_the_recomput
     assert seen == [(0, [1]), (1, [2]), (2, []), (2, [1]), (1, [0]), (0, [])]
     assert copies == [0, 1, 2, 2, 1, 0]
     assert not streamer.in_flight
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op, but the copies that stream weights in, that reads a tensor stored in one of
+    ``storages`` (untyped-storage data pointers)."""
+
+    COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
+
+    def __init__(self, storages: set[int]) -> None:
+        super().__init__()
+        self.storages = storages
+        self.ops: list[object] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        if func not in self.COPIES and any(t.untyped_storage().data_ptr() in self.storages for t in tensors):
+            self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_offload_backward_uses_the_streamed_copies_and_every_block_ends_on_its_host_copies(device):
+    """Offloading 2 of 3 checkpointed blocks of a LoRA model, one forward + backward:
+    - no op of the backward reads a host copy (autograd keeps the very weight tensors a recomputed
+      block computed with, e.g. its norms' weights: on a GPU a host tensor there fails);
+    - afterwards the offloaded blocks' modules hold their host copies again, on the CPU (the recompute
+      runs whole blocks, so no streamed copy outlives its block's backward) and nothing is in flight;
+    - the gradients (input and LoRA) are those of the same model without offload (bit-equal on the CPU)."""
+    device = torch.device(device)
+    reference, family = checkpointed_lora_wan(num_layers=3)
+    transformer, _ = checkpointed_lora_wan(num_layers=3)
+    reference.to(device)
+    streamer = offload_blocks(transformer, family, 2, device)
+    hosted = [[param.data_ptr() for param in params] for params in streamer.params]
+    inputs = {
+        name: value.to(device) if isinstance(value, torch.Tensor) else value
+        for name, value in tiny_inputs("wan", transformer).items()
+    }
+    gradients = []
+    for model, reads in ((reference, None), (transformer, HostReads({p for ps in hosted for p in ps}))):
+        latents = inputs["hidden_states"].clone().requires_grad_(True)
+        loss = model(**{**inputs, "hidden_states": latents})[0].square().mean()
+        if reads is None:
+            loss.backward()
+        else:
+            with reads:
+                loss.backward()
+            assert not reads.ops, reads.ops
+        lora = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        gradients.append({"hidden_states": latents.grad, **lora})
+    for index, block in enumerate(family.blocks(transformer)[:2]):
+        frozen = [p for p in block.parameters() if not p.requires_grad]
+        assert [p.data_ptr() for p in frozen] == hosted[index], index
+        assert all(p.device.type == "cpu" for p in frozen), index
+    assert not streamer.in_flight
+    expected, got = gradients
+    assert expected.keys() == got.keys() and len(expected) > 1
+    exact = device.type == "cpu"
+    for name in expected:
+        torch.testing.assert_close(
+            got[name], expected[name], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-7, msg=name
+        )
+
+
+def test_validation_leaves_an_offloaded_transformer_in_place_and_writes_the_same_clip(
+    world, tmp_path, monkeypatch
+):
+    """Validation during a run with model.offload_blocks (both blocks of the tiny Wan offloaded): the
+    pipeline moves its other components but never the transformer (a pipeline's ``.to`` would move
+    every hosted block to the GPU at once; on the CPU such a move changes no storage, so a spy on the
+    transformer's ``_apply``, which every ``.to`` goes through, sees it); the blocks stream in as they
+    run, end on their host copies, and the clip is bitwise the one of the same weights not offloaded."""
+    config = load_config(world)
+    transformer_dir = world.parent / "pipe" / "transformer"
+    plain = diffusers.WanTransformer3DModel.from_pretrained(transformer_dir).requires_grad_(False)
+    family = detect_family(plain)
+    expected = run_validation(config, family, plain, tmp_path / "plain", step=1)
+
+    offloaded = diffusers.WanTransformer3DModel.from_pretrained(transformer_dir).requires_grad_(False)
+    streamer = offload_blocks(offloaded, family, 2, torch.device("cpu"))
+    hosted = [[param.data_ptr() for param in params] for params in streamer.params]
+    assert all(hosted)
+    moves, streamed = [], []
+    apply, prefetch = offloaded._apply, streamer.prefetch
+    monkeypatch.setattr(
+        offloaded, "_apply", lambda *args, **kwargs: moves.append(args) or apply(*args, **kwargs)
+    )
+    monkeypatch.setattr(streamer, "prefetch", lambda index: streamed.append(index) or prefetch(index))
+    got = run_validation(config, family, offloaded, tmp_path / "offloaded", step=1)
+
+    assert not moves
+    assert {0, 1} <= set(streamed)
+    for index, block in enumerate(family.blocks(offloaded)):
+        assert [p.data_ptr() for p in block.parameters()] == hosted[index], index
+    assert not streamer.in_flight
+    digests = [
+        [json.loads(line)["frames_sha256"] for line in (path / SAMPLES_FILE).read_text().splitlines()]
+        for path in (expected, got)
+    ]
+    assert digests[0] == digests[1] and len(digests[0]) == 1
+    assert (got / "prompt-0.mp4").stat().st_size > 0

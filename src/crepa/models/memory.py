@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from diffusers.hooks import apply_layerwise_casting
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from crepa.models.registry import ModelFamily
 
@@ -42,11 +42,17 @@ def _checkpoint_chosen(
     grad) until backward, e.g. the CPU; they are copied back to their device when the block runs.
     Both copies are non-blocking (a GPU tensor copied to the CPU that way lands in pinned memory):
     they queue on the compute stream, in order with the kernels that make and use the inputs, and the
-    host never waits for them (nothing on the host reads the copies)."""
+    host never waits for them (nothing on the host reads the copies).
+
+    The recompute runs whole blocks (early stop off): by default it stops once it has recomputed the
+    last tensor backward needs, skipping the block's tail, and with it the block's forward hooks,
+    which block offload relies on (:meth:`BlockStreamer.leave` puts the hosted weights back in the
+    block's modules; skipped, every offloaded block's device copy would stay until the next step)."""
     if id(block) not in chosen:
         return block(*args, **kwargs)
     if inputs_to is None:
-        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        with set_checkpoint_early_stop(False):  # read when the forward runs, kept for its recompute
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
     devices = [arg.device if isinstance(arg, torch.Tensor) else None for arg in args]
     kept = [
         arg.to(inputs_to, non_blocking=True) if isinstance(arg, torch.Tensor) and arg.requires_grad else arg
@@ -60,7 +66,8 @@ def _checkpoint_chosen(
         ]
         return block(*moved, **kwargs)
 
-    return checkpoint(run, *kept, use_reentrant=False)
+    with set_checkpoint_early_stop(False):
+        return checkpoint(run, *kept, use_reentrant=False)
 
 
 def set_gradient_checkpointing(
@@ -101,7 +108,9 @@ def offload_blocks(
     """Keep the frozen weights of the first ``count`` blocks in (pinned) CPU memory and stream each
     block's in when it runs (:class:`BlockStreamer`); everything else (trainables such as LoRA
     included) moves to ``device``. Offloaded blocks must be checkpointed: autograd keeps the weights a
-    block used until its backward, and only a recomputed block lets them go.
+    block used until its backward, and only a recomputed block lets them go. The transformer keeps
+    the streamer (:func:`block_streamer`): what moves models, e.g. a pipeline's ``.to``, must leave it
+    alone, or every hosted block would be copied to ``device`` at once.
 
     Written here rather than with diffusers' group offloading, which is built for inference: it moves
     every parameter of a block, LoRA too (whose gradients then arrive on the GPU for a parameter on the
@@ -109,24 +118,38 @@ def offload_blocks(
     host after each block, and its prefetch follows the forward order only, while a training step
     also recomputes the blocks in reverse."""
     blocks = family.blocks(transformer)[:count]
-    frozen = [[p for p in block.parameters() if not p.requires_grad] for block in blocks]
-    hosted = {id(p) for params in frozen for p in params}
+    streamer = BlockStreamer(blocks, device)
+    hosted = {id(p) for params in streamer.params for p in params}
     for param in transformer.parameters():
         if id(param) not in hosted:
             param.data = param.data.to(device)
     for module in transformer.modules():
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)
-    streamer = BlockStreamer(frozen, device)
     for index, block in enumerate(blocks):
         block.register_forward_pre_hook(partial(streamer.enter, index))
         block.register_forward_hook(partial(streamer.leave, index))
+    setattr(transformer, _STREAMER, streamer)
     return streamer
 
 
+_STREAMER = "crepa_block_streamer"
+
+
+def block_streamer(transformer: nn.Module) -> BlockStreamer | None:
+    """The streamer :func:`offload_blocks` placed ``transformer`` with; None if it was not offloaded."""
+    return getattr(transformer, _STREAMER, None)
+
+
 class BlockStreamer:
-    """The frozen weights of the offloaded blocks: host copies (pinned when ``device`` is a GPU) that
-    stream to ``device`` one block ahead of the block that runs.
+    """The frozen weights of the offloaded blocks (``params``: their parameters, stored on the CPU,
+    pinned when ``device`` is a GPU) and their copies that stream to ``device`` one block ahead of
+    the block that runs.
+
+    While a block runs, its modules hold parameters wrapping the device copies in place of the hosted
+    ones (whose storage never changes). Swapped, not pointed elsewhere with ``param.data``: autograd
+    keeps some weights a block used (a norm's, a scale's) as the very parameter tensor, and a recomputed
+    block's must still be the device copies when its backward runs after the block has left.
 
     While block i runs, the copy of the block that runs next goes on a side stream: i + 1 in a forward
     pass, i - 1 in the backward's recompute (which visits the checkpointed blocks in reverse). The
@@ -135,34 +158,48 @@ class BlockStreamer:
     two, :func:`crepa.plan.memory.estimate`). On the CPU there is no stream: copies are made when
     needed."""
 
-    def __init__(self, params: list[list[nn.Parameter]], device: torch.device) -> None:
+    def __init__(self, blocks: list[nn.Module], device: torch.device) -> None:
         pin = device.type == "cuda"
-        self.params = params
-        self.host = [
-            [p.data.to("cpu").pin_memory() if pin else p.data.to("cpu") for p in ps] for ps in params
+        # per block: (module, name) of each frozen parameter, in the order of block.parameters()
+        self.slots = [
+            [
+                (module, name)
+                for module in block.modules()
+                for name, param in module.named_parameters(recurse=False)
+                if not param.requires_grad
+            ]
+            for block in blocks
         ]
-        for block_params, stored in zip(params, self.host, strict=True):
-            for param, host in zip(block_params, stored, strict=True):
-                param.data = host
+        self.params: list[list[nn.Parameter]] = [
+            [getattr(module, name) for module, name in slots] for slots in self.slots
+        ]
+        for param in (p for params in self.params for p in params):
+            param.data = param.data.to("cpu").pin_memory() if pin else param.data.to("cpu")
         self.device = device
         self.copy_stream = torch.cuda.Stream(device) if pin else None
         # block index -> its weights on the device and the event their copy records
-        self.in_flight: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        self.in_flight: dict[int, tuple[list[nn.Parameter], torch.cuda.Event | None]] = {}
+
+    def _copies(self, index: int) -> list[nn.Parameter]:
+        """Block ``index``'s weights copied to the device (a real copy on the CPU too)."""
+        return [
+            nn.Parameter(p.to(self.device, non_blocking=True, copy=True), requires_grad=False)
+            for p in self.params[index]
+        ]
 
     def prefetch(self, index: int) -> None:
         """Start copying block ``index``'s weights to the device (on the side stream), unless under way."""
-        if index in self.in_flight or not 0 <= index < len(self.host):
+        if index in self.in_flight or not 0 <= index < len(self.params):
             return
         if self.copy_stream is None:
-            self.in_flight[index] = ([h.to(self.device) for h in self.host[index]], None)
+            self.in_flight[index] = (self._copies(index), None)
             return
         with torch.cuda.stream(self.copy_stream):
-            copies = [h.to(self.device, non_blocking=True) for h in self.host[index]]
-            self.in_flight[index] = (copies, self.copy_stream.record_event())
+            self.in_flight[index] = (self._copies(index), self.copy_stream.record_event())
 
     def enter(self, index: int, *_: object) -> None:
-        """Block pre-hook: its weights onto the device (waited for on the compute stream); next block's
-        copy started."""
+        """Block pre-hook: its weights onto the device (waited for on the compute stream) and into its
+        modules; next block's copy started."""
         self.prefetch(index)
         copies, copied = self.in_flight.pop(index)
         if copied is not None:
@@ -170,18 +207,18 @@ class BlockStreamer:
             compute.wait_event(copied)
             for copy in copies:  # made on the side stream, used and freed on this one
                 copy.record_stream(compute)
-        for param, copy in zip(self.params[index], copies, strict=True):
-            param.data = copy
+        for (module, name), copy in zip(self.slots[index], copies, strict=True):
+            setattr(module, name, copy)
         # The autograd engine runs a graph task only during backward: there, the checkpointed blocks
         # recompute from the last one down. (torch.utils.checkpoint asks the same private function.)
         in_backward = torch._C._current_graph_task_id() != -1
         self.prefetch(index - 1 if in_backward else index + 1)
 
     def leave(self, index: int, *_: object) -> None:
-        """Block post-hook: the parameters point at the host copies again; the device copies live on
+        """Block post-hook: its modules hold the hosted parameters again; the device copies live on
         only while autograd keeps them for the block's backward."""
-        for param, host in zip(self.params[index], self.host[index], strict=True):
-            param.data = host
+        for (module, name), param in zip(self.slots[index], self.params[index], strict=True):
+            setattr(module, name, param)
 
 
 BasePrecision = Literal["bf16", "fp8"]
