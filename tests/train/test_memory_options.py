@@ -91,6 +91,13 @@ def test_block_offload_trains_bit_equal(world):
     assert_equal_tensors(trained_lora(world, "offload-two", "model.offload_blocks=2"), reference)
 
 
+def test_block_offload_over_fp8_weights_trains_bit_equal(world):
+    """Offloaded blocks stream their fp8-stored weights; layerwise casting casts the streamed copies."""
+    reference = trained_lora(world, "fp8-offload-none", 'model.base_precision="fp8"')
+    offloaded = trained_lora(world, "fp8-offload-two", 'model.base_precision="fp8"', "model.offload_blocks=2")
+    assert_equal_tensors(offloaded, reference)
+
+
 def round_block_weights_to_fp8(transformer_dir: Path) -> None:
     """Rewrite the saved transformer with its block Linear weights and biases passed through fp8 (e4m3)."""
     transformer = diffusers.WanTransformer3DModel.from_pretrained(transformer_dir)
@@ -210,9 +217,13 @@ def test_memory_options_train_on_cuda(world):
         for key in reference:
             difference = (lora[key] - reference[key]).norm() / reference[key].norm().clamp_min(1e-12)
             assert difference < 1e-2, (name, key, float(difference))
-    trained_lora(world, "cuda-fp8", 'model.base_precision="fp8"')
+    fp8 = trained_lora(world, "cuda-fp8", 'model.base_precision="fp8"')
     first = {name: losses(world.parent / name)[0] for name in ("cuda-fp8", "cuda-reference")}
     assert abs(first["cuda-fp8"] / first["cuda-reference"] - 1) < 0.05, first
+    streamed = trained_lora(world, "cuda-fp8-offload", 'model.base_precision="fp8"', "model.offload_blocks=2")
+    for key in fp8:  # fp8 weights streamed from pinned memory: as fp8 on the GPU
+        difference = (streamed[key] - fp8[key]).norm() / fp8[key].norm().clamp_min(1e-12)
+        assert difference < 1e-2, (key, float(difference))
 
 
 def checkpointed_lora_wan(num_layers: int) -> tuple[nn.Module, ModelFamily]:
