@@ -62,8 +62,7 @@ def assert_equal_tensors(first: dict[str, torch.Tensor], second: dict[str, torch
 
 def test_partial_checkpointing_recomputes_exactly_the_first_n_blocks():
     """One forward + backward of the tiny Wan transformer (2 blocks) with N = 1: block 0's forward runs
-    twice (forward, then recomputed in backward), block 1's once. (Module hooks do not fire in the
-    recompute, so the count wraps ``forward``.)"""
+    twice (forward, then recomputed in backward), block 1's once (counted around ``forward``)."""
     transformer = tiny_transformer("wan")
     family = detect_family(transformer)
     transformer.requires_grad_(True)
