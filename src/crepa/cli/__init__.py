@@ -7,7 +7,9 @@ new command is a new file and nothing else changes.
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
+import warnings
 
 import typer
 
@@ -17,6 +19,15 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+)
+
+# bitsandbytes, which diffusers and peft import whenever it is installed, says at import, on a CPU with
+# AVX512-BF16 and without the `kernels` package, that its CPU 4-bit kernel is missing, and its
+# torch.compile at import reaches a deprecated torch.jit call: neither concerns crepa (it runs only the
+# 8-bit AdamW, on CUDA), and without these filters they were the first lines of every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script_method` is deprecated", category=DeprecationWarning
 )
 
 
