@@ -30,17 +30,24 @@ def _forbidden(*args, **kwargs) -> int:
 def _as_cuda_build(query):
     """torch's own query, run as a CUDA build runs it, whose ``cudaGetDeviceCount`` raises (only for
     the query: the rest of this CPU build's imports keep their CPU code paths; torch takes the
-    presence of that binding as "compiled with CUDA")."""
+    presence of that binding as "compiled with CUDA"). A CUDA build keeps its own binding in a main
+    process (diffusers' import asks it, through ``torch.accelerator``), but a worker counts one device
+    even where none is visible (no GPU, or CUDA_VISIBLE_DEVICES="" as in the default suite)."""
 
     @functools.wraps(query)
     def run(*args, **kwargs):
-        if hasattr(torch._C, "_cuda_getDeviceCount"):  # called from within another query
+        own = getattr(torch._C, "_cuda_getDeviceCount", None)
+        in_worker = multiprocessing.current_process().name != "MainProcess"
+        if own is _forbidden or (own is not None and not in_worker):  # nested, or a CUDA build's main
             return query(*args, **kwargs)
         torch._C._cuda_getDeviceCount = _forbidden
         try:
             return query(*args, **kwargs)
         finally:
-            del torch._C._cuda_getDeviceCount
+            if own is None:
+                del torch._C._cuda_getDeviceCount
+            else:
+                torch._C._cuda_getDeviceCount = own
 
     return run
 
