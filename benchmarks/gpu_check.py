@@ -120,7 +120,19 @@ def main() -> int:
     chosen = [name for name in args.checks.split(",") if name]
     if "fit" in chosen:
         chosen = [name for name in chosen if name != "fit"] + list(FITS)
-    demo_out = Path(tempfile.mkdtemp(prefix="crepa-gpu-demo-")) / "demo"  # not under --logs either
+    # the demo's folder and the installed wheels: not under --logs (logs travel back), removed at the end
+    scratch = Path(tempfile.mkdtemp(prefix="crepa-gpu-check-"))
+    try:
+        return run_checks(parser, args, chosen, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_checks(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, chosen: list[str], scratch: Path
+) -> int:
+    """Run the ``chosen`` checks, the demo and the wheels in ``scratch``; print the summary."""
+    demo_out = scratch / "demo"
     known = commands(sys.executable, demo_out, args.workers)
     if unknown := set(chosen) - set(known):
         parser.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(known)}")
@@ -131,7 +143,7 @@ def main() -> int:
             parser.error(
                 f"--wheels {args.wheels}: no wheels there: `make gpu-wheels` fills it, and the copy of the repo must bring it along"
             )
-        site = Path(tempfile.mkdtemp(prefix="crepa-site-"))  # not under --logs: logs travel back
+        site = scratch / "site"
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
              "--upgrade", "--target", str(site), *map(str, wheels)],
@@ -148,7 +160,7 @@ def main() -> int:
             outcomes += wait_all(running, args.logs)
     if (demo_out / "report.md").exists():
         shutil.copyfile(demo_out / "report.md", args.logs / "demo-report.md")
-        print(f"demo: {demo_out} (report.md copied to {args.logs / 'demo-report.md'})")
+        print(f"demo: report.md copied to {args.logs / 'demo-report.md'}")
     print("\n== gpu-check summary")
     for outcome in outcomes:
         verdict = (

@@ -168,6 +168,12 @@ def load_pipeline(
     ``components`` replace pipeline parts (e.g. a VAE class diffusers cannot import by name).
     """
     parameter = next(transformer.parameters())
+    streamer = block_streamer(transformer)
+    if offload and streamer is not None:
+        raise ValueError(
+            "offload: this transformer streams its blocks already (model.offload_blocks); diffusers' "
+            "CPU offload would move every hosted block to the GPU at once (drop offload)"
+        )
     pipeline_class = getattr(diffusers, family.pipeline_class)
     with hub_access(model.pretrained, "model.pretrained"):
         pipeline = pipeline_class.from_pretrained(
@@ -177,7 +183,6 @@ def load_pipeline(
             **{_DTYPE_KWARG: parameter.dtype},
             **components,
         )
-    streamer = block_streamer(transformer)
     if device is None:
         device = streamer.device if streamer is not None else parameter.device
     device = torch.device(device)

@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crepa.config import ConfigError, LoraSection, load_config
-from crepa.generation import SAMPLES_FILE
+from crepa.generation import SAMPLES_FILE, load_pipeline
 from crepa.models.memory import offload_blocks, set_gradient_checkpointing
 from crepa.models.registry import ModelFamily, detect_family
 from crepa.models.tiny import tiny_inputs, tiny_transformer
@@ -386,3 +386,17 @@ def test_validation_leaves_an_offloaded_transformer_in_place_and_writes_the_same
     ]
     assert digests[0] == digests[1] and len(digests[0]) == 1
     assert (got / "prompt-0.mp4").stat().st_size > 0
+
+
+def test_cpu_offload_of_a_pipeline_around_an_offloaded_transformer_is_refused_before_loading(world):
+    """diffusers' model CPU offload moves the whole transformer to the GPU while it runs, hosted blocks
+    and all: with model.offload_blocks that is refused, naming the option, before the pipeline loads
+    (model.pretrained points nowhere, so loading would fail differently)."""
+    config = load_config(world)
+    transformer_dir = world.parent / "pipe" / "transformer"
+    offloaded = diffusers.WanTransformer3DModel.from_pretrained(transformer_dir).requires_grad_(False)
+    family = detect_family(offloaded)
+    offload_blocks(offloaded, family, 1, torch.device("cpu"))
+    model = config.model.model_copy(update={"pretrained": str(world.parent / "missing")})
+    with pytest.raises(ValueError, match=r"offload: .*model\.offload_blocks.*drop offload"):
+        load_pipeline(model, family, offloaded, device="cuda", offload=True)
