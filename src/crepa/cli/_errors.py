@@ -2,7 +2,8 @@
 for a problem the user can fix.
 
 exit 0 finished; 2 run-file / input problem (nothing was started); 1 failure during the work (the
-message says what was kept); 130 / 143 stopped by SIGINT / SIGTERM after saving what was done.
+message says what was kept); 130 / 143 stopped by SIGINT / SIGTERM after saving what was done; 3
+``crepa plan`` answered that no memory setting fits (an answer, not a failure: scripts can tell it apart).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.console import Console
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_DOES_NOT_FIT = 3
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 DISK_ERRNOS = {
     errno.ENOSPC: "no space left on the device",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING
 
 import typer
@@ -10,16 +11,20 @@ from rich.table import Table
 
 from crepa.cli import app
 from crepa.cli._components import import_component_modules
-from crepa.cli._errors import EXIT_FAILURE, command_errors, fail
+from crepa.cli._errors import EXIT_DOES_NOT_FIT, command_errors, fail
 
 if TYPE_CHECKING:
     from crepa.plan.memory import Estimate
 
 SHOWN = 12
+# Where the GPU factor and the step rate come from, for the user to read.
+MEASURED = 'docs/benchmarks.md, "Memory options and `crepa plan`"'
+FSDP_CONFIG = "examples/accelerate/fsdp.yaml"
 
 
 def _row(estimate: Estimate, depth: int) -> list[str]:
     from crepa.plan.memory import GIB
+    from crepa.plan.planner import ranking_seconds
 
     settings = estimate.settings
     return [
@@ -34,7 +39,19 @@ def _row(estimate: Estimate, depth: int) -> list[str]:
         f"{estimate.activations / GIB:.1f}",
         f"{estimate.step_flops / 1e12:,.0f}",
         f"{estimate.seconds:.2f}",
+        f"{ranking_seconds(estimate):.2f}",
     ]
+
+
+def train_command(config: str, set_lines: list[str], gpus: int) -> str:
+    """The command that trains ``config`` with ``set_lines`` the way the plan assumed: ``crepa train``
+    on one GPU, else FSDP2 over ``gpus`` processes with the shipped accelerate config (README)."""
+    launcher = (
+        "crepa train"
+        if gpus == 1
+        else f"accelerate launch --config_file {FSDP_CONFIG} --num_processes {gpus} -m crepa train"
+    )
+    return " ".join([launcher, shlex.quote(config), *(f"--set {shlex.quote(line)}" for line in set_lines)])
 
 
 @app.command()
@@ -52,7 +69,7 @@ def plan(
     """Predict the peak GPU memory and step time of CONFIG's training step (offline: config only, no
     weights) and print the fastest memory settings that fit, as --set lines for `crepa train`."""
     from crepa.config import load_config
-    from crepa.plan.memory import CUDA_ACTIVATION_FACTOR, GIB
+    from crepa.plan.memory import ACHIEVED_FLOPS, CUDA_ACTIVATION_FACTOR, GIB
     from crepa.plan.planner import HEADROOM_BYTES, OPTION_PENALTY, parse_memory, plan_run, published_table
 
     import_component_modules()
@@ -87,7 +104,8 @@ def plan(
         "weights GiB",
         "activ. GiB",
         "TFLOP",
-        "s/step*",
+        "predicted s/step*",
+        "ranked s/step",
     ]
     current = Table(*columns, title="the run file's settings")
     current.add_row(*_row(result.current, depth))
@@ -101,20 +119,22 @@ def plan(
             f"no setting fits {budget / GIB:.1f} GiB; the smallest needs {smallest.gpu_peak / GIB:.1f} GiB "
             f"({', '.join(smallest.settings.set_lines(depth))}). Lower train.batch_size, data.num_frames or "
             "data.resolutions, or shard over more GPUs (--gpus)",
-            EXIT_FAILURE,
+            EXIT_DOES_NOT_FIT,
         )
     table = Table(
         *columns,
-        title=f"fitting settings, fastest first, each memory option in use (fp8, 8-bit moments, offload) "
-        f"counted {OPTION_PENALTY:.0%} slower ({len(fitting)}, {min(SHOWN, len(fitting))} shown)",
+        title=f"fitting settings by ranked s/step, fastest first: s/step + {OPTION_PENALTY:.0%} per memory "
+        f"option in use (fp8, 8-bit moments, offload) ({len(fitting)}, {min(SHOWN, len(fitting))} shown)",
     )
     for estimate in fitting[:SHOWN]:
         table.add_row(*_row(estimate, depth))
     console.print(table)
     console.print(
         "GPU peak: the traced peak (CPU autocast) with activations x "
-        f"{CUDA_ACTIVATION_FACTOR:.2f} for CUDA autocast's fp32 ops (SPEC §7); "
-        "* step time at the H200 rate of SPEC §7 (341 TFLOP/s): compare settings, not cards."
+        f"{CUDA_ACTIVATION_FACTOR:.2f} for CUDA autocast's fp32 ops, as measured on an H200 (CogVideoX-5B "
+        f"LoRA step: 9.71 GiB above the weights); * predicted step time at the {ACHIEVED_FLOPS / 1e12:.0f} "
+        f"TFLOP/s that step reached there: compare settings, not cards. Both: {MEASURED}.",
+        highlight=False,
     )
-    fastest = " ".join(f"--set '{line}'" for line in fitting[0].settings.set_lines(depth))
-    console.print(f"fastest that fits:\n  crepa train {config} {fastest}", highlight=False, soft_wrap=True)
+    fastest = train_command(config, fitting[0].settings.set_lines(depth), gpus)
+    console.print(f"fastest that fits:\n  {fastest}", highlight=False, soft_wrap=True)

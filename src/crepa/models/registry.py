@@ -39,7 +39,8 @@ class ModelFamily:
     layout: how the forward's ``hidden_states`` carries the latents (B, C, F, H, W): "BCFHW",
     "BFCHW", or "packed" (B, F*H*W, C*p_t*p*p) with ``num_frames`` / ``height`` / ``width`` (latent
     sizes) passed alongside.
-    temporal_ratio, spatial_ratio, latent_channels: the VAE's compression and latent width.
+    temporal_ratio, spatial_ratio: the VAE's compression (the latent width is the transformer's:
+    :func:`latent_channels`).
     causal_vae: True when 1 + r*m pixel frames give 1 + m latent frames (latent 0 = pixel frame 0);
     False when T frames give T / r latent frames (latent f = pixel frames r*f .. r*f + r - 1).
     objective, timestep_scale: the training objective (see :data:`Objective`).
@@ -56,7 +57,6 @@ class ModelFamily:
     layout: Layout
     temporal_ratio: int
     spatial_ratio: int
-    latent_channels: int
     default_block_index: int
     objective: Objective
     pipeline_class: str
@@ -156,12 +156,11 @@ def _family(
     **fields: Any,
 ) -> ModelFamily:
     """A row from the common case, ``fields`` overriding it: latents (B, C, F, H, W) of a causal
-    16-channel 4x8 VAE, block 8 aligned, flow matching, LoRA on the attention projections of the blocks."""
+    4x8 VAE, block 8 aligned, flow matching, LoRA on the attention projections of the blocks."""
     common: dict[str, Any] = {
         "layout": "BCFHW",
         "temporal_ratio": 4,
         "spatial_ratio": 8,
-        "latent_channels": 16,
         "default_block_index": 8,
         "objective": "flow_matching",
         "lora_target_regex": _anchored(*block_lists),
@@ -244,7 +243,6 @@ FAMILIES: dict[str, ModelFamily] = {
             _WAN,
             name="wan2_2_ti2v",
             spatial_ratio=16,
-            latent_channels=48,
             config_match=(("out_channels", 48),),
         ),
         replace(
@@ -261,7 +259,6 @@ FAMILIES: dict[str, ModelFamily] = {
             layout="packed",
             temporal_ratio=8,
             spatial_ratio=32,
-            latent_channels=128,
         ),
         _family(
             "mochi",
@@ -269,7 +266,6 @@ FAMILIES: dict[str, ModelFamily] = {
             "MochiPipeline",
             "AutoencoderKLMochi",
             temporal_ratio=6,
-            latent_channels=12,
             objective="flow_matching_reversed",
         ),
         _COSMOS,
@@ -292,7 +288,6 @@ FAMILIES: dict[str, ModelFamily] = {
             "AllegroTransformer3DModel",
             "AllegroPipeline",
             "AutoencoderKLAllegro",
-            latent_channels=4,
             causal_vae=False,
             objective="epsilon",
         ),
@@ -316,6 +311,13 @@ def family_of(class_name: str, config: Mapping[str, Any]) -> ModelFamily:
             f"{class_name}'s config matches no crepa family ({expected}); add a ModelFamily entry for it"
         )
     return max(matching, key=lambda family: len(family.config_match))
+
+
+def latent_channels(config: Mapping[str, Any]) -> int:
+    """Channels C of the latents a transformer (its config) denoises: the ``out_channels`` it predicts,
+    ``in_channels`` where that is unset. Not ``in_channels`` alone: image-to-video transformers take the
+    conditioning concatenated on the channels (CogVideoX-I2V 32 = 2 x 16)."""
+    return int(config.get("out_channels") or config["in_channels"])
 
 
 def detect_family(transformer: nn.Module) -> ModelFamily:

@@ -44,13 +44,14 @@ from crepa.plan.trace import (
 GIB = 2**30
 OptimizerName = Literal["adamw", "adamw8bit"]
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # state bytes per trainable parameter (two moments)
-# Step-time constants (one H200, SPEC §7): 341 TFLOP/s of work done by the CogVideoX-5B LoRA step,
-# host-to-device copies from pinned memory, and HBM bandwidth for fp8 -> bf16 casts.
+# Step-time constants (one H200; docs/benchmarks.md, "Memory options and `crepa plan`"): 341 TFLOP/s
+# of work done by the CogVideoX-5B LoRA step, host-to-device copies from pinned memory, and HBM
+# bandwidth for fp8 -> bf16 casts.
 ACHIEVED_FLOPS = 341e12
 PCIE_BYTES_PER_S = 25e9
 HBM_BYTES_PER_S = 4.0e12
 # CUDA autocast runs layer norms (and a few other ops) in fp32, which CPU autocast, and so the fake-tensor
-# trace, does not: the one GPU measurement (SPEC §7, CogVideoX-5B LoRA, every block checkpointed)
+# trace, does not: the one GPU measurement (H200, CogVideoX-5B LoRA, every block checkpointed)
 # kept 8.97 GiB of activations and gradients where the trace counts 6.75 GiB. Fits on a GPU are judged
 # with the activations scaled by that ratio.
 CUDA_ACTIVATION_FACTOR = 8.97 / 6.75

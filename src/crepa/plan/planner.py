@@ -19,7 +19,8 @@ from crepa.config import AlignmentSection, ConfigError, RunConfig
 from crepa.models.hub import HubUnreachableError, hub_access
 from crepa.models.memory import checkpointed_count
 from crepa.models.pipelines import text_length
-from crepa.models.registry import FAMILIES, ModelFamily
+from crepa.models.registry import ModelFamily, get_family, latent_channels
+from crepa.models.registry import family_of as registry_family
 from crepa.models.support import VARIANTS
 from crepa.plan.memory import (
     GIB,
@@ -61,12 +62,20 @@ def ranking_seconds(estimate: Estimate) -> float:
 
 
 def parse_memory(text: str) -> int:
-    """``"24GiB"`` / ``"80GB"`` / ``"48"`` (GiB) -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*(GiB|GB|G|MiB|MB)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        raise ConfigError(f"--gpu-memory {text!r}: expected a size such as 24GiB, 80GB or 48")
-    value, unit = float(match.group(1)), (match.group(2) or "GiB").lower()
-    return int(value * {"gib": GIB, "g": GIB, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit])
+    """``"24GiB"`` / ``"80GB"`` / ``"48"`` (GiB) / ``"0.5GiB"`` -> bytes, above zero."""
+    match = re.fullmatch(
+        r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(GiB|GB|G|MiB|MB)?\s*", text, flags=re.IGNORECASE
+    )
+    size = 0
+    if match:
+        value, unit = float(match.group(1)), (match.group(2) or "GiB").lower()
+        size = int(value * {"gib": GIB, "g": GIB, "gb": 1e9, "mib": 2**20, "mb": 1e6}[unit])
+    if size <= 0:
+        raise ConfigError(
+            f"--gpu-memory {text!r}: expected a size above zero, a number with an optional unit (GiB, GB, "
+            "MiB or MB; GiB when none), e.g. 24GiB, 80GB or 48"
+        )
+    return size
 
 
 def transformer_source(config: RunConfig) -> tuple[str, dict[str, Any]]:
@@ -98,11 +107,19 @@ def transformer_source(config: RunConfig) -> tuple[str, dict[str, Any]]:
 
 
 def family_of(class_name: str, transformer_config: dict[str, Any], name: str | None = None) -> ModelFamily:
-    """The registry family ``name``, else the most specific one matching the class and config."""
-    if name:
-        return FAMILIES[name]
-    matching = [f for f in FAMILIES.values() if f.matches(class_name, transformer_config)]
-    return max(matching, key=lambda family: len(family.config_match))
+    """The registry family ``name`` (``model.family``), else the most specific one matching the class
+    and config; a :class:`ConfigError` naming the key when there is none or ``name`` is of another class."""
+    key = "model.family" if name else "model.pretrained"
+    try:
+        family = get_family(name) if name else registry_family(class_name, transformer_config)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    if class_name not in family.class_names:
+        raise ConfigError(
+            f"model.family: {name!r} is a family of {', '.join(family.class_names)}, but model.pretrained's "
+            f"transformer is a {class_name}; drop model.family or name a family of that class"
+        )
+    return family
 
 
 def latent_shape(
@@ -120,7 +137,7 @@ def latent_shape(
     latent_frames += -latent_frames % (transformer_config.get("patch_size_t") or 1)  # the pipeline pads
     return (
         batch,
-        family.latent_channels,
+        latent_channels(transformer_config),
         latent_frames,
         height // family.spatial_ratio,
         width // family.spatial_ratio,
@@ -237,7 +254,15 @@ def plan_workload(
 def plan_run(config: RunConfig, budget: int, gpus: int = 1) -> Plan:
     """Profile the run's model and estimate its own settings and every candidate."""
     workload = workload_of(config)
-    profile = profile_model(workload)
+    try:
+        profile = profile_model(workload)
+    except (RuntimeError, ValueError) as error:  # the model refuses the step the run file describes
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise ConfigError(
+            f"model.pretrained: {workload.class_name} of {config.model.pretrained!r} cannot take a training "
+            f"step on latents {workload.latent_shape} (B, C, F, H, W) of the run's largest bucket: {reason}. "
+            "Check its transformer config.json against model.family, data.resolutions and data.num_frames"
+        ) from error
     return plan_workload(workload, profile, run_settings(config, profile.depth), budget, gpus)
 
 

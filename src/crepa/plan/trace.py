@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from crepa.config import LoraSection
 from crepa.models.conditioning import text_width, transformer_inputs
 from crepa.models.memory import set_gradient_checkpointing, store_in_fp8
-from crepa.models.registry import ModelFamily, detect_family
+from crepa.models.registry import ModelFamily, detect_family, latent_channels
 from crepa.regularizer import CrepaConfig, CrepaRegularizer
 from crepa.repvideo import install_repvideo
 
@@ -180,7 +180,7 @@ def fake_step_inputs(
         image: dict[str, torch.Tensor] = {}
         if family.name == "cogvideox_i2v":
             image = {
-                "image_latents": torch.empty(batch, family.latent_channels, 1, height, width, dtype=dtype)
+                "image_latents": torch.empty(batch, latent_channels(config), 1, height, width, dtype=dtype)
             }
         elif family.name == "wan_i2v":
             image = {"condition_latents": torch.empty(latent_shape, dtype=dtype)}
