@@ -288,7 +288,7 @@ def test_crepa_plan_of_a_local_pipeline_with_its_own_latent_channels(tiny_world)
 
     with pytest.raises(ConfigError, match=r"model.family: 'wan' is a family of WanTransformer3DModel"):
         plan_run(load_config(run, ["model.family=wan"]), 80 * GIB)
-    # learned positional embeddings only take the sample size of the config (2 x 2 here, 4 x 4 asked)
+    # a config diffusers refuses: learned positional embeddings without rotary ones (no CogVideoX has it)
     transformer.write_text(json.dumps({**config, "use_learned_positional_embeddings": True}))
     with pytest.raises(ConfigError, match=r"model.pretrained: .*data.resolutions"):
         plan_run(load_config(run), 80 * GIB)
