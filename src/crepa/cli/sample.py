@@ -58,7 +58,11 @@ def sample(
         None, "--guidance", min=0.0, help="Classifier-free guidance scale."
     ),
     fps: float | None = typer.Option(None, "--fps", min=0.1, help="Frame rate of the written files."),
-    negative_prompt: str | None = typer.Option(None, "--negative-prompt"),
+    negative_prompt: str | None = typer.Option(
+        None,
+        "--negative-prompt",
+        help="Text the clips should not show (used with --guidance above 1); default none.",
+    ),
     batch_size: int = typer.Option(
         1, "--batch-size", min=1, help="Clips per pipeline call; halved when GPU memory runs out."
     ),
@@ -69,7 +73,7 @@ def sample(
     vae_tiling: bool = typer.Option(
         False, "--vae-tiling", help="Decode in tiles: less memory for large clips."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Generate one clip per (prompt, seed) with the run's LoRA and RepVideo gates; mp4 + GIF + contact
     sheet + samples.jsonl (which `crepa eval` reads). Settings default to the run's validation settings."""

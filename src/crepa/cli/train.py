@@ -47,7 +47,7 @@ def train(
         help="'latest' (the newest checkpoint; an error if there is none), 'auto' (the newest, or a fresh "
         "start when there is none) or a checkpoint directory.",
     ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Fine-tune the model of CONFIG (LoRA or full) with the alignment loss; resumable, multi-GPU via accelerate."""
     import torch
@@ -78,7 +78,7 @@ def train(
                 console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
 
             try:
-                summary = run_training(run, resume=resume, progress=not no_progress)
+                summary = run_training(run, resume=resume, progress=progress)
             except TrainingStopped as error:
                 fail(console, "training stopped", f"{error} {state()[1]}", EXIT_FAILURE)
             except torch.OutOfMemoryError as error:
