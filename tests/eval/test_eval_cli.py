@@ -153,7 +153,11 @@ def test_motion_is_always_reported_next_to_consistency_and_runs_compare(folders)
         (["a", "b", "--out", "x"], "add --compare"),
         (["{videos}", "--metrics", "frechet_distance", "--out", "x"], "--reference"),
         (["{videos}", "--metrics", "sharpness", "--out", "x"], "unknown metric"),
-        (["{root}/missing", "--out", "x"], "is not a directory"),
+        (["{root}/missing", "--out", "x"], "VIDEOS_DIR {root}/missing is not a directory"),
+        (
+            ["{videos}", "--reference", "{root}/nofolder", "--out", "x"],
+            "--reference {root}/nofolder is not a directory",
+        ),
         (["{videos}", "--extractor", "flow_magnitude=dino", "--out", "x"], "uses no extractor"),
         (["--compare", "{videos}", "{root}", "--out", "x"], "no metrics.json or layers.json"),
     ],
@@ -162,7 +166,7 @@ def test_bad_invocations_exit_with_a_clear_message(folders, args, message):
     formatted = [arg.format(videos=folders["videos"], root=folders["root"]) for arg in args]
     result = run_eval(*formatted)
     assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
+    assert message.format(root=folders["root"]) in " ".join(result.output.split())
 
 
 def test_report_writes_are_atomic(tmp_path, monkeypatch):

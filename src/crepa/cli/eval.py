@@ -119,14 +119,16 @@ def _evaluate(
     videos_dir = paths[0]
     chosen = resolve_metrics(split_values(metrics) or None, with_reference=reference is not None)
     listing, reference_listing = DataReport(), DataReport()
-    clips = find_clips(videos_dir, listing)
+    clips = find_clips(videos_dir, listing, given_as="VIDEOS_DIR")
     if not clips:
         raise ValueError(
             f"{videos_dir}: no videos (mp4, gif, webm, mov, mkv, avi, ...) or frame folders found"
         )
-    reference_clips = find_clips(reference, reference_listing) if reference is not None else []
+    reference_clips = (
+        find_clips(reference, reference_listing, given_as="--reference") if reference is not None else []
+    )
     if reference is not None and not reference_clips:
-        raise ValueError(f"{reference}: no reference videos or frame folders found")
+        raise ValueError(f"--reference {reference}: no videos or frame folders found")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     extractors = load_extractors(extractor_specs(split_values(extractor), chosen), device, batch_size)
