@@ -125,6 +125,19 @@ def test_resume_latest_without_checkpoint_and_missing_path_are_config_errors(tmp
         ckpt.resolve_resume(tmp_path / "checkpoints", str(tmp_path / "nowhere"))
 
 
+def test_resume_takes_a_checkpoint_name_of_the_run(tmp_path, monkeypatch):
+    """--resume step-000009 (or 9) is the run's checkpoints/step-000009, as --checkpoint of sample /
+    export reads it; a name that is not there lists the ones that are; full paths still work."""
+    root = tmp_path / "run" / "checkpoints"
+    ckpt.write_checkpoint_files(root / "step-000009", {"transformer.w": torch.ones(2)}, {"step": 9}, rank=0)
+    monkeypatch.chdir(tmp_path)  # the working directory holds no step-000009
+    assert ckpt.resolve_resume(root, "step-000009") == root / "step-000009"
+    assert ckpt.resolve_resume(root, "9") == root / "step-000009"
+    assert ckpt.resolve_resume(root, str(root / "step-000009")) == root / "step-000009"
+    with pytest.raises(ConfigError, match=r"step-000003: no such directory.*checkpoints there: step-000009"):
+        ckpt.resolve_resume(root, "step-000003")
+
+
 def test_shape_mismatch_on_resume_names_the_tensor_and_changes_nothing():
     module = torch.nn.Linear(3, 4)
     before = module.weight.detach().clone()

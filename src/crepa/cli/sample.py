@@ -9,6 +9,7 @@ from rich.console import Console
 
 from crepa.cli import app
 from crepa.cli._components import import_component_modules
+from crepa.cli._errors import EXIT_CONFIG, EXIT_FAILURE, fail
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -112,15 +113,15 @@ def sample(
             negative_prompt=negative_prompt,
         )
     except (RunDirectoryError, FileNotFoundError, ValueError, HubUnreachableError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(console, "error", str(error), EXIT_CONFIG)
     except torch.OutOfMemoryError as error:
-        console.print(
-            f"[red]out of memory:[/red] {error}\nTo use less memory: --batch-size 1, --offload, --vae-tiling, "
-            "fewer --frames or a smaller --height / --width.",
-            highlight=False,
+        fail(
+            console,
+            "out of memory",
+            f"{error}\nTo use less memory: --batch-size 1, --offload, --vae-tiling, fewer --frames or a "
+            "smaller --height / --width.",
+            EXIT_FAILURE,
         )
-        raise typer.Exit(1) from None
     clips = len(prompt_list) * len(seed_list)
     where = describe_device(resolve_device(device))
     console.print(
