@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +228,16 @@ def test_crepa_train_twice_keeps_the_first_runs_checkpoints(tmp_path, tiny_world
     assert "holds checkpoints of an earlier run" in message and "--resume latest" in message
     assert "Traceback" not in second.stderr
     assert {path: path.read_bytes() for path in before} == before
+    # resumed by name: the closing line counts this run's steps and time; then nothing is left to do
+    further = ["--set", "train.max_steps=3", "--set", "train.checkpoint_every=1", "--no-progress"]
+    started = time.perf_counter()
+    third = crepa("train", str(run), *further, "--resume", "step-000001")
+    wall = time.perf_counter() - started
+    assert third.returncode == 0, third.stderr[-2000:]
+    done = re.search(r"done: steps 2-3 \(2 this run\) in ([\d.]+)s on cpu", third.stderr)
+    assert done and 0 < float(done.group(1)) < wall, third.stderr[-2000:]
+    fourth = crepa("train", str(run), *further, "--resume", "latest")
+    assert fourth.returncode == 0, fourth.stderr[-2000:]
+    message = " ".join(fourth.stderr.split())
+    assert "nothing to train: the run was already at step 3 (train.max_steps = 3)" in message
+    assert "done:" not in message
