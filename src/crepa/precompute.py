@@ -234,7 +234,6 @@ def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], list
     """Family, transformer config and the sampling of each data source, from configs only (no
     weights); raises :class:`~crepa.config.ConfigError` naming the run-file key."""
     model = config.model
-    _check_local_path("model.pretrained", model.pretrained)
     try:
         with hub_access(model.pretrained, "model.pretrained"):
             family = resolve_family(model.pretrained, model.family, model.revision)
@@ -255,7 +254,6 @@ def check_settings(config: RunConfig) -> tuple[ModelFamily, dict[str, Any], list
 def check_teacher_settings(config: RunConfig) -> None:
     """teacher.name is a supported checkpoint of teacher.kind (read from its config, no weights)."""
     settings = config.teacher
-    _check_local_path("teacher.name", settings.name)
     try:
         with hub_access(settings.name, "teacher.name"):
             detected = detect_teacher_kind(settings.name)
@@ -674,12 +672,6 @@ def _merge(
         seconds=time.perf_counter() - started,
         stage_seconds=stage_seconds,
     )
-
-
-def _check_local_path(key: str, name: str) -> None:
-    """A name written as a path (absolute, or starting with ".") must be an existing directory."""
-    if (Path(name).is_absolute() or name.startswith(".")) and not Path(name).is_dir():
-        raise ConfigError(f"{key}: {name} is not a directory; give a local model directory or a hub id")
 
 
 def read_json(path: Path, default: Any) -> Any:

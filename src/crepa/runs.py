@@ -56,9 +56,19 @@ def checkpoint_dir(run_dir: str | Path, name: str) -> Path:
         name = step_name(int(name))
     path = root / name
     if not (path / CHECKPOINT_TENSORS).is_file():
-        found = ", ".join(p.name for p in checkpoint_dirs(root)) or "none"
-        raise RunDirectoryError(f"checkpoint {name}: not in {root} (checkpoints there: {found})")
+        raise RunDirectoryError(f"checkpoint {name}: not in {root}; {_checkpoint_choice(Path(run_dir))}")
     return path
+
+
+def _checkpoint_choice(run_dir: Path) -> str:
+    """The checkpoints ``run_dir`` offers, or that training has saved none yet."""
+    found = checkpoint_dirs(run_dir / CHECKPOINTS_DIR)
+    if not found:
+        return (
+            f"the run has no checkpoints yet in {run_dir / CHECKPOINTS_DIR} (training saves one every "
+            "train.checkpoint_every steps, at the last step and when stopped by Ctrl-C / SIGTERM)"
+        )
+    return f"checkpoints there: {', '.join(path.name for path in found)}"
 
 
 def _strip_adapter(name: str) -> str:
@@ -67,9 +77,12 @@ def _strip_adapter(name: str) -> str:
 
 
 def _unfinished(run_dir: Path, missing: str) -> RunDirectoryError:
+    choice = _checkpoint_choice(run_dir)
+    if not checkpoint_dirs(run_dir / CHECKPOINTS_DIR):
+        return RunDirectoryError(f"{run_dir}: no {missing}: the run has not finished, and {choice}")
     return RunDirectoryError(
-        f"{run_dir}: no {missing}: the run has not finished; pick a checkpoint (--checkpoint step-XXXXXX) "
-        f"from {run_dir / CHECKPOINTS_DIR}"
+        f"{run_dir}: no {missing}: the run has not finished; give one of its checkpoints with "
+        f"--checkpoint ({choice})"
     )
 
 

@@ -5,11 +5,14 @@ CLI used to import up front for every command (the demo's VAE module) is still t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import typer.main
 
 from crepa.cli import app
 
@@ -75,3 +78,27 @@ def test_a_pipeline_with_the_demo_vae_loads_in_a_command(tiny_world, run_cli):
     done = run_cli("precompute", str(run), "--no-progress", cwd=run.parent)
     assert done.returncode == 0, done.stderr
     assert "4 used, 0 skipped" in done.stderr
+
+
+def test_version_prints_the_installed_version_without_heavy_imports(tmp_path):
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    release = re.search(r'^version = "(.+)"$', pyproject, re.MULTILINE).group(1)
+    result, out = probe(["--version"], tmp_path)
+    assert result == {"code": 0, "heavy": []}
+    assert out.strip() == f"crepa {release}"
+
+
+def test_every_option_has_help_and_progress_is_a_pair():
+    """Each option and argument says what it does in --help; a progress bar is switched the same way
+    (--progress/--no-progress) in every command that has one."""
+    commands = typer.main.get_command(app).commands
+    undocumented = [(name, p.name) for name, c in commands.items() for p in c.params if not p.help]
+    assert undocumented == []
+    progress = {
+        name: (*p.opts, *p.secondary_opts)
+        for name, c in commands.items()
+        for p in c.params
+        if "progress" in p.name
+    }
+    assert {"train", "sample", "eval", "precompute"} <= set(progress)
+    assert set(progress.values()) == {("--progress", "--no-progress")}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import diffusers
@@ -143,6 +144,12 @@ def test_export_writes_gates_and_a_hub_model_card(wan_run, tmp_path):
     assert result.exit_code == 2 and "--overwrite" in result.output
     result = export(wan_run, tmp_path / "x", "--format", "comfyui", "--checkpoint", "step-000009")
     assert result.exit_code == 2 and "step-000001, step-000002" in result.output
+    killed = tmp_path / "killed"  # a run stopped before its first checkpoint
+    killed.mkdir()
+    shutil.copy(wan_run / "run_config.json", killed)
+    result = export(killed, tmp_path / "y", "--format", "comfyui")
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"no checkpoints yet in {killed / 'checkpoints'}" in output, output
 
 
 def test_hunyuanvideo_fused_projections_hold_the_split_loras():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -182,7 +183,26 @@ def test_sample_explains_bad_input(lora_run, tmp_path):
     (tmp_path / "prompts.txt").write_text("a prompt\n")
     (tmp_path / "frames").mkdir()
     cv2.imwrite(str(tmp_path / "frames/first.png"), np.zeros((32, 32, 3), np.uint8))
+    killed, unfinished = tmp_path / "killed", tmp_path / "unfinished"  # stopped before / after a checkpoint
+    for run_dir in (killed, unfinished):
+        run_dir.mkdir()
+        shutil.copy(lora_run / "run_config.json", run_dir)
+    shutil.copytree(lora_run / "checkpoints", unfinished / "checkpoints")
+    no_checkpoint = (
+        f"the run has no checkpoints yet in {killed / 'checkpoints'} (training saves one every "
+        "train.checkpoint_every steps"
+    )
     cases = {
+        f"{killed}: no pytorch_lora_weights.safetensors: the run has not finished, and {no_checkpoint}": [
+            str(killed)
+        ],
+        f"checkpoint step-000001: not in {killed / 'checkpoints'}; {no_checkpoint}": [
+            str(killed),
+            "--checkpoint",
+            "step-000001",
+        ],
+        "the run has not finished; give one of its checkpoints with --checkpoint (checkpoints there: "
+        "step-000001, step-000002)": [str(unfinished)],
         "not a crepa run directory": [str(tmp_path)],
         "checkpoint step-000009: not in": [str(lora_run), "--checkpoint", "step-000009"],
         "expected integers": [str(lora_run), "--seeds", "one"],
@@ -233,7 +253,6 @@ def test_sample_with_first_frames_reproduces_image_to_video_validation(tmp_path,
 def run_without_validation_shape(lora_run: Path, root: Path, num_frames: int, size: tuple[int, int]) -> Path:
     """A copy of ``lora_run`` whose run file sets no validation frame count or size, and whose first
     training bucket is ``num_frames`` x ``size`` (the LoRA fits any clip shape)."""
-    import shutil
 
     run_dir = shutil.copytree(lora_run, root / "run")
     document = json.loads((run_dir / "run_config.json").read_text())

@@ -81,6 +81,7 @@ def test_eval_end_to_end_writes_metrics_csv_and_plots(folders):
     )
     assert result.exit_code == 0, result.output
     assert "skipped 2 unreadable" in result.output
+    assert "(skipped files in skipped.csv)" in " ".join(result.output.split())
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["clips"] == 5
@@ -120,15 +121,31 @@ def test_eval_end_to_end_writes_metrics_csv_and_plots(folders):
     assert_real_png(out / "distributions.png")
 
 
-def test_motion_is_always_reported_next_to_consistency_and_runs_compare(folders):
+def test_only_the_chosen_metrics_are_reported_and_runs_compare(folders):
     run_a = folders["root"] / "compare_a"
     run_b = folders["root"] / "compare_b"
     for out, shift in ((run_a, None), (run_b, "--flow=farneback")):
         args = [str(folders["videos"]), "--metrics", "temporal_flickering,warping_error", "--out", str(out)]
         result = run_eval(*args, *([shift] if shift else []))
         assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "dynamic_degree and flow_magnitude (add them to --metrics)" in output  # the note, not the metrics
+    assert "│ dynamic_degree" not in result.output and "│ flow_magnitude" not in result.output
     metrics = json.loads((run_a / "metrics.json").read_text())["metrics"]
-    assert set(metrics) == {"temporal_flickering", "warping_error", "dynamic_degree", "flow_magnitude"}
+    assert set(metrics) == {"temporal_flickering", "warping_error"}
+    with (run_a / "per_video.csv").open() as handle:
+        columns = next(csv.reader(handle))
+    assert columns == [
+        "name",
+        "path",
+        "frames",
+        "height",
+        "width",
+        "fps",
+        "temporal_flickering",
+        "warping_error",
+        "caption",
+    ]
 
     write_layer_report(run_a, {"base": [0.9, 0.8, 0.7], "lora": [0.95, 0.9, 0.85]}, cknna={"lora": 0.4})
     comparison = folders["root"] / "comparison"
@@ -139,12 +156,20 @@ def test_motion_is_always_reported_next_to_consistency_and_runs_compare(folders)
     assert any("flow methods" in note for note in content["notes"])
     with (comparison / "comparison.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 8
+    assert len(rows) == 4  # 2 metrics x 2 runs
     flicker_a = next(r for r in rows if r["run"] == "compare_a" and r["metric"] == "temporal_flickering")
     assert float(flicker_a["value"]) == pytest.approx(metrics["temporal_flickering"]["value"])
     assert_real_png(comparison / "comparison.png")
     assert_real_png(comparison / "comparison_layers.png")
     assert_real_png(run_a / "layers.png")
+
+
+def test_a_folder_without_unreadable_files_mentions_no_skipped_files(folders):
+    out = folders["root"] / "all_readable"
+    result = run_eval(str(folders["reference"]), "--metrics", "flow_magnitude", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "3 clips evaluated" in result.output and "skipped" not in result.output
+    assert set(json.loads((out / "metrics.json").read_text())["metrics"]) == {"flow_magnitude"}
 
 
 @pytest.mark.parametrize(
@@ -153,7 +178,11 @@ def test_motion_is_always_reported_next_to_consistency_and_runs_compare(folders)
         (["a", "b", "--out", "x"], "add --compare"),
         (["{videos}", "--metrics", "frechet_distance", "--out", "x"], "--reference"),
         (["{videos}", "--metrics", "sharpness", "--out", "x"], "unknown metric"),
-        (["{root}/missing", "--out", "x"], "is not a directory"),
+        (["{root}/missing", "--out", "x"], "VIDEOS_DIR {root}/missing is not a directory"),
+        (
+            ["{videos}", "--reference", "{root}/nofolder", "--out", "x"],
+            "--reference {root}/nofolder is not a directory",
+        ),
         (["{videos}", "--extractor", "flow_magnitude=dino", "--out", "x"], "uses no extractor"),
         (["--compare", "{videos}", "{root}", "--out", "x"], "no metrics.json or layers.json"),
     ],
@@ -162,7 +191,7 @@ def test_bad_invocations_exit_with_a_clear_message(folders, args, message):
     formatted = [arg.format(videos=folders["videos"], root=folders["root"]) for arg in args]
     result = run_eval(*formatted)
     assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
+    assert message.format(root=folders["root"]) in " ".join(result.output.split())
 
 
 def test_report_writes_are_atomic(tmp_path, monkeypatch):

@@ -66,6 +66,39 @@ def test_unreachable_hub_is_named_without_traceback(world, command, hub_id, key)
     assert key in message and "Traceback" not in output
 
 
+@pytest.mark.parametrize(
+    ("command", "value", "expected"),
+    [
+        (
+            ["train", "run.toml"],
+            "/no/such/pipe",
+            "model.pretrained: {} does not exist (give a local diffusers",
+        ),
+        (["precompute", "run.toml"], "./no-such-pipe", "model.pretrained: {} does not exist (give a local"),
+        (
+            ["precompute", "run.toml"],
+            "~/no-such-teacher",
+            "teacher.name: {} does not exist (give an existing",
+        ),
+    ],
+)
+def test_a_missing_local_path_is_named_not_looked_up_on_the_hub(world, command, value, expected):
+    key = expected.partition(":")[0]
+    result = crepa([*command, "--set", f'{key}="{value}"'], world, world / "hf-home")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert expected.format(value) in " ".join(output.split()), output[-2000:]
+    assert "huggingface.co" not in output and "Traceback" not in output
+
+
+def test_hub_ids_are_not_taken_for_local_paths():
+    from crepa.models.hub import looks_local
+
+    hub_ids = ["THUDM/CogVideoX-5b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "facebook/dinov2-small", "gpt2"]
+    assert not any(looks_local(name) for name in hub_ids)
+    assert all(looks_local(name) for name in ["/nope", "./nope", "../nope", "~/nope", "~", "runs/a/pipe"])
+
+
 def closed_port() -> int:
     """A local TCP port nothing listens on: connecting to it is refused at once."""
     with socket.socket() as probe:

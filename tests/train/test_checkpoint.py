@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,19 @@ def test_resume_latest_without_checkpoint_and_missing_path_are_config_errors(tmp
         ckpt.resolve_resume(tmp_path / "checkpoints", str(tmp_path / "nowhere"))
 
 
+def test_resume_takes_a_checkpoint_name_of_the_run(tmp_path, monkeypatch):
+    """--resume step-000009 (or 9) is the run's checkpoints/step-000009, as --checkpoint of sample /
+    export reads it; a name that is not there lists the ones that are; full paths still work."""
+    root = tmp_path / "run" / "checkpoints"
+    ckpt.write_checkpoint_files(root / "step-000009", {"transformer.w": torch.ones(2)}, {"step": 9}, rank=0)
+    monkeypatch.chdir(tmp_path)  # the working directory holds no step-000009
+    assert ckpt.resolve_resume(root, "step-000009") == root / "step-000009"
+    assert ckpt.resolve_resume(root, "9") == root / "step-000009"
+    assert ckpt.resolve_resume(root, str(root / "step-000009")) == root / "step-000009"
+    with pytest.raises(ConfigError, match=r"step-000003: no such directory.*checkpoints there: step-000009"):
+        ckpt.resolve_resume(root, "step-000003")
+
+
 def test_shape_mismatch_on_resume_names_the_tensor_and_changes_nothing():
     module = torch.nn.Linear(3, 4)
     before = module.weight.detach().clone()
@@ -214,3 +228,16 @@ def test_crepa_train_twice_keeps_the_first_runs_checkpoints(tmp_path, tiny_world
     assert "holds checkpoints of an earlier run" in message and "--resume latest" in message
     assert "Traceback" not in second.stderr
     assert {path: path.read_bytes() for path in before} == before
+    # resumed by name: the closing line counts this run's steps and time; then nothing is left to do
+    further = ["--set", "train.max_steps=3", "--set", "train.checkpoint_every=1", "--no-progress"]
+    started = time.perf_counter()
+    third = crepa("train", str(run), *further, "--resume", "step-000001")
+    wall = time.perf_counter() - started
+    assert third.returncode == 0, third.stderr[-2000:]
+    done = re.search(r"done: steps 2-3 \(2 this run\) in ([\d.]+)s on cpu", third.stderr)
+    assert done and 0 < float(done.group(1)) < wall, third.stderr[-2000:]
+    fourth = crepa("train", str(run), *further, "--resume", "latest")
+    assert fourth.returncode == 0, fourth.stderr[-2000:]
+    message = " ".join(fourth.stderr.split())
+    assert "nothing to train: the run was already at step 3 (train.max_steps = 3)" in message
+    assert "done:" not in message

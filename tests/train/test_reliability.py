@@ -132,6 +132,11 @@ BROKEN = [
         "lora.rank: checkpoint has LoRA rank 4, run file asks for 2",
     ),
     (
+        "resume-name",  # a bare checkpoint name of output.dir: found, then its settings are compared
+        ["--set", 'output.dir="trained"', "--set", "lora.rank=2", "--resume", "step-000002"],
+        "lora.rank: checkpoint has LoRA rank 4, run file asks for 2",
+    ),
+    (
         "resume-projector",
         ["--set", 'output.dir="trained"', "--set", "crepa.projector_hidden_dim=32", "--resume", "latest"],
         "crepa.projector_hidden_dim: checkpoint has projector hidden width 64, run file asks for 32",

@@ -79,6 +79,7 @@ def test_two_processes_stay_in_sync(tmp_path, tiny_world):
     precompute(load_config(run), progress=False)
     result = launch(run, "train.max_steps=2", "train.batch_size=1")
     assert result.stdout.count("trainer options: ") == 1  # announced once, by the main process
+    assert result.stderr.count("done: 2 steps in ") == 1  # and the closing line
     summary = json.loads((tmp_path / "out/training_summary.json").read_text())
     checksums = summary["rank_weight_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]

@@ -31,8 +31,25 @@ warnings.filterwarnings(
 )
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: the installed distribution's version (package metadata: no heavy import)."""
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"crepa {version('crepa')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Show the installed crepa version and exit.",
+    ),
+) -> None:
     """Cross-frame Representation Alignment for fine-tuning video diffusion transformers."""
 
 

@@ -14,7 +14,14 @@ from rich.table import Table
 from crepa.cli import app
 from crepa.cli._components import import_component_modules
 from crepa.cli._errors import EXIT_CONFIG, command_errors, fail
-from crepa.eval.names import DEFAULT_EXTRACTORS, EXTRACTOR_KINDS, FLOW_METHODS, METRICS
+from crepa.eval.names import (
+    CONSISTENCY_METRICS,
+    DEFAULT_EXTRACTORS,
+    EXTRACTOR_KINDS,
+    FLOW_METHODS,
+    METRICS,
+    MOTION_METRICS,
+)
 
 METRICS_HELP = f"Comma-separated or repeated; default all per-clip metrics. From: {', '.join(METRICS)}."
 EXTRACTOR_HELP = (
@@ -117,16 +124,20 @@ def _evaluate(
     if flow not in FLOW_METHODS:
         raise ValueError(f"--flow must be one of {', '.join(FLOW_METHODS)}, got {flow!r}")
     videos_dir = paths[0]
-    chosen = resolve_metrics(split_values(metrics) or None, with_reference=reference is not None)
+    chosen = resolve_metrics(
+        split_values(metrics) or None, with_reference=reference is not None, add_motion=False
+    )
     listing, reference_listing = DataReport(), DataReport()
-    clips = find_clips(videos_dir, listing)
+    clips = find_clips(videos_dir, listing, given_as="VIDEOS_DIR")
     if not clips:
         raise ValueError(
             f"{videos_dir}: no videos (mp4, gif, webm, mov, mkv, avi, ...) or frame folders found"
         )
-    reference_clips = find_clips(reference, reference_listing) if reference is not None else []
+    reference_clips = (
+        find_clips(reference, reference_listing, given_as="--reference") if reference is not None else []
+    )
     if reference is not None and not reference_clips:
-        raise ValueError(f"{reference}: no reference videos or frame folders found")
+        raise ValueError(f"--reference {reference}: no videos or frame folders found")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     extractors = load_extractors(extractor_specs(split_values(extractor), chosen), device, batch_size)
@@ -167,9 +178,14 @@ def _evaluate(
             console.print(f"[yellow]{label} {len(skipped)} unreadable file(s):[/yellow]")
             for item in skipped:
                 console.print(f"  {item.path}: {item.reason}", markup=False, highlight=False, soft_wrap=True)
+    if set(chosen) & set(CONSISTENCY_METRICS) and not set(chosen) & set(MOTION_METRICS):
+        console.print(
+            "[yellow]note:[/yellow] a frozen clip maximises consistency: read it next to "
+            f"{' and '.join(MOTION_METRICS)} (add them to --metrics)"
+        )
+    skipped_note = f" (skipped files in {SKIPPED_FILE})" if result.skipped or result.reference_skipped else ""
     console.print(
-        f"{len(result.clips)} clips evaluated on {describe_device(device)}; report in {out} "
-        f"(skipped files in {SKIPPED_FILE})"
+        f"{len(result.clips)} clips evaluated on {describe_device(device)}; report in {out}{skipped_note}"
     )
 
 

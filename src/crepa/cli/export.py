@@ -9,6 +9,7 @@ from rich.console import Console
 
 from crepa.cli import app
 from crepa.cli._components import import_component_modules
+from crepa.cli._errors import EXIT_CONFIG, fail
 
 
 @app.command()
@@ -40,8 +41,7 @@ def export(
     import_component_modules()
     console = Console(stderr=True)
     if keys not in ("peft", "kohya"):
-        console.print(f"[red]error:[/red] --keys {keys!r}: choose peft or kohya", highlight=False)
-        raise typer.Exit(2)
+        fail(console, "error", f"--keys {keys!r}: choose peft or kohya", EXIT_CONFIG)
     try:
         written = export_run(
             run_dir,
@@ -53,6 +53,5 @@ def export(
             overwrite=overwrite,
         )
     except (RunDirectoryError, FileNotFoundError, FileExistsError, ValueError, HubUnreachableError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(console, "error", str(error), EXIT_CONFIG)
     console.print(f"exported {format_} to {written}", highlight=False)

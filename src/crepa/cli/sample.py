@@ -9,6 +9,7 @@ from rich.console import Console
 
 from crepa.cli import app
 from crepa.cli._components import import_component_modules
+from crepa.cli._errors import EXIT_CONFIG, EXIT_FAILURE, fail
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -58,7 +59,11 @@ def sample(
         None, "--guidance", min=0.0, help="Classifier-free guidance scale."
     ),
     fps: float | None = typer.Option(None, "--fps", min=0.1, help="Frame rate of the written files."),
-    negative_prompt: str | None = typer.Option(None, "--negative-prompt"),
+    negative_prompt: str | None = typer.Option(
+        None,
+        "--negative-prompt",
+        help="Text the clips should not show (used with --guidance above 1); default none.",
+    ),
     batch_size: int = typer.Option(
         1, "--batch-size", min=1, help="Clips per pipeline call; halved when GPU memory runs out."
     ),
@@ -69,7 +74,7 @@ def sample(
     vae_tiling: bool = typer.Option(
         False, "--vae-tiling", help="Decode in tiles: less memory for large clips."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Generate one clip per (prompt, seed) with the run's LoRA and RepVideo gates; mp4 + GIF + contact
     sheet + samples.jsonl (which `crepa eval` reads). Settings default to the run's validation settings."""
@@ -108,15 +113,15 @@ def sample(
             negative_prompt=negative_prompt,
         )
     except (RunDirectoryError, FileNotFoundError, ValueError, HubUnreachableError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+        fail(console, "error", str(error), EXIT_CONFIG)
     except torch.OutOfMemoryError as error:
-        console.print(
-            f"[red]out of memory:[/red] {error}\nTo use less memory: --batch-size 1, --offload, --vae-tiling, "
-            "fewer --frames or a smaller --height / --width.",
-            highlight=False,
+        fail(
+            console,
+            "out of memory",
+            f"{error}\nTo use less memory: --batch-size 1, --offload, --vae-tiling, fewer --frames or a "
+            "smaller --height / --width.",
+            EXIT_FAILURE,
         )
-        raise typer.Exit(1) from None
     clips = len(prompt_list) * len(seed_list)
     where = describe_device(resolve_device(device))
     console.print(

@@ -16,6 +16,34 @@ from crepa.rundir import CHECKPOINTS_DIR, checkpoint_dirs
 
 if TYPE_CHECKING:
     from crepa.config import RunConfig
+    from crepa.train.state import TrainingSummary
+
+
+def main_process() -> bool:
+    """Whether this is rank 0 of the launch (or the only process): the one that reports."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def closing_line(summary: TrainingSummary) -> str:
+    """What ``crepa train`` says at the end: the steps of this run (after a resume, which ones), its
+    time, or that the run was already finished."""
+    where = f"outputs in {summary.output_dir}"
+    max_steps = summary.config["train"]["max_steps"]
+    if summary.steps == summary.start_step:
+        return (
+            f"nothing to train: the run was already at step {summary.steps} (train.max_steps = {max_steps}); "
+            f"raise train.max_steps to train further; {where}"
+        )
+    trained = summary.steps - summary.start_step
+    if summary.start_step == 0:
+        steps = f"{summary.steps} steps"
+    elif trained == 1:
+        steps = f"step {summary.steps} (1 this run)"
+    else:
+        steps = f"steps {summary.start_step + 1}-{summary.steps} ({trained} this run)"
+    seconds = f"{summary.seconds:.1f}s" if summary.seconds < 10 else f"{summary.seconds:.0f}s"
+    processes = f" x {summary.processes} processes" if summary.processes > 1 else ""
+    return f"done: {steps} in {seconds} on {summary.device}{processes}; {where}"
 
 
 def predicted_memory_warning(run: RunConfig) -> str | None:
@@ -26,7 +54,7 @@ def predicted_memory_warning(run: RunConfig) -> str | None:
 
     from crepa.config import ConfigError
 
-    if not torch.cuda.is_available() or int(os.environ.get("RANK", "0")) != 0:
+    if not torch.cuda.is_available() or not main_process():
         return None
     from crepa.plan.planner import memory_warning
 
@@ -47,7 +75,7 @@ def train(
         help="'latest' (the newest checkpoint; an error if there is none), 'auto' (the newest, or a fresh "
         "start when there is none) or a checkpoint directory.",
     ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Fine-tune the model of CONFIG (LoRA or full) with the alignment loss; resumable, multi-GPU via accelerate."""
     import torch
@@ -78,7 +106,7 @@ def train(
                 console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
 
             try:
-                summary = run_training(run, resume=resume, progress=not no_progress)
+                summary = run_training(run, resume=resume, progress=progress)
             except TrainingStopped as error:
                 fail(console, "training stopped", f"{error} {state()[1]}", EXIT_FAILURE)
             except torch.OutOfMemoryError as error:
@@ -97,13 +125,8 @@ def train(
                 f"{summary.steps} steps; checkpoint {summary.checkpoint} saved; resume with --resume latest",
                 EXIT_SIGNAL[summary.stop_signal],
             )
-        console.print(
-            f"done: {summary.steps} steps in {summary.seconds:.0f}s on {summary.device}"
-            f"{f' x {summary.processes} processes' if summary.processes > 1 else ''}; "
-            f"outputs in {summary.output_dir}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        if main_process():  # every process of a launch gets here with the same summary
+            console.print(closing_line(summary), highlight=False, soft_wrap=True)
     except typer.Exit as end:
         exit_process(end.exit_code)  # multi-process runs end here (see crepa.train.parallel.exit_process)
         raise

@@ -36,22 +36,24 @@ class Clip:
         return read_video_frames(self.path)
 
 
-def find_clips(path: str | Path, report: DataReport | None = None) -> list[Clip]:
+def find_clips(path: str | Path, report: DataReport | None = None, given_as: str | None = None) -> list[Clip]:
     """The clips of a folder, or of a ``samples.jsonl`` manifest.
 
     A manifest (given, or in the folder) lists the clips to take (its ``file`` entries) with their
     ``prompt`` as caption. Otherwise: video files (mp4, gif, webm, mov, mkv, avi, ...) and sub-folders
     (frame folders), sorted by name, each captioned by a ``.txt`` file of the same stem if there is one,
     in any encoding. A manifest row or caption file that cannot be read goes to ``report`` (a warning
-    is logged either way); only a path that is neither a folder nor a manifest raises ``ValueError``.
+    is logged either way); only a path that is neither a folder nor a manifest raises ``ValueError``,
+    which names ``given_as`` (the flag or argument the path came from, e.g. ``--reference``) if given.
     """
     path = Path(path)
     report = report if report is not None else DataReport()
     if path.is_file() and path.suffix == ".jsonl":
         return read_manifest(path, report)
     if not path.is_dir():
+        where = f"{given_as} {path}" if given_as else str(path)
         raise ValueError(
-            f"{path} is not a directory: give the folder that holds the videos or a samples.jsonl"
+            f"{where} is not a directory: give the folder that holds the videos or a samples.jsonl"
         )
     if (path / SAMPLES_MANIFEST).is_file():
         return read_manifest(path / SAMPLES_MANIFEST, report)

@@ -15,6 +15,8 @@ and huggingface_hub) so that the error is the first thing the user reads.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,32 @@ REACHABILITY_TIMEOUT_S = 3.0
 
 class HubUnreachableError(RuntimeError):
     """The model hub cannot be reached and the weights are not cached; the message says what to do."""
+
+
+class MissingLocalModelError(HubUnreachableError):
+    """A value that is a local path (not a hub id) naming nothing on disk. A subclass of
+    :class:`HubUnreachableError` so that every command reports it the same way (exit 2, one message)."""
+
+
+# A hub id: "owner/name" (or a bare legacy "name"), letters, digits, "-", "_" and "." only.
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_EXPECTED = {"model.pretrained": "a local diffusers pipeline folder or a hub id such as THUDM/CogVideoX-5b"}
+
+
+def looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id: absolute, starting with ``./``,
+    ``../`` or ``~``, or with a path separator but not of the form owner/name."""
+    if name.startswith(("~", "./", "../")) or Path(name).is_absolute() or name in (".", ".."):
+        return True
+    return ("/" in name or os.sep in name) and not _HUB_ID.match(name)
+
+
+def check_local_path(name: str, key: str) -> None:
+    """Raise :class:`MissingLocalModelError` when ``name`` (run-file key ``key``) is a local path that
+    does not exist: asking the hub for it would only report a failed download."""
+    if looks_local(name) and not Path(name).expanduser().exists():
+        expected = _EXPECTED.get(key, "an existing local folder or a hub id such as owner/name")
+        raise MissingLocalModelError(f"{key}: {name} does not exist (give {expected})")
 
 
 def unreachable_message(name: str, key: str) -> str:
@@ -68,7 +96,9 @@ def hub_access(name: str, key: str) -> Iterator[None]:
 
     Warnings raised inside are held back and shown when the block ends, unless the block ends with
     :class:`HubUnreachableError` (they were about the failed download).
+    A local path that does not exist raises :class:`MissingLocalModelError` before anything is loaded.
     """
+    check_local_path(name, key)
     go_offline_unless_reachable(name)
     held: list[warnings.WarningMessage] = []
     try:

@@ -30,6 +30,7 @@ from crepa.rundir import (
     checkpoint_dirs,
     step_name,
 )
+from crepa.runs import RunDirectoryError, checkpoint_dir
 from crepa.train.parallel import copy_full_into, full_tensor
 
 
@@ -100,7 +101,8 @@ def load_state(directory: Path, stem: str) -> Any:
 
 def resolve_resume(root: Path, resume: str | None) -> Path | None:
     """``--resume latest`` -> the newest checkpoint under ``root``; ``auto`` -> the same, or None (a
-    fresh start) when there is none yet; a path -> that checkpoint; no ``--resume`` -> None, refused
+    fresh start) when there is none yet; a path -> that checkpoint; a bare name that is no folder here
+    (``step-000500``, or ``500``) -> that checkpoint under ``root``; no ``--resume`` -> None, refused
     when ``root`` already holds checkpoints. Raises :class:`ConfigError`."""
     if resume is None:
         found = checkpoint_dirs(root)
@@ -124,9 +126,18 @@ def resolve_resume(root: Path, resume: str | None) -> Path | None:
         )
     path = Path(resume)
     if not path.is_dir():
-        raise ConfigError(
-            f"--resume {resume}: no such directory; give a checkpoint directory, 'latest' or 'auto'"
-        )
+        if len(path.parts) != 1:
+            raise ConfigError(
+                f"--resume {resume}: no such directory; give a checkpoint directory, a checkpoint name "
+                "such as step-000500, 'latest' or 'auto'"
+            )
+        try:  # a bare name or step number: a checkpoint of this run, as `crepa sample --checkpoint` reads it
+            path = checkpoint_dir(root.parent, resume)
+        except RunDirectoryError as error:
+            raise ConfigError(
+                f"--resume {resume}: no such directory, and {error}; give a checkpoint name, a checkpoint "
+                "directory, 'latest' or 'auto'"
+            ) from None
     if not (path / f"{CHECKPOINT_STATE}.json").is_file():
         legacy = (
             " (written by an older crepa that pickled its state: not loaded)"

@@ -222,6 +222,7 @@ def finish(state: TrainState) -> TrainingSummary:
         device=describe_device(accelerator.device),
         config=json.loads(config.model_dump_json()),
         stop_signal=state.stop_signal,
+        start_step=state.start_step,
     )
     if state.ema is None:
         _write_final_weights(state, trained, raw=False)

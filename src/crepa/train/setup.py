@@ -118,6 +118,7 @@ def build_run(config: RunConfig, resume: str | None) -> TrainState:
     state.ema = _setup_ema(state)
     if resume_from is not None:
         _resume(state, resume_from)
+        state.start_step = state.progress.step
     _setup_output(state)
     state.data = _setup_data(state, dataset)
     return state

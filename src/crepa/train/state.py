@@ -50,6 +50,7 @@ class TrainingSummary:
     device: str = "cpu"  # where rank 0 trained, e.g. "cuda:0 (NVIDIA H200)"
     config: dict[str, Any] = field(default_factory=dict)
     stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
+    start_step: int = 0  # where this run began: 0, or the step of the checkpoint it resumed
 
 
 @dataclass
@@ -92,6 +93,7 @@ class TrainState:
     checkpoints: Path
     metrics_log: Path
     started: float
+    start_step: int = 0  # 0, or the step of the checkpoint this run resumed
     ema: WeightEMA | None = None
     progress: TrainProgress = field(default_factory=TrainProgress)
     data: Iterator[dict[str, torch.Tensor]] | None = None
