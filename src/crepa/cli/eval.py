@@ -14,16 +14,12 @@ from rich.table import Table
 from crepa.cli import app
 from crepa.cli._components import import_component_modules
 from crepa.cli._errors import EXIT_CONFIG, command_errors, fail
-from crepa.eval.names import (
-    CONSISTENCY_METRICS,
-    DEFAULT_EXTRACTORS,
-    EXTRACTOR_KINDS,
-    FLOW_METHODS,
-    METRICS,
-    MOTION_METRICS,
-)
+from crepa.eval.names import DEFAULT_EXTRACTORS, EXTRACTOR_KINDS, FLOW_METHODS, METRICS
 
-METRICS_HELP = f"Comma-separated or repeated; default all per-clip metrics. From: {', '.join(METRICS)}."
+METRICS_HELP = (
+    "Comma-separated or repeated; default all per-clip metrics. A consistency metric brings the motion "
+    f"metrics along (a frozen clip maximises consistency). From: {', '.join(METRICS)}."
+)
 EXTRACTOR_HELP = (
     "SPEC for every feature metric, or METRIC=SPEC (repeatable). SPEC is KIND[:DIR_OR_HUB_ID] with KIND in "
     f"{', '.join(EXTRACTOR_KINDS[:-1])}, or py:module:factory. Defaults: "
@@ -124,9 +120,7 @@ def _evaluate(
     if flow not in FLOW_METHODS:
         raise ValueError(f"--flow must be one of {', '.join(FLOW_METHODS)}, got {flow!r}")
     videos_dir = paths[0]
-    chosen = resolve_metrics(
-        split_values(metrics) or None, with_reference=reference is not None, add_motion=False
-    )
+    chosen = resolve_metrics(split_values(metrics) or None, with_reference=reference is not None)
     listing, reference_listing = DataReport(), DataReport()
     clips = find_clips(videos_dir, listing, given_as="VIDEOS_DIR")
     if not clips:
@@ -178,11 +172,6 @@ def _evaluate(
             console.print(f"[yellow]{label} {len(skipped)} unreadable file(s):[/yellow]")
             for item in skipped:
                 console.print(f"  {item.path}: {item.reason}", markup=False, highlight=False, soft_wrap=True)
-    if set(chosen) & set(CONSISTENCY_METRICS) and not set(chosen) & set(MOTION_METRICS):
-        console.print(
-            "[yellow]note:[/yellow] a frozen clip maximises consistency: read it next to "
-            f"{' and '.join(MOTION_METRICS)} (add them to --metrics)"
-        )
     skipped_note = f" (skipped files in {SKIPPED_FILE})" if result.skipped or result.reference_skipped else ""
     console.print(
         f"{len(result.clips)} clips evaluated on {describe_device(device)}; report in {out}{skipped_note}"

@@ -106,15 +106,12 @@ class StageTimer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def resolve_metrics(
-    requested: Sequence[str] | None, with_reference: bool, add_motion: bool = True
-) -> tuple[str, ...]:
+def resolve_metrics(requested: Sequence[str] | None, with_reference: bool) -> tuple[str, ...]:
     """The metrics to compute, in canonical order.
 
     None means every per-clip metric, plus the Frechet distance when there is a reference set.
-    With ``add_motion``, motion metrics are added whenever a consistency metric is asked for (a frozen
-    clip maximises consistency, so consistency alone cannot be read); ``crepa eval --metrics`` turns
-    it off, reporting only the metrics the user chose.
+    Motion metrics are added whenever a consistency metric is asked for (a frozen clip maximises
+    consistency, so consistency alone cannot be read).
     """
     chosen = (
         set(requested)
@@ -126,7 +123,7 @@ def resolve_metrics(
         raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     if "frechet_distance" in chosen and not with_reference:
         raise ValueError("frechet_distance compares two sets of clips: give the real clips with --reference")
-    if add_motion and chosen & set(CONSISTENCY_METRICS):
+    if chosen & set(CONSISTENCY_METRICS):
         chosen |= set(MOTION_METRICS)
     return tuple(name for name in METRICS if name in chosen)
 
