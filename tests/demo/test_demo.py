@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from crepa.cli import app
 from crepa.demo.base import PIPELINE_DIR, BaseSettings, build_base_model, build_initial_pipeline
 from crepa.demo.evaluate import psnr, world_metrics
+from crepa.demo.report import how_it_is_built
+from crepa.demo.run import DemoSettings
 from crepa.demo.verdict import METRICS, QUALITY_METRICS, demo_verdict
 from crepa.demo.world import (
     ATTRIBUTE_GROUPS,
@@ -173,6 +175,29 @@ def test_base_model_pretraining_prints_no_trainer_options(tmp_path, capsys):
     )
     assert (tmp_path / "base" / PIPELINE_DIR / "transformer").is_dir()
     assert "trainer options" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("settings", "design"),
+    [
+        (
+            DemoSettings.quick(),
+            "2 seeds (paired: at a seed the variants share batches, noise, timesteps and sampling noise) and "
+            "1 sampled clip(s) per held-out caption (8 clips per model); fine-tuning: 12 LoRA steps of batch 4, "
+            "rank 8 on attention + feed-forward, lr 0.002, alignment weight 0.5 on block 1 of 4.",
+        ),
+        (
+            DemoSettings(),
+            "4 seeds (paired: at a seed the variants share batches, noise, timesteps and sampling noise) and "
+            "2 sampled clip(s) per held-out caption (48 clips per model); fine-tuning: 150 LoRA steps of "
+            "batch 8, rank 8 on attention + feed-forward, lr 0.002, alignment weight 0.5 on block 1 of 4.",
+        ),
+    ],
+)
+def test_how_it_is_built_states_the_design_of_the_run_made(settings, design):
+    items = how_it_is_built(asdict(settings), settings.seeds)
+    assert f"Experiment design of this run: {design}" in "\n".join(items)
+    assert not any("{" in item for item in items)  # every field filled in
 
 
 def _rows(values: dict[str, tuple[float, ...]]) -> dict[str, dict[str, dict[str, float]]]:
