@@ -223,10 +223,21 @@ def timing_blocks(results: ExperimentResults, extras: ReportExtras) -> list[Bloc
         key: [name for name, work in results.work.items() if work.get(key)]
         for key in ("trained", "sampled", "evaluated")
     }
+    models = len(results.rows)
+    earlier = [  # what this invocation found finished (a resumed or rerun experiment)
+        (len(results.runs) - len(done["trained"]), "the training of {} run(s)"),
+        (models - len(done["sampled"]), "the samples of {} model(s)"),
+        (models - len(done["evaluated"]), "the evaluation of {} model(s)"),
+    ]
+    kept = ", ".join(text.format(count) for count, text in earlier if count)
     reused = (
         f"This invocation trained {len(done['trained'])} of {len(results.runs)} runs, sampled "
-        f"{len(done['sampled'])} and evaluated {len(done['evaluated'])} of {len(results.rows)} models; the rest "
-        "was finished by an earlier invocation and reused."
+        f"{len(done['sampled'])} and evaluated {len(done['evaluated'])} of {models} models; "
+        + (
+            f"reused from an earlier invocation: {kept}."
+            if kept
+            else "nothing was reused from an earlier invocation."
+        )
     )
     machine = results.machine
     per_run = machine["processes_per_run"]
