@@ -263,10 +263,11 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# Panel titles, broken into lines that fit a third of the figure's width.
 CURVES = {
     "loss/diffusion": "diffusion loss",
-    "crepa/sim_self": "own-frame similarity (block tokens, projected, to teacher)",
-    "crepa/score": "alignment score (own + weighted neighbour cosines; CREPA's can pass 1)",
+    "crepa/sim_self": "own-frame similarity\n(block tokens, projected, to teacher)",
+    "crepa/score": "alignment score: own + weighted\nneighbour cosines (CREPA's can pass 1)",
 }
 
 
