@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from crepa.cli import app
+from crepa.demo.base import PIPELINE_DIR, BaseSettings, build_base_model, build_initial_pipeline
 from crepa.demo.evaluate import psnr, world_metrics
+from crepa.demo.report import how_it_is_built
+from crepa.demo.run import DemoSettings
 from crepa.demo.verdict import METRICS, QUALITY_METRICS, demo_verdict
 from crepa.demo.world import (
     ATTRIBUTE_GROUPS,
@@ -22,6 +25,7 @@ from crepa.demo.world import (
     MOTION_LABELS,
     PROBE,
     SPLITS,
+    RenderedSplit,
     WorldSettings,
     clip_spec,
     frame_labels,
@@ -147,6 +151,53 @@ def test_world_is_written_as_mp4_with_captions_and_reused(tmp_path):
     stamp = (tmp_path / "world" / "demo-stamp.json").stat().st_mtime_ns
     assert write_world(tmp_path / "world", SMALL, progress=False)[1]
     assert (tmp_path / "world" / "demo-stamp.json").stat().st_mtime_ns == stamp
+
+
+def test_base_model_pretraining_prints_no_trainer_options(tmp_path, capsys):
+    """The base model's pre-training is full fine-tuning; its "trainer options" line would read as the
+    demo's (LoRA) fine-tuning, so it prints none."""
+    # 16 generic clips: the PCA's eigen-decomposition is slow on the rank-deficient covariance of 4
+    small = replace(SMALL, clips={**SMALL.clips, "generic": 16})
+    world, _ = write_world(tmp_path / "world", small, progress=False)
+    settings = BaseSettings(latent_channels=8, heads=2, head_dim=16, layers=1, steps=1, batch_size=2)
+    generic = RenderedSplit(small, "generic")
+    build_initial_pipeline(tmp_path / "initial", generic, settings, {})
+    capsys.readouterr()
+    build_base_model(
+        tmp_path / "base",
+        tmp_path / "initial",
+        world.split_dir("generic"),
+        tmp_path / "cache",
+        small,
+        settings,
+        {},
+        progress=False,
+    )
+    assert (tmp_path / "base" / PIPELINE_DIR / "transformer").is_dir()
+    assert "trainer options" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("settings", "design"),
+    [
+        (
+            DemoSettings.quick(),
+            "2 seeds (paired: at a seed the variants share batches, noise, timesteps and sampling noise) and "
+            "1 sampled clip(s) per held-out caption (8 clips per model); fine-tuning: 12 LoRA steps of batch 4, "
+            "rank 8 on attention + feed-forward, lr 0.002, alignment weight 0.5 on block 1 of 4.",
+        ),
+        (
+            DemoSettings(),
+            "4 seeds (paired: at a seed the variants share batches, noise, timesteps and sampling noise) and "
+            "2 sampled clip(s) per held-out caption (48 clips per model); fine-tuning: 150 LoRA steps of "
+            "batch 8, rank 8 on attention + feed-forward, lr 0.002, alignment weight 0.5 on block 1 of 4.",
+        ),
+    ],
+)
+def test_how_it_is_built_states_the_design_of_the_run_made(settings, design):
+    items = how_it_is_built(asdict(settings), settings.seeds)
+    assert f"Experiment design of this run: {design}" in "\n".join(items)
+    assert not any("{" in item for item in items)  # every field filled in
 
 
 def _rows(values: dict[str, tuple[float, ...]]) -> dict[str, dict[str, dict[str, float]]]:

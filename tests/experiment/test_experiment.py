@@ -5,6 +5,7 @@ match a direct launch. Plus the variant run files, option parsing and the GPU gr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -23,14 +24,16 @@ from crepa.cli import app
 from crepa.cli.experiment import parse_margins, parse_seeds
 from crepa.config import ConfigError, load_config
 from crepa.experiment.launch import device_groups, launch_slots
-from crepa.experiment.report import TIMING_HEADING
+from crepa.experiment.report import TIMING_HEADING, ReportExtras, curves_figure, timing_blocks
 from crepa.experiment.runfiles import parse_variants, write_runs
 from crepa.experiment.runner import (
     CrepaEvaluator,
+    ExperimentResults,
     ExperimentSpec,
     analysis_plan,
     check_extractors_are_not_the_teacher,
 )
+from crepa.rundir import METRICS_FILE
 from crepa.train.recipe import train
 from helpers import assert_same_tensors, launch, start_cli, write_world
 
@@ -225,6 +228,77 @@ def test_experiment_refuses_the_training_teacher_as_extractor(world, tmp_path):
     check_extractors_are_not_the_teacher(
         {"subject_consistency": "dino", "frechet_distance": "dinov2"}, load_config(world)
     )
+
+
+def finished_results(work: dict[str, dict[str, bool]], out: Path = Path(".")) -> ExperimentResults:
+    """Results of 2 runs and a base model at seed 0 (metrics not needed by the report parts tested)."""
+    return ExperimentResults(
+        variants=[{"name": "none", "label": "no alignment"}, {"name": "crepa", "label": "CREPA"}],
+        seeds=[0],
+        prompts=["a prompt"],
+        metrics=[],
+        rows={"base-seed0": {}, "none-seed0": {}, "crepa-seed0": {}},
+        runs=["none-seed0", "crepa-seed0"],
+        base=True,
+        stage_seconds={"fine-tune": 1.0},
+        work=work,
+        machine={
+            "cpus": 2,
+            "torch_threads": 1,
+            "workers": 1,
+            "processes_per_run": 1,
+            "load_average_before": [0, 0, 0],
+            "load_average_after": [0, 0, 0],
+        },
+        out=out,
+    )
+
+
+def test_the_report_says_what_was_reused_only_when_something_was():
+    done = {"trained": True, "sampled": True, "evaluated": True}
+    fresh = {"none-seed0": done, "crepa-seed0": done, "base-seed0": {"sampled": True, "evaluated": True}}
+    paragraphs = [
+        block[1] for block in timing_blocks(finished_results(fresh), ReportExtras()) if block[0] == "p"
+    ]
+    assert (
+        "This invocation trained 2 of 2 runs, sampled 3 and evaluated 3 of 3 models; nothing was reused from an "
+        "earlier invocation." in paragraphs
+    )
+    resumed = {**fresh, "none-seed0": {"trained": False}}  # finished by the killed invocation
+    paragraphs = [
+        block[1] for block in timing_blocks(finished_results(resumed), ReportExtras()) if block[0] == "p"
+    ]
+    assert (
+        "This invocation trained 1 of 2 runs, sampled 2 and evaluated 2 of 3 models; reused from an earlier "
+        "invocation: the training of 1 run(s), the samples of 1 model(s), the evaluation of 1 model(s)."
+        in paragraphs
+    )
+
+
+def test_curve_titles_fit_the_figure(tmp_path):
+    """Rendered at the report's size with logged curves, every panel title lies inside the figure and
+    clear of its neighbours' (a long one was cut at the figure's edge)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for run, aligned in (("none-seed0", False), ("crepa-seed0", True)):
+        rows = [  # a run without alignment logs no alignment values
+            {
+                "step": step,
+                "loss/diffusion": 0.5 / step,
+                "crepa/sim_self": 0.001 * step if aligned else None,
+                "crepa/score": 1.25 * step if aligned else None,
+            }
+            for step in range(1, 4)
+        ]
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    figure = curves_figure(finished_results({}, tmp_path))
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    titles = [axis.title.get_window_extent(canvas.get_renderer()) for axis in figure.axes]
+    assert len(titles) == 3 and all(title.width > 0 for title in titles)
+    assert titles[0].x0 >= 0 and titles[-1].x1 <= figure.bbox.width
+    assert all(left.x1 < right.x0 for left, right in itertools.pairwise(titles))
 
 
 def test_gpus_are_split_into_groups_of_consecutive_devices(monkeypatch):

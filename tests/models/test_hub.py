@@ -29,7 +29,25 @@ def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hub")
     write_world(root, "wan")
     write_video(root / "videos/a.mp4", np.zeros((9, 32, 32, 3), np.uint8), fps=8)
+    (root / "prompts.txt").write_text("a red stripe pattern moves left\n")
     return root
+
+
+NO_MODEL = 'model.pretrained="someorg/no-such-model"'
+# Loads the extractors only after training: they are checked before any run trains.
+EXPERIMENT = [
+    "experiment",
+    "run.toml",
+    "--variants",
+    "none,crepa",
+    "--seeds",
+    "1",
+    "--prompts",
+    "prompts.txt",
+    "--out",
+    "experiment",
+    "--no-progress",
+]
 
 
 @pytest.mark.parametrize(
@@ -55,6 +73,7 @@ def world(tmp_path_factory) -> Path:
             "facebook/dino-vitb16",
             "--extractor",
         ),
+        ([*EXPERIMENT, "--metrics", "subject_consistency"], "facebook/dino-vitb16", "--extractor"),
     ],
 )
 def test_unreachable_hub_is_named_without_traceback(world, command, hub_id, key):
@@ -64,6 +83,7 @@ def test_unreachable_hub_is_named_without_traceback(world, command, hub_id, key)
     assert result.returncode == 2, output[-2000:]
     assert f"cannot reach the model hub and {hub_id} is not in the local cache" in message, message[-2000:]
     assert key in message and "Traceback" not in output
+    assert not list(world.glob("experiment/runs/*/training_summary.json"))  # stopped before training
 
 
 @pytest.mark.parametrize(
@@ -119,9 +139,6 @@ finally:
 """
 
 
-NO_MODEL = 'model.pretrained="someorg/no-such-model"'
-
-
 @pytest.mark.parametrize(
     ("command", "hub_id", "key"),
     [
@@ -137,6 +154,7 @@ NO_MODEL = 'model.pretrained="someorg/no-such-model"'
             "facebook/dino-vitb16",
             "--extractor",
         ),
+        ([*EXPERIMENT, "--metrics", "subject_consistency"], "facebook/dino-vitb16", "--extractor"),
     ],
 )
 def test_without_network_every_command_answers_at_once_with_exit_2(world, command, hub_id, key):
@@ -198,3 +216,53 @@ def test_export_names_the_unreachable_hub(world, tmp_path, export_format):
     assert f"cannot reach the model hub and {hub_id} is not in the local cache" in message, message[-2000:]
     assert "model.pretrained" in message and "Traceback" not in output
     assert not (tmp_path / "out").exists()
+
+
+def test_check_loadable_reads_the_cache_only(tmp_path, monkeypatch):
+    """Offline, a hub id passes when the cache holds its entry file (laid out as huggingface_hub does),
+    fails naming the key when it does not; a local folder always passes."""
+    from huggingface_hub import constants
+
+    from crepa.models.hub import HubUnreachableError, check_loadable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub/models--someorg--cached"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs/main").write_text("0" * 40)
+    (repo / f"snapshots/{'0' * 40}").mkdir(parents=True)
+    (repo / f"snapshots/{'0' * 40}/config.json").write_text("{}")
+    check_loadable("someorg/cached", "--extractor dino:FOLDER", "config.json")
+    check_loadable(str(tmp_path), "model.pretrained", "model_index.json")
+    with pytest.raises(
+        HubUnreachableError, match=r"someorg/cached is not in the local cache.*model\.pretrained"
+    ):
+        check_loadable("someorg/cached", "model.pretrained", "model_index.json")
+
+
+def test_experiment_checks_the_sampling_pipeline_before_any_work(world, tmp_path, monkeypatch):
+    """Sampling loads model.pretrained's whole pipeline after training (precompute may find its cache
+    built and load nothing): an uncached hub id stops the experiment while it prepares."""
+    from huggingface_hub import constants
+
+    from crepa.experiment.runfiles import parse_variants
+    from crepa.experiment.runner import CrepaEvaluator, ExperimentSpec, prepare
+    from crepa.models.hub import HubUnreachableError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty
+    variants, shared = parse_variants("none,crepa", [NO_MODEL])
+    spec = ExperimentSpec(
+        run_file=world / "run.toml",
+        out=tmp_path / "experiment",
+        variants=variants,
+        seeds=(0,),
+        prompts=("a red stripe pattern",),
+        reference=None,
+        evaluator=CrepaEvaluator(metrics_requested=("temporal_flickering",)),
+        shared_overrides=shared,
+    )
+    with pytest.raises(
+        HubUnreachableError, match=r"someorg/no-such-model is not in the local cache.*model\.pretrained"
+    ):
+        prepare(spec)

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from crepa.cli import app
 from crepa.cli._components import import_component_modules
+from crepa.cli._errors import EXIT_CONFIG, EXIT_FAILURE, command_errors, fail
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -111,7 +112,6 @@ def experiment(
 ) -> None:
     """Train variants x seeds from RUN_FILE, sample the same prompts and seeds, evaluate, and report a verdict."""
     from crepa.cli.eval import split_values
-    from crepa.config import ConfigError
     from crepa.experiment.lifecycle import ExperimentStopped
     from crepa.experiment.report import terminal_table, write_report
     from crepa.experiment.runfiles import parse_variants
@@ -125,40 +125,40 @@ def experiment(
 
     import_component_modules()
     console = Console(stderr=True)
-    try:
-        chosen, shared = parse_variants(variants, set_)
-        spec = ExperimentSpec(
-            run_file=run_file,
-            out=(out or Path("runs") / f"experiment-{run_file.stem}").resolve(),
-            variants=chosen,
-            seeds=parse_seeds(seeds),
-            prompts=read_prompt_file(prompts),
-            reference=reference.resolve() if reference is not None else None,
-            evaluator=CrepaEvaluator(
-                metrics_requested=tuple(split_values(metrics)) or None,
-                extractors=tuple(split_values(extractor)),
-                device=device,
-            ),
-            shared_overrides=shared,
-            base=base,
-            workers=workers,
-            sample_batch_size=sample_batch_size,
-            processes_per_run=processes_per_run,
-            accelerate_config=accelerate_config.resolve() if accelerate_config is not None else None,
-            primary=None if primary is None else tuple(split_values([primary])),
-            margins=parse_margins(margin),
-        )
-        results = run_experiment(spec, progress=progress, log=lambda text: console.rule(text, style="dim"))
-    except (ConfigError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
-    except (ExperimentStopped, TrainingStopped) as error:
-        console.print(
-            f"[red]stopped:[/red] {error}\nFinished runs, samples and evaluations are kept; the same command "
-            "continues from there.",
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
+    out = (out or Path("runs") / f"experiment-{run_file.stem}").resolve()
+    kept = "Finished runs, samples and evaluations are kept; the same command continues from there."
+    # ConfigError and an unreachable model hub: exit 2 (command_errors); Ctrl-C: 130; a full disk: 1.
+    with command_errors(console, lambda: (out, kept)):
+        try:
+            chosen, shared = parse_variants(variants, set_)
+            spec = ExperimentSpec(
+                run_file=run_file,
+                out=out,
+                variants=chosen,
+                seeds=parse_seeds(seeds),
+                prompts=read_prompt_file(prompts),
+                reference=reference.resolve() if reference is not None else None,
+                evaluator=CrepaEvaluator(
+                    metrics_requested=tuple(split_values(metrics)) or None,
+                    extractors=tuple(split_values(extractor)),
+                    device=device,
+                ),
+                shared_overrides=shared,
+                base=base,
+                workers=workers,
+                sample_batch_size=sample_batch_size,
+                processes_per_run=processes_per_run,
+                accelerate_config=accelerate_config.resolve() if accelerate_config is not None else None,
+                primary=None if primary is None else tuple(split_values([primary])),
+                margins=parse_margins(margin),
+            )
+            results = run_experiment(
+                spec, progress=progress, log=lambda text: console.rule(text, style="dim")
+            )
+        except ValueError as error:
+            fail(console, "error", str(error), EXIT_CONFIG)
+        except (ExperimentStopped, TrainingStopped) as error:
+            fail(console, "stopped", f"{error}\n{kept}", EXIT_FAILURE)
     write_report(results)
     Console().print(terminal_table(results))
-    console.print(f"report: {spec.out / 'report.md'} and {spec.out / 'report.html'}", highlight=False)
+    console.print(f"report: {out / 'report.md'} and {out / 'report.html'}", highlight=False)

@@ -123,7 +123,7 @@ def build_base_model(
             "Pre-training of the demo's base model on the generic split (full fine-tuning, no alignment).",
         )
         precompute(config, progress=progress)
-        train(config, progress=progress)
+        train(config, progress=progress, announce=False)  # its full fine-tuning is not the demo's LoRA
         pipeline = staging / PIPELINE_DIR
         skipped = shutil.ignore_patterns("transformer", STAMP_FILE, ".*")
         shutil.copytree(initial_pipeline, pipeline, ignore=skipped)

@@ -19,9 +19,18 @@ REFERENCE_LABELS = {"real": "held-out real clips", "reconstruction": "held-out c
 PROSE_FILE = "how_it_is_built.md"  # package data next to this module: what was built, tried and measured
 
 
-def how_it_is_built() -> list[str]:
+def how_it_is_built(settings: Mapping[str, Any], seeds: int) -> list[str]:
     """The items of the report's "How it is built" list, from :data:`PROSE_FILE`: each ``- `` item one
-    paragraph (its lines joined with a space); text outside the list is left out."""
+    paragraph (its lines joined with a space), its ``{name}`` fields filled in from the run's settings
+    (the numbers of the run made, quick or full); text outside the list is left out."""
+    finetune, sampling = settings["finetune"], settings["sampling"]
+    values = {
+        **finetune,
+        "seeds": seeds,
+        "samples_per_prompt": sampling["samples_per_prompt"],
+        "clips_per_model": sampling["samples_per_prompt"] * settings["world"]["clips"]["heldout"],
+        "layers": settings["base"]["layers"],
+    }
     text = resources.files("crepa.demo").joinpath(PROSE_FILE).read_text(encoding="utf-8")
     items: list[list[str]] = []
     for line in text.splitlines():
@@ -31,7 +40,7 @@ def how_it_is_built() -> list[str]:
             items[-1].append(line.strip())
         elif not line.strip() and items:
             items.append([])  # a blank line ends the item
-    return [" ".join(item) for item in items if item]
+    return [" ".join(item).format_map(values) for item in items if item]
 
 
 def intro(settings: Mapping[str, Any], seeds: int) -> str:
@@ -94,7 +103,7 @@ def demo_extras(
             "At a given seed every variant sees the same batches, noise and timesteps, so the curves of the "
             "variants differ only through the alignment term."
         ),
-        sections=[("h", 2, "How it is built"), ("list", how_it_is_built())],
+        sections=[("h", 2, "How it is built"), ("list", how_it_is_built(settings, seeds))],
         stage_seconds=stage_seconds,
         reused=reused,
         json={"settings": dict(settings), "references": dict(references)},

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crepa.models.hub import hub_access
+from crepa.models.hub import check_loadable, hub_access
 from crepa.teachers import Teacher, load_teacher
 from crepa.teachers.vit import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
@@ -281,11 +281,10 @@ _BUILDERS: dict[str, Callable[[str, str, int], FeatureExtractor]] = {
 }
 
 
-def load_extractor(spec: str, device: str = "cpu", batch_size: int = 32) -> FeatureExtractor:
-    """Build the extractor named by ``spec``: "KIND", "KIND:SOURCE" (local dir or hub id) or "py:module:factory"."""
+def extractor_source(spec: str) -> tuple[str, str]:
+    """(kind, source) of a built-in extractor ``spec`` ("KIND" or "KIND:SOURCE"): its weights as a
+    local dir or hub id, the default when none is given; a ValueError for an unknown kind or a missing dir."""
     kind, _, source = spec.partition(":")
-    if kind == "py":
-        return _from_python(source)
     if kind not in _BUILDERS:
         raise ValueError(
             f"unknown extractor {spec!r}: use one of {', '.join(_BUILDERS)} (optionally KIND:DIR_OR_HUB_ID) "
@@ -299,8 +298,28 @@ def load_extractor(spec: str, device: str = "cpu", batch_size: int = 32) -> Feat
         raise ValueError(
             f"extractor {spec!r}: {source} is not a directory (give a model directory or a hub id)"
         )
+    return kind, source
+
+
+def load_extractor(spec: str, device: str = "cpu", batch_size: int = 32) -> FeatureExtractor:
+    """Build the extractor named by ``spec``: "KIND", "KIND:SOURCE" (local dir or hub id) or "py:module:factory"."""
+    kind, _, target = spec.partition(":")
+    if kind == "py":
+        return _from_python(target)
+    kind, source = extractor_source(spec)
     with hub_access(source, f"--extractor {kind}:FOLDER"):
         return _BUILDERS[kind](source, device, batch_size)
+
+
+def check_extractor(spec: str) -> None:
+    """Raise now (:class:`~crepa.models.hub.HubUnreachableError`, ValueError) when ``spec`` will not load
+    later, without loading it: for work that evaluates only at its end. A ``py:`` factory and timm's
+    own ``timm:`` names are not checked (their loading is their own)."""
+    if spec.partition(":")[0] == "py":
+        return
+    kind, source = extractor_source(spec)
+    if not source.startswith("timm:"):
+        check_loadable(source, f"--extractor {kind}:FOLDER", "config.json")
 
 
 def _from_python(target: str) -> FeatureExtractor:

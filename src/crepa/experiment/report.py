@@ -223,10 +223,21 @@ def timing_blocks(results: ExperimentResults, extras: ReportExtras) -> list[Bloc
         key: [name for name, work in results.work.items() if work.get(key)]
         for key in ("trained", "sampled", "evaluated")
     }
+    models = len(results.rows)
+    earlier = [  # what this invocation found finished (a resumed or rerun experiment)
+        (len(results.runs) - len(done["trained"]), "the training of {} run(s)"),
+        (models - len(done["sampled"]), "the samples of {} model(s)"),
+        (models - len(done["evaluated"]), "the evaluation of {} model(s)"),
+    ]
+    kept = ", ".join(text.format(count) for count, text in earlier if count)
     reused = (
         f"This invocation trained {len(done['trained'])} of {len(results.runs)} runs, sampled "
-        f"{len(done['sampled'])} and evaluated {len(done['evaluated'])} of {len(results.rows)} models; the rest "
-        "was finished by an earlier invocation and reused."
+        f"{len(done['sampled'])} and evaluated {len(done['evaluated'])} of {models} models; "
+        + (
+            f"reused from an earlier invocation: {kept}."
+            if kept
+            else "nothing was reused from an earlier invocation."
+        )
     )
     machine = results.machine
     per_run = machine["processes_per_run"]
@@ -252,10 +263,11 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# Panel titles, broken into lines that fit a third of the figure's width.
 CURVES = {
     "loss/diffusion": "diffusion loss",
-    "crepa/sim_self": "own-frame similarity (block tokens, projected, to teacher)",
-    "crepa/score": "alignment score (own + weighted neighbour cosines; CREPA's can pass 1)",
+    "crepa/sim_self": "own-frame similarity\n(block tokens, projected, to teacher)",
+    "crepa/score": "alignment score: own + weighted\nneighbour cosines (CREPA's can pass 1)",
 }
 
 

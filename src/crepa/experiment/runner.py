@@ -40,7 +40,7 @@ from crepa.eval.evaluate import (
     load_extractors,
     resolve_metrics,
 )
-from crepa.eval.extractors import DEFAULT_SOURCES
+from crepa.eval.extractors import DEFAULT_SOURCES, check_extractor
 from crepa.eval.report import write_eval_report
 from crepa.eval.videos import find_clips
 from crepa.experiment.launch import launch_runs, launch_slots
@@ -56,6 +56,7 @@ from crepa.generation import (
     load_pipeline,
     write_clips,
 )
+from crepa.models.hub import check_loadable
 from crepa.models.loading import load_transformer, resolve_family
 from crepa.precompute import precompute, uses_cached_teacher
 from crepa.rundir import SUMMARY_FILE
@@ -359,7 +360,8 @@ def superset_config(configs: Sequence[RunConfig]) -> RunConfig:
 
 
 def prepare(spec: ExperimentSpec) -> list[tuple[Run, RunConfig]]:
-    """Check the inputs and write the run files (nothing is trained yet)."""
+    """Check the inputs, and that every model loaded after training (the eval extractors, the sampling
+    pipeline) is reachable or cached; write the run files (nothing is trained yet)."""
     if not spec.prompts:
         raise ConfigError("--prompts: no prompts (one per line)")
     if spec.reference is not None and not find_clips(spec.reference):
@@ -376,6 +378,11 @@ def prepare(spec: ExperimentSpec) -> list[tuple[Run, RunConfig]]:
     if isinstance(spec.evaluator, CrepaEvaluator):
         specs = spec.evaluator.extractor_specs(spec.reference is not None)
         check_extractors_are_not_the_teacher(specs, runs[0][1])
+        for extractor in dict.fromkeys(specs.values()):
+            check_extractor(extractor)
+    # Sampling loads the whole pipeline, after training: a model the hub cannot serve stops us now.
+    for pretrained, revision in dict.fromkeys((c.model.pretrained, c.model.revision) for _, c in runs):
+        check_loadable(pretrained, "model.pretrained", "model_index.json", revision)
     return runs
 
 

@@ -10,6 +10,9 @@ blames the repository ("does not appear to have a file named model_index.json");
 :class:`HubUnreachableError` naming the network, the id and the run-file key instead, and drops the
 warnings the failed attempt printed (e.g. a deprecated-argument ``UserWarning`` between diffusers
 and huggingface_hub) so that the error is the first thing the user reads.
+
+Work that loads weights only at its end (``crepa experiment`` evaluates after training) checks them
+first with :func:`check_loadable`, which reads the local cache only.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import constants, get_session
+from huggingface_hub import constants, get_session, hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 # Seconds the reachability request may take: long enough for a slow link, short enough to answer fast.
@@ -122,3 +125,12 @@ def hub_access(name: str, key: str) -> Iterator[None]:
                 warning.file,
                 warning.line,
             )
+
+
+def check_loadable(name: str, key: str, entry_file: str, revision: str | None = None) -> None:
+    """Raise :class:`HubUnreachableError` now when hub id ``name`` will not load later: the hub does not
+    answer and the local cache lacks ``entry_file``, the file its loading reads first (e.g. config.json).
+    Downloads nothing; a folder, or a hub that answers, passes."""
+    with hub_access(name, key):
+        if constants.HF_HUB_OFFLINE and not Path(name).expanduser().exists():
+            hf_hub_download(name, entry_file, revision=revision, local_files_only=True)
