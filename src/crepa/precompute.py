@@ -318,7 +318,9 @@ def _precompute(config: RunConfig, *, prune: bool, progress: bool) -> Precompute
     )
     clips = sum(plan.sample is not None for plan in worker.todo)  # the empty prompt is no clip
     try:
-        with _ProgressBar(progress and state.is_main_process, clips, state.num_processes) as bar:
+        with _ProgressBar(
+            progress and state.is_main_process and clips > 0, clips, state.num_processes
+        ) as bar:
             entries = worker.run(report, bar)
     finally:
         worker.writer.flush()  # keep finished work, also when interrupted

@@ -313,7 +313,8 @@ def test_counts_name_one_unit_on_the_first_run_and_the_rerun(
     root: Path, teacher_dir: Path, data_dir: Path
 ) -> None:
     """3 clips, two of them with the same caption: the bar counts the 3 clips (not the empty prompt);
-    the texts are the 2 captions and the empty prompt, computed by the first run, reused by the rerun."""
+    the texts are the 2 captions and the empty prompt, computed by the first run, reused by the rerun
+    (which shows no bar: nothing is left to compute)."""
     run = write_run_file(
         root / "counts.toml", pipeline_dir(root, "wan"), teacher_dir, data_dir, root / "cache-counts"
     )
@@ -326,7 +327,7 @@ def test_counts_name_one_unit_on_the_first_run_and_the_rerun(
     assert "3/3 clips" in first
     assert "computed: latents 3, text 3, teacher 3; reused: latents 0, text 0, teacher 0" in first
     assert "computed: latents 0, text 0, teacher 0; reused: latents 3, text 3, teacher 3" in rerun
-    assert "0/0 clips" in rerun
+    assert rerun.startswith("cache ")  # the summary comes first: no bar when no clip has work left
 
 
 @pytest.mark.parametrize(
