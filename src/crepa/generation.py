@@ -31,7 +31,7 @@ from crepa.io.video import write_video
 from crepa.models import ModelFamily
 from crepa.models.hub import hub_access
 from crepa.models.memory import block_streamer
-from crepa.models.pipelines import _DTYPE_KWARG, text_length
+from crepa.models.pipelines import _DTYPE_KWARG, own_components_accepted, text_length
 
 SAMPLES_FILE = "samples.jsonl"
 CONTACT_SHEET = "contact_sheet.png"
@@ -175,7 +175,7 @@ def load_pipeline(
             "CPU offload would move every hosted block to the GPU at once (drop offload)"
         )
     pipeline_class = getattr(diffusers, family.pipeline_class)
-    with hub_access(model.pretrained, "model.pretrained"):
+    with hub_access(model.pretrained, "model.pretrained"), own_components_accepted():
         pipeline = pipeline_class.from_pretrained(
             model.pretrained,
             **{model.expert or "transformer": transformer},  # Wan 2.2 A14B: the trained expert's slot

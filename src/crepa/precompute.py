@@ -97,7 +97,8 @@ IMAGE_INPUT_FOLDERS = ("vae", "image_encoder", "image_processor")
 class PrecomputeSummary:
     """What a precompute run did and what the cache holds.
 
-    computed / reused: parts per kind computed by this run / found intact; damaged: shards that
+    computed / reused: parts per kind computed by this run / found intact, each part once (texts: the
+    distinct prompts, the empty prompt of caption dropout included); damaged: shards that
     failed verification (file -> reason; their parts were recomputed and the files deleted);
     part_bytes: tensor bytes per kind used by the entries; disk_bytes: size of the shard files the
     manifest uses; stale_shards: shard files no entry uses (deleted with ``prune``). Only rank 0's
@@ -133,7 +134,11 @@ class PrecomputeSummary:
         lines = [
             f"cache {self.cache_dir}: {self.samples} samples, {self.disk_bytes / mib:.4g} MiB on disk "
             f"({sum(per_sample.values()) / mib:.3g} MiB per sample: {sizes or 'nothing'})",
-            "parts computed: " + _counts(self.computed) + "; reused: " + _counts(self.reused),
+            "parts computed: "
+            + _counts(self.computed)
+            + "; reused: "
+            + _counts(self.reused)
+            + " (text: distinct prompts, the empty one included)",
             "time: "
             + ", ".join(f"{stage} {self.stage_seconds.get(stage, 0.0):.1f}s" for stage in STAGES)
             + f"; total {self.seconds:.1f}s on {self.device}",
@@ -303,18 +308,24 @@ def _precompute(config: RunConfig, *, prune: bool, progress: bool) -> Precompute
         if i % state.num_processes == state.process_index
     ]
     null_text = identity.text("") if state.is_main_process else None
-    if null_text is not None and not index.has(null_text):
+    null_cached = null_text is not None and index.has(null_text)
+    if null_text is not None and not null_cached:
         plans.append(_Plan(-1, None, (0, 0, 0), {"text": null_text}, ["text"], caption=""))
     worker = _Worker(
         config, family, plans, dtype, state.device, f"{uuid.uuid4().hex[:8]}-r{state.process_index}"
     )
+    clips = sum(plan.sample is not None for plan in worker.todo)  # the empty prompt is no clip
     try:
-        with _ProgressBar(progress and state.is_main_process, len(worker.todo), state.num_processes) as bar:
+        with _ProgressBar(
+            progress and state.is_main_process and clips > 0, clips, state.num_processes
+        ) as bar:
             entries = worker.run(report, bar)
     finally:
         worker.writer.flush()  # keep finished work, also when interrupted
 
     reused = {(kind, key) for plan in plans for kind, key in plan.parts.items() if kind not in plan.missing}
+    if null_cached:  # counted as it is when computed, so that a rerun reuses what the first run computed
+        reused.add(("text", null_text))
     rank_document = {
         "entries": [asdict(entry) for entry in entries],
         "decode_skips": [[item.path, item.problem, item.detail] for item in report.skipped[scan_skips:]],
@@ -513,9 +524,9 @@ class _Worker:
         for plan in self.todo:
             if id(plan.sample) not in with_frames:
                 self._parts(plan, None)
-                if plan.sample is not None:  # None: the empty prompt
+                if plan.sample is not None:  # None: the empty prompt, no clip of the bar
                     entries.append(_entry(plan))
-                bar.advance()
+                    bar.advance()
         return entries
 
     def _parts(self, plan: _Plan, frames: torch.Tensor | None) -> None:
@@ -703,6 +714,7 @@ class _ProgressBar:
             TextColumn(f"[bold]{label}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("clips"),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),

@@ -287,7 +287,7 @@ def test_changing_the_teacher_recomputes_only_teacher_parts(
     run = write_run_file(root / "t2.toml", pipeline, other, data_dir, cache)
     summary = precompute(load_config(run), progress=False)
     assert summary.computed == {"latents": 0, "text": 0, "teacher": 3}
-    assert summary.reused == {"latents": 3, "text": 2, "teacher": 0}
+    assert summary.reused == {"latents": 3, "text": 3, "teacher": 0}  # 2 captions + the empty prompt
     stale = summary.stale_shards
     assert stale and all(name.startswith("teacher-") for name in stale)
     assert all((cache / "shards" / name).exists() for name in stale)
@@ -306,7 +306,28 @@ def test_tiled_vae_recomputes_only_latents(root: Path, teacher_dir: Path, data_d
     precompute(load_config(run), progress=False)
     summary = precompute(load_config(run, ["cache.vae_tiling=true"]), progress=False)
     assert summary.computed == {"latents": 3, "text": 0, "teacher": 0}
-    assert summary.reused == {"latents": 0, "text": 2, "teacher": 3}  # two distinct captions
+    assert summary.reused == {"latents": 0, "text": 3, "teacher": 3}  # 2 captions + the empty prompt
+
+
+def test_counts_name_one_unit_on_the_first_run_and_the_rerun(
+    root: Path, teacher_dir: Path, data_dir: Path
+) -> None:
+    """3 clips, two of them with the same caption: the bar counts the 3 clips (not the empty prompt);
+    the texts are the 2 captions and the empty prompt, computed by the first run, reused by the rerun
+    (which shows no bar: nothing is left to compute)."""
+    run = write_run_file(
+        root / "counts.toml", pipeline_dir(root, "wan"), teacher_dir, data_dir, root / "cache-counts"
+    )
+    outputs = []
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["precompute", str(run)])
+        outputs.append(" ".join((result.stdout + (result.stderr or "")).split()))
+        assert result.exit_code == 0, outputs[-1]
+    first, rerun = outputs
+    assert "3/3 clips" in first
+    assert "computed: latents 3, text 3, teacher 3; reused: latents 0, text 0, teacher 0" in first
+    assert "computed: latents 0, text 0, teacher 0; reused: latents 3, text 3, teacher 3" in rerun
+    assert rerun.startswith("cache ")  # the summary comes first: no bar when no clip has work left
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ CLI used to import up front for every command (the demo's VAE module) is still t
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -62,10 +63,29 @@ def test_probe_sees_a_command_that_imports_torch(tmp_path):
     assert out.startswith("| family | variant |")
 
 
+class Recorder(logging.Handler):
+    """The messages a logger passes on (those its filters keep)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_a_pipeline_with_the_demo_vae_loads_in_a_command(tiny_world, run_cli):
     """diffusers finds a component of another library in sys.modules only: `crepa precompute` on a
-    pipeline whose VAE is the demo's (crepa.demo.latent) imports that module before loading."""
+    pipeline whose VAE is the demo's (crepa.demo.latent) imports that module before loading. Neither
+    it nor `crepa sample`'s pipeline (crepa.generation.load_pipeline) prints diffusers' "Expected types
+    for vae" about that VAE; nor does precompute log its choice of video decoder."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from crepa.config import ModelSection
     from crepa.demo.latent import PCAVideoAutoencoder
+    from crepa.generation import load_pipeline
+    from crepa.models.pipelines import own_components_accepted
+    from crepa.models.registry import get_family
 
     run = tiny_world("cogvideox")
     pipe = run.parent / "pipe"
@@ -78,6 +98,30 @@ def test_a_pipeline_with_the_demo_vae_loads_in_a_command(tiny_world, run_cli):
     done = run_cli("precompute", str(run), "--no-progress", cwd=run.parent)
     assert done.returncode == 0, done.stderr
     assert "4 used, 0 skipped" in done.stderr
+    assert "Expected types" not in done.stderr and "video decoding" not in done.stderr
+
+    recorder, pipeline_logger = Recorder(), logging.getLogger("diffusers.pipelines.pipeline_utils")
+    pipeline_logger.addHandler(recorder)
+    try:
+        transformer = CogVideoXTransformer3DModel.from_pretrained(pipe / "transformer")
+        pipeline = load_pipeline(ModelSection(pretrained=str(pipe)), get_family("cogvideox"), transformer)
+        assert isinstance(pipeline.vae, PCAVideoAutoencoder)
+        other = "Expected types for vae: (<class 'A'>,), got <class 'torch.nn.modules.linear.Linear'>."
+        with own_components_accepted():  # a mismatch of another library's class is still told
+            pipeline_logger.warning(other)
+    finally:
+        pipeline_logger.removeHandler(recorder)
+    assert recorder.messages == [other]
+
+
+def test_the_demo_imports_and_builds_its_pipelines_without_a_transformers_notice():
+    """`crepa demo` imports the tiny pipelines (crepa.demo.run); without torchvision, transformers told
+    there that CLIPImageProcessor falls back to its PIL class. Building the tiny pipeline that holds
+    that processor (Wan I2V) is quiet too."""
+    code = "import crepa.demo.run\nfrom crepa.models.tiny_pipelines import TINY_PIPELINES\nTINY_PIPELINES['wan_i2v']()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "CLIPImageProcessor" not in done.stderr
 
 
 def test_version_prints_the_installed_version_without_heavy_imports(tmp_path):

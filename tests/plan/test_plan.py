@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -171,6 +172,16 @@ def test_wan_14b_fits_24_gib_and_hunyuanvideo_48_gib():
     profile = profile_model(hunyuan)
     settings = Settings(profile.depth, profile.depth - 2, "bf16", "adamw", offload_activations=True)
     assert estimate(profile, settings, hunyuan).gpu_peak + HEADROOM_BYTES <= 48 * GIB
+
+
+def test_tracing_mochi_shows_no_cpu_autocast_warning():
+    """Mochi's fp32 autocast region (its rotary embedding) inside the trace's CPU bf16 autocast: torch
+    warns that CPU autocast supports bf16 / fp16 only, which `crepa plan --markdown` printed."""
+    workload = published_workload(PUBLISHED["Mochi-1"], num_layers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        profile_model(workload)
+    assert [str(w.message) for w in caught if "autocast" in str(w.message).lower()] == []
 
 
 def test_parse_memory():

@@ -179,9 +179,10 @@ def _decoded(container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
 @functools.cache
 def video_backend(preferred: VideoBackend = "auto") -> str:
     """The decoder that :func:`decode_frames` uses: "torchcodec" when it imports and its FFmpeg
-    libraries load, else "pyav". The choice is logged once."""
+    libraries load, else "pyav". The choice is logged once, at debug level: both decode through FFmpeg
+    under the same timestamp checks, so it is no news to a user (a torchcodec failure is a warning)."""
     if preferred == "pyav":
-        logger.info("video decoding: PyAV %s (requested)", av.__version__)
+        logger.debug("video decoding: PyAV %s (requested)", av.__version__)
         return "pyav"
     try:
         import torchcodec
@@ -189,9 +190,9 @@ def video_backend(preferred: VideoBackend = "auto") -> str:
     except Exception as error:  # ImportError, or RuntimeError when no FFmpeg library loads
         if preferred == "torchcodec":
             raise RuntimeError(f"torchcodec was requested but cannot be used: {error}") from error
-        logger.info("video decoding: PyAV %s (torchcodec unavailable: %s)", av.__version__, error)
+        logger.debug("video decoding: PyAV %s (torchcodec unavailable: %s)", av.__version__, error)
         return "pyav"
-    logger.info("video decoding: torchcodec %s", getattr(torchcodec, "__version__", "?"))
+    logger.debug("video decoding: torchcodec %s", getattr(torchcodec, "__version__", "?"))
     return "torchcodec"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,10 +25,22 @@ import torch
 from packaging.version import Version
 from torch import nn
 
+from crepa.logs import without_log_messages
 from crepa.models.registry import FAMILIES, ModelFamily, family_of, get_family
 
 # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns).
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+
+def own_components_accepted() -> AbstractContextManager[None]:
+    """While the block runs (a pipeline's ``from_pretrained``), diffusers does not warn "Expected types
+    for vae: (<class 'diffusers...'>,), got <class 'crepa....'>": a component class of crepa's own (the
+    demo's VAE, :mod:`crepa.demo.latent`) is meant to stand in for the class the pipeline names. Any
+    other type mismatch is still reported."""
+    return without_log_messages(
+        "diffusers.pipelines.pipeline_utils",
+        lambda message: message.startswith("Expected types for ") and ", got <class 'crepa." in message,
+    )
 
 
 @dataclass(frozen=True)
@@ -209,9 +222,10 @@ def load_components(
         skipped["vae"] = None
     if not text_encoders:
         skipped |= {name: None for name in parameters if name.startswith(("text_encoder", "tokenizer"))}
-    pipeline = pipeline_class.from_pretrained(
-        str(source), revision=revision, **{_DTYPE_KWARG: dtype}, **skipped
-    )
+    with own_components_accepted():
+        pipeline = pipeline_class.from_pretrained(
+            str(source), revision=revision, **{_DTYPE_KWARG: dtype}, **skipped
+        )
     pipeline.to(device)
     for module in pipeline.components.values():
         if isinstance(module, nn.Module):

@@ -15,9 +15,9 @@ from typing import Any
 
 import diffusers
 import torch
+import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
-    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPVisionConfig,
@@ -31,6 +31,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from crepa.logs import without_log_messages
 from crepa.models.registry import family_of
 from crepa.models.tiny import TINY_MODELS, tiny_transformer
 
@@ -199,7 +200,13 @@ def _wan_i2v() -> dict[str, Any]:
         projection_dim=32,
     )
     components["image_encoder"] = CLIPVisionModel(vision)
-    components["image_processor"] = CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32})
+    # Without torchvision, transformers 5 resolves CLIPImageProcessor to its PIL class and warns that
+    # it does: the PIL class serves these 32-pixel images, and the warning was the first line of the demo.
+    with without_log_messages(
+        "transformers.utils.import_utils", lambda message: message.startswith("`CLIPImageProcessor` requires")
+    ):
+        processor_class = transformers.CLIPImageProcessor
+    components["image_processor"] = processor_class(crop_size=32, size={"shortest_edge": 32})
     return components
 
 
