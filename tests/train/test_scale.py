@@ -190,17 +190,15 @@ def test_every_rank_exits_promptly_on_a_loaded_machine(wan_run, sharded):
                 f'output.dir="exit-{"fsdp" if sharded else "ddp"}{attempt}"',  # fresh folders: no resume
                 sharded=sharded,
             )
-            finished = 0
-            for line in process.stderr:  # each rank prints "done: ..." as train() returns
-                finished += line.startswith("done:")
-                if finished == 2:
-                    break
-            assert finished == 2, f"attempt {attempt}: a rank did not finish training"
+            # the main rank prints "done: ..." once train() returns; train() ends with an exchange of
+            # every rank's summary, so by then each rank has finished training
+            finished = any(line.startswith("done:") for line in process.stderr)
+            assert finished, f"attempt {attempt}: the run did not finish training"
             try:
                 process.wait(timeout=60)  # a hung rank would never exit
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-                pytest.fail(f"attempt {attempt}: a rank was still running 60 s after both printed done")
+                pytest.fail(f"attempt {attempt}: a rank was still running 60 s after training finished")
             assert process.returncode == 0
     finally:
         for loop in busy:
