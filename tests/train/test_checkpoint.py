@@ -236,8 +236,10 @@ def test_crepa_train_twice_keeps_the_first_runs_checkpoints(tmp_path, tiny_world
     assert third.returncode == 0, third.stderr[-2000:]
     done = re.search(r"done: steps 2-3 \(2 this run\) in ([\d.]+)s on cpu", third.stderr)
     assert done and 0 < float(done.group(1)) < wall, third.stderr[-2000:]
+    trained = (tmp_path / "out" / "training_summary.json").read_bytes()
     fourth = crepa("train", str(run), *further, "--resume", "latest")
     assert fourth.returncode == 0, fourth.stderr[-2000:]
+    assert (tmp_path / "out" / "training_summary.json").read_bytes() == trained  # the training run's
     message = " ".join(fourth.stderr.split())
     assert "nothing to train: the run was already at step 3 (train.max_steps = 3)" in message
     assert "done:" not in message

@@ -230,7 +230,11 @@ def finish(state: TrainState) -> TrainingSummary:
         with state.ema.swapped_in():
             _write_final_weights(state, ckpt.trainable_state(state.modules), raw=False)
         _write_final_weights(state, trained, raw=True)
-    if accelerator.is_main_process:
+    # A resume with nothing left to train keeps the summary of the run that trained (its time and
+    # peak memory); the final weights above are rewritten as they were (or written, if a stop cut
+    # the run after its last checkpoint).
+    nothing_trained = state.start_step == state.progress.step and (output / SUMMARY_FILE).is_file()
+    if accelerator.is_main_process and not nothing_trained:
         atomic_write_json(output / SUMMARY_FILE, asdict(summary))
     return summary
 
