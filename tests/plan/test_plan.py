@@ -297,6 +297,12 @@ def test_crepa_plan_of_a_local_pipeline_with_its_own_latent_channels(tiny_world)
     chosen = run_settings(load_config(run, overrides), depth=2)
     assert chosen == plan_run(load_config(run), 80 * GIB, gpus=2).fitting()[0].settings
 
+    # what FSDP2 cannot train (crepa train refuses it under that launch) is not planned over GPUs
+    for refused, key in (("lora.enabled=false", "lora.enabled"), ('train.mixed_precision="fp16"', "fp16")):
+        with pytest.raises(ConfigError, match=rf"--gpus 2 plans FSDP2 .*{key}.*--gpus 1"):
+            plan_run(load_config(run, [refused]), 80 * GIB, gpus=2)
+        assert plan_run(load_config(run, [refused]), 80 * GIB).gpus == 1
+
     with pytest.raises(ConfigError, match=r"model.family: 'wan' is a family of WanTransformer3DModel"):
         plan_run(load_config(run, ["model.family=wan"]), 80 * GIB)
     # a config diffusers refuses: learned positional embeddings without rotary ones (no CogVideoX has it)

@@ -33,6 +33,7 @@ from crepa.plan.memory import (
     profile_model,
 )
 from crepa.plan.published import PUBLISHED, PublishedModel, published_by_repo
+from crepa.train.parallel import check_fsdp_run
 
 # The CUDA context, cuBLAS workspaces and the caching allocator's slack are not in the prediction:
 # a setting fits when its peak leaves this much of the card free.
@@ -252,7 +253,16 @@ def plan_workload(
 
 
 def plan_run(config: RunConfig, budget: int, gpus: int = 1) -> Plan:
-    """Profile the run's model and estimate its own settings and every candidate."""
+    """Profile the run's model and estimate its own settings and every candidate. Over several GPUs
+    the plan is FSDP2's: a run FSDP2 cannot train is refused first (:class:`ConfigError`)."""
+    if gpus > 1:
+        try:
+            check_fsdp_run(config)
+        except ConfigError as error:
+            raise ConfigError(
+                f"--gpus {gpus} plans FSDP2 sharding, which crepa train refuses for this run: {error} "
+                "(or plan one GPU with --gpus 1)"
+            ) from None
     workload = workload_of(config)
     try:
         profile = profile_model(workload)

@@ -55,11 +55,7 @@ def launch_sharding(config: RunConfig) -> Sharding:
             f"FSDP version {version} is not supported (FSDP1 rejects blocks that mix frozen and LoRA "
             "weights): set fsdp_version: 2 in the accelerate config (see examples/accelerate/fsdp.yaml)"
         )
-    if not config.lora.enabled:
-        raise ConfigError(
-            "lora.enabled = false: full fine-tuning under FSDP is not supported yet (the whole "
-            "transformer cannot be saved from shards); train a LoRA or launch with DDP"
-        )
+    check_fsdp_run(config)
     if config.model.offload_blocks:
         raise ConfigError(
             "model.offload_blocks: block offload under FSDP is not supported (FSDP already spreads the "
@@ -70,12 +66,23 @@ def launch_sharding(config: RunConfig) -> Sharding:
             "model.base_precision: 'fp8' under FSDP is not supported (layerwise casting replaces the sharded "
             "weights); use model.base_precision = 'bf16', or launch on one GPU / with DDP"
         )
+    return "fsdp"
+
+
+def check_fsdp_run(config: RunConfig) -> None:
+    """Refuse (:class:`ConfigError`) what FSDP2 cannot train and no memory setting changes: full
+    fine-tuning and fp16. (fp8 and block offload, which the memory settings choose, are checked by
+    :func:`launch_sharding`.)"""
+    if not config.lora.enabled:
+        raise ConfigError(
+            "lora.enabled = false: full fine-tuning under FSDP is not supported yet (the whole "
+            "transformer cannot be saved from shards); train a LoRA or launch with DDP"
+        )
     if config.train.mixed_precision == "fp16" or config.model.dtype == "fp16":
         raise ConfigError(
             "train.mixed_precision / model.dtype: fp16 with FSDP needs a sharded gradient scaler, which "
             "crepa does not run; use bf16"
         )
-    return "fsdp"
 
 
 def shard_transformer(transformer: nn.Module, family: ModelFamily) -> None:
