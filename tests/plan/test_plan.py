@@ -49,6 +49,13 @@ def four_blocks(name: str) -> dict[str, int]:
     return {"num_layers": 4}
 
 
+def crepa_plan(*args: str) -> subprocess.CompletedProcess:
+    """`crepa plan ARGS` in a fresh process (its exit code and printed text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "crepa", "plan", *args], capture_output=True, text=True, timeout=300
+    )
+
+
 def test_every_trainable_family_is_measured():
     assert {family_name(name) for name in MEASURED} == TRAINABLE
 
@@ -209,12 +216,7 @@ def table_rows(text: str) -> list[list[str]]:
 def test_crepa_plan_prints_set_lines_crepa_train_accepts(tmp_path):
     run = tmp_path / "run.toml"
     shutil.copy(EXAMPLES / "cogvideox_5b.toml", run)
-    result = subprocess.run(
-        [sys.executable, "-m", "crepa", "plan", str(run), "--gpu-memory", "24GiB"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = crepa_plan(str(run), "--gpu-memory", "24GiB")
     assert result.returncode == 0, result.stderr
     command = result.stdout.split("fastest that fits:")[1].strip()
     assert shlex.split(command)[:3] == ["crepa", "train", str(run)]  # one GPU: no launcher
@@ -248,21 +250,11 @@ def test_crepa_plan_prints_set_lines_crepa_train_accepts(tmp_path):
     assert "9.71 GiB above the weights" in section and "341 TFLOP/s" in section
 
     # No fitting setting is an answer (exit 3, the tables printed), not a failure (1) or bad input (2).
-    too_small = subprocess.run(
-        [sys.executable, "-m", "crepa", "plan", str(run), "--gpu-memory", "2GiB"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    too_small = crepa_plan(str(run), "--gpu-memory", "2GiB")
     assert too_small.returncode == 3 and "does not fit" in too_small.stdout
     assert "the run file's settings" in too_small.stdout
 
-    not_a_size = subprocess.run(
-        [sys.executable, "-m", "crepa", "plan", str(run), "--gpu-memory", "1.2.3GiB"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    not_a_size = crepa_plan(str(run), "--gpu-memory", "1.2.3GiB")
     assert not_a_size.returncode == 2 and "--gpu-memory '1.2.3GiB'" in not_a_size.stdout
     assert "Traceback" not in not_a_size.stderr
 
@@ -279,12 +271,7 @@ def test_crepa_plan_of_a_local_pipeline_with_its_own_latent_channels(tiny_world)
     # 9 frames of 32 x 32 through a 4x temporal, 8x spatial VAE, batch 2
     assert plan_run(load_config(run), 80 * GIB).workload.latent_shape == (2, 48, 3, 4, 4)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "crepa", "plan", str(run), "--gpus", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = crepa_plan(str(run), "--gpus", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     command = shlex.split(result.stdout.split("fastest that fits:")[1])
     fsdp = EXAMPLES / "accelerate" / "fsdp.yaml"
